@@ -1,0 +1,15 @@
+"""Checkpoint formats and key maps from reference implementations (timm, Hugging Face)."""
+
+from archopt.loading.keymap import rename_keys
+from archopt.loading.mobilenet_v1 import (
+    mobilenet_v1_config_from_hf,
+    mobilenet_v1_from_hf,
+    mobilenet_v1_from_timm,
+)
+
+__all__ = [
+    "mobilenet_v1_config_from_hf",
+    "mobilenet_v1_from_hf",
+    "mobilenet_v1_from_timm",
+    "rename_keys",
+]

@@ -1,0 +1,27 @@
+"""Measurement: parameters, MACs (attention included), per-layer tables, latency, peak memory."""
+
+from archopt.measure.counting import count_macs, count_params, trace_macs
+from archopt.measure.table import LayerRow, format_table, layer_table
+from archopt.measure.timing import (
+    Latency,
+    PeakMemory,
+    cpu_name,
+    measure_latency,
+    measure_peak_memory,
+    num_threads,
+)
+
+__all__ = [
+    "LayerRow",
+    "Latency",
+    "PeakMemory",
+    "count_macs",
+    "count_params",
+    "cpu_name",
+    "format_table",
+    "layer_table",
+    "measure_latency",
+    "measure_peak_memory",
+    "num_threads",
+    "trace_macs",
+]

@@ -1,0 +1,209 @@
+"""Latency and peak memory, measured the way the benchmarks need them.
+
+Latency: warm-up calls, then timed repeats; the median and the spread (p10/p90, IQR) are
+reported with the thread count, torch version and device, because absolute times on shared
+machines drift and only same-run ratios are comparable.
+
+Peak memory: on CUDA the allocator's ``max_memory_allocated`` above the starting allocation;
+on the CPU the process's peak resident set size (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``) above the resident size before the call. The CPU figure is what the
+operating system sees, allocator caching included; memory already resident and reused by the
+call is not counted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def num_threads(n: int | None) -> Iterator[int]:
+    """Temporarily set torch's intra-op thread count (None: leave it)."""
+    old = torch.get_num_threads()
+    if n is not None:
+        if n < 1:
+            raise ValueError(f"threads must be >= 1, got {n}")
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _as_call(fn_or_model, inputs) -> Callable[[], object]:
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    if isinstance(fn_or_model, nn.Module):
+        model = fn_or_model
+
+        def call():
+            with torch.inference_mode():
+                return model(*args)
+
+        return call
+    return lambda: fn_or_model(*args)
+
+
+def _devices(inputs) -> set[str]:
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    return {a.device.type for a in args if isinstance(a, torch.Tensor)} or {"cpu"}
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    min_ms: float
+    mean_ms: float
+    repeats: int
+    threads: int
+    device: str
+    torch_version: str
+    cpu: str
+
+    @property
+    def spread(self) -> float:
+        """(p90 - p10) / median: the relative width of the middle 80% of runs."""
+        return (self.p90_ms - self.p10_ms) / self.median_ms if self.median_ms else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "spread": self.spread}
+
+    def __str__(self) -> str:
+        return f"{self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, p90 {self.p90_ms:.2f})"
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def measure_latency(
+    fn_or_model: Callable | nn.Module,
+    inputs=(),
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    min_time_s: float = 0.0,
+    threads: int | None = None,
+) -> Latency:
+    """Time ``fn_or_model(*inputs)``: ``warmup`` untimed calls, then at least ``repeats`` timed
+    calls (more until ``min_time_s`` has passed). Modules run under ``inference_mode``."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    call = _as_call(fn_or_model, inputs)
+    devices = _devices(inputs)
+    cuda = "cuda" in devices
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    times: list[float] = []
+    with num_threads(threads) as n:
+        for _ in range(warmup):
+            call()
+        sync()
+        start_all = time.perf_counter()
+        while len(times) < repeats or time.perf_counter() - start_all < min_time_s:
+            t0 = time.perf_counter()
+            call()
+            sync()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return Latency(
+        median_ms=statistics.median(times),
+        p10_ms=_quantile(times, 0.1),
+        p90_ms=_quantile(times, 0.9),
+        min_ms=min(times),
+        mean_ms=statistics.fmean(times),
+        repeats=len(times),
+        threads=n,
+        device="cuda" if cuda else "cpu",
+        torch_version=torch.__version__,
+        cpu=cpu_name(),
+    )
+
+
+@dataclass
+class PeakMemory:
+    bytes: int  # peak above the starting point
+    method: str  # "cuda-allocator", "rss-hwm" or "rss-sampled"
+
+    @property
+    def mib(self) -> float:
+        return self.bytes / 2**20
+
+
+def _rss_bytes(field: str = "VmRSS") -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not found in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_peak_memory(fn_or_model: Callable | nn.Module, inputs=()) -> PeakMemory:
+    """Peak memory of one call of ``fn_or_model(*inputs)`` above the memory in use before it."""
+    call = _as_call(fn_or_model, inputs)
+    if "cuda" in _devices(inputs):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        call()
+        torch.cuda.synchronize()
+        return PeakMemory(torch.cuda.max_memory_allocated() - base, "cuda-allocator")
+    if not os.path.exists("/proc/self/status"):
+        raise RuntimeError("CPU peak memory needs Linux /proc (VmRSS/VmHWM)")
+    base = _rss_bytes()
+    if _reset_hwm():
+        call()
+        return PeakMemory(max(_rss_bytes("VmHWM") - base, 0), "rss-hwm")
+    # No clear_refs (old kernel, restricted container): sample RSS from a thread.
+    peak = base
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        call()
+    finally:
+        done.set()
+        t.join()
+    return PeakMemory(max(peak - base, 0), "rss-sampled")

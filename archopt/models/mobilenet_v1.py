@@ -1,0 +1,148 @@
+"""MobileNet v1: depthwise separable convolutions with width and resolution multipliers.
+
+Paper: Howard et al., 2017, "MobileNets: Efficient Convolutional Neural Networks for Mobile
+Vision Applications" (arXiv:1704.04861), Table 1 body, Sec. 3.3 multipliers.
+Matches timm ``mobilenetv1_100`` (ReLU6, BN eps 1e-5, symmetric padding) and, with
+``bn_eps=1e-3, tf_padding=True``, Hugging Face ``MobileNetV1Model`` (TF "SAME" padding).
+
+One correction to the lecture's Table 1: the last depthwise layer (3x3x1024 dw on 7x7) has
+stride 1, not 2; TF-slim, timm and Hugging Face all agree, and with stride 2 the final 7x7
+average pool would see a 4x4 map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from archopt.ops.conv import ACTIVATIONS, ConvNormAct, DepthwiseSeparableConv2d
+from archopt.registry import register_model
+
+STEM_CHANNELS = 32
+# (out_channels, stride) of the 13 depthwise separable blocks at width 1.0 (Table 1).
+BLOCKS: tuple[tuple[int, int], ...] = (
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    *[(512, 1)] * 5,
+    (1024, 2),
+    (1024, 1),
+)
+TOTAL_STRIDE = 32
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Round a scaled channel count to a multiple of ``divisor``, never below 90% of it (timm's rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < round_limit * value:
+        rounded += divisor
+    return rounded
+
+
+@dataclass
+class MobileNetV1Config:
+    width_mult: float = 1.0  # alpha: scales every layer's channels (paper Sec. 3.3)
+    num_classes: int = 1000  # 0: no classifier, forward returns pooled features
+    in_chans: int = 3
+    act: str = "relu6"  # "relu" is the paper's; every released reference uses ReLU6
+    depthwise: bool = True  # False: the paper's Table 4 "Conv MobileNet" (full 3x3 convs)
+    dropout: float = 0.0
+    bn_eps: float = 1e-5
+    tf_padding: bool = False
+    channel_divisor: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.width_mult, (int, float)) or not self.width_mult > 0:
+            raise ValueError(f"width_mult must be > 0, got {self.width_mult!r}")
+        if self.num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.in_chans < 1:
+            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
+        if self.act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+
+    def channels(self, base: int) -> int:
+        return make_divisible(base * self.width_mult, self.channel_divisor)
+
+
+class MobileNetV1(nn.Module):
+    def __init__(self, config: MobileNetV1Config) -> None:
+        super().__init__()
+        self.config = c = config
+        common = dict(act=c.act, bn_eps=c.bn_eps, tf_padding=c.tf_padding)
+        in_ch = c.channels(STEM_CHANNELS)
+        self.stem = ConvNormAct(c.in_chans, in_ch, 3, 2, **common)
+        blocks = []
+        for base, stride in BLOCKS:
+            out_ch = c.channels(base)
+            if c.depthwise:
+                blocks.append(DepthwiseSeparableConv2d(in_ch, out_ch, 3, stride, **common))
+            else:
+                blocks.append(ConvNormAct(in_ch, out_ch, 3, stride, **common))
+            in_ch = out_ch
+        self.blocks = nn.Sequential(*blocks)
+        self.num_features = in_ch
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(c.dropout)
+        self.classifier = nn.Linear(in_ch, c.num_classes) if c.num_classes else nn.Identity()
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(
+                f"expected a 4-D input (batch, channels, height, width), got shape {tuple(x.shape)}"
+            )
+        if x.shape[1] != self.config.in_chans:
+            raise ValueError(
+                f"expected {self.config.in_chans} input channels, got {x.shape[1]} "
+                f"(input shape {tuple(x.shape)})"
+            )
+        if min(x.shape[-2:]) < TOTAL_STRIDE:
+            raise ValueError(
+                f"input resolution must be at least {TOTAL_STRIDE}x{TOTAL_STRIDE} (the network's "
+                f"total stride), got {x.shape[-2]}x{x.shape[-1]}"
+            )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.stem(x)  # (B, 32a, H/2, W/2)
+        return self.blocks(x)  # (B, 1024a, H/32, W/32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.pool(x).flatten(1)  # (B, 1024a)
+        return self.classifier(self.dropout(x))
+
+
+def _build(preset: MobileNetV1Config, overrides: dict) -> MobileNetV1:
+    return MobileNetV1(replace(preset, **overrides))
+
+
+@register_model
+def mobilenet_v1_100(**overrides) -> MobileNetV1:
+    return _build(MobileNetV1Config(width_mult=1.0), overrides)
+
+
+@register_model
+def mobilenet_v1_075(**overrides) -> MobileNetV1:
+    return _build(MobileNetV1Config(width_mult=0.75), overrides)
+
+
+@register_model
+def mobilenet_v1_050(**overrides) -> MobileNetV1:
+    return _build(MobileNetV1Config(width_mult=0.5), overrides)
+
+
+@register_model
+def mobilenet_v1_025(**overrides) -> MobileNetV1:
+    return _build(MobileNetV1Config(width_mult=0.25), overrides)
+
+
+@register_model
+def conv_mobilenet_v1_100(**overrides) -> MobileNetV1:
+    """Table 4 baseline: the same body with each depthwise separable block a full 3x3 conv."""
+    return _build(MobileNetV1Config(width_mult=1.0, depthwise=False), overrides)

@@ -1,6 +1,7 @@
 """Measurement: parameters, MACs (attention included), per-layer tables, latency, peak memory."""
 
 from archopt.measure.counting import count_macs, count_params, trace_macs
+from archopt.measure.summary import ModelMeasurement, measure_model
 from archopt.measure.table import LayerRow, format_table, layer_table
 from archopt.measure.timing import (
     Latency,
@@ -14,6 +15,7 @@ from archopt.measure.timing import (
 __all__ = [
     "LayerRow",
     "Latency",
+    "ModelMeasurement",
     "PeakMemory",
     "count_macs",
     "count_params",
@@ -21,6 +23,7 @@ __all__ = [
     "format_table",
     "layer_table",
     "measure_latency",
+    "measure_model",
     "measure_peak_memory",
     "num_threads",
     "trace_macs",

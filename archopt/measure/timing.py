@@ -4,11 +4,17 @@ Latency: warm-up calls, then timed repeats; the median and the spread (p10/p90, 
 reported with the thread count, torch version and device, because absolute times on shared
 machines drift and only same-run ratios are comparable.
 
-Peak memory: on CUDA the allocator's ``max_memory_allocated`` above the starting allocation;
-on the CPU the process's peak resident set size (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs``) above the resident size before the call. The CPU figure is what the
-operating system sees, allocator caching included; memory already resident and reused by the
-call is not counted.
+Peak memory, three methods:
+
+- ``"cuda"``: the CUDA allocator's ``max_memory_allocated`` above the starting allocation.
+- ``"tensors"`` (CPU default): the peak of the bytes held by tensors created during the call,
+  tracked at the ATen dispatch level (storages shared by views counted once, freed storages
+  subtracted when the last tensor on them dies). Deterministic; it sees what the model
+  allocates, not scratch space inside kernels or allocator caching.
+- ``"rss"``: the process's peak resident set size (Linux ``VmHWM``, reset through
+  ``/proc/self/clear_refs``) above the resident size before the call: what the operating
+  system sees, allocator caching included, but memory already resident and reused by the call
+  is not counted, so small workloads can read 0.
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ import platform
 import statistics
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 @contextlib.contextmanager
@@ -149,7 +157,7 @@ def measure_latency(
 @dataclass
 class PeakMemory:
     bytes: int  # peak above the starting point
-    method: str  # "cuda-allocator", "rss-hwm" or "rss-sampled"
+    method: str  # "cuda", "tensors", "rss" (or "rss-sampled" without clear_refs)
 
     @property
     def mib(self) -> float:
@@ -173,22 +181,76 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure_peak_memory(fn_or_model: Callable | nn.Module, inputs=()) -> PeakMemory:
-    """Peak memory of one call of ``fn_or_model(*inputs)`` above the memory in use before it."""
+class _LiveTensorBytes(TorchDispatchMode):
+    """Tracks bytes of storages created by dispatched ops while they are alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: dict[int, int] = {}  # storage address -> number of live tensors on it
+        self.sizes: dict[int, int] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _release(self, key: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.current -= self.sizes.pop(key)
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key == 0 or t.device.type == "meta":
+            return
+        if key not in self.refs:
+            self.refs[key] = 0
+            self.sizes[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def measure_peak_memory(
+    fn_or_model: Callable | nn.Module, inputs=(), *, method: str = "auto"
+) -> PeakMemory:
+    """Peak memory of one call of ``fn_or_model(*inputs)`` above the memory in use before it.
+
+    ``method``: ``"auto"`` (``"cuda"`` for CUDA inputs, else ``"tensors"``), ``"tensors"``,
+    ``"rss"`` or ``"cuda"``; see the module docstring for what each sees.
+    """
+    methods = ("auto", "tensors", "rss", "cuda")
+    if method not in methods:
+        raise ValueError(f"method must be one of {methods}, got {method!r}")
     call = _as_call(fn_or_model, inputs)
-    if "cuda" in _devices(inputs):
+    if method == "auto":
+        method = "cuda" if "cuda" in _devices(inputs) else "tensors"
+    if method == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         call()
         torch.cuda.synchronize()
-        return PeakMemory(torch.cuda.max_memory_allocated() - base, "cuda-allocator")
+        return PeakMemory(torch.cuda.max_memory_allocated() - base, "cuda")
+    if method == "tensors":
+        tracker = _LiveTensorBytes()
+        with tracker:
+            out = call()
+        del out
+        return PeakMemory(tracker.peak, "tensors")
     if not os.path.exists("/proc/self/status"):
         raise RuntimeError("CPU peak memory needs Linux /proc (VmRSS/VmHWM)")
     base = _rss_bytes()
     if _reset_hwm():
         call()
-        return PeakMemory(max(_rss_bytes("VmHWM") - base, 0), "rss-hwm")
+        return PeakMemory(max(_rss_bytes("VmHWM") - base, 0), "rss")
     # No clear_refs (old kernel, restricted container): sample RSS from a thread.
     peak = base
     done = threading.Event()

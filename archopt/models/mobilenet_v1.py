@@ -12,7 +12,7 @@ average pool would see a 4x4 map.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import nn
@@ -71,6 +71,8 @@ class MobileNetV1Config:
 
 
 class MobileNetV1(nn.Module):
+    default_resolution = 224
+
     def __init__(self, config: MobileNetV1Config) -> None:
         super().__init__()
         self.config = c = config
@@ -119,6 +121,12 @@ class MobileNetV1(nn.Module):
 
 
 def _build(preset: MobileNetV1Config, overrides: dict) -> MobileNetV1:
+    unknown = sorted(set(overrides) - {f.name for f in fields(preset)})
+    if unknown:
+        raise ValueError(
+            f"unknown MobileNetV1Config field(s) {unknown}: expected any of "
+            f"{[f.name for f in fields(preset)]}"
+        )
     return MobileNetV1(replace(preset, **overrides))
 
 

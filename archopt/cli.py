@@ -73,10 +73,14 @@ def cmd_measure(args) -> None:
             run, shape, name=name, threads=args.threads, repeats=args.repeats, counted_model=model
         )
         results.append(m.as_dict())
-    head = f"{'model':28s} {'params':>12s} {'MMACs':>10s} {'latency ms':>11s} {'p10-p90':>13s} {'peak MiB':>9s}"
+    head = (
+        f"{'model':28s} {'params':>12s} {'MMACs':>10s} {'latency ms':>11s} {'p10-p90':>13s} "
+        f"{'peak MiB':>9s}"
+    )
     lines = [head] + [
         f"{r['name']:28s} {r['params']:12,d} {r['macs'] / 1e6:10.1f} {r['latency_ms']:11.2f} "
-        f"{r['latency_p10_ms']:6.2f}-{r['latency_p90_ms']:<6.2f} {r['peak_memory_bytes'] / 2**20:9.1f}"
+        f"{r['latency_p10_ms']:6.2f}-{r['latency_p90_ms']:<6.2f} "
+        f"{r['peak_memory_bytes'] / 2**20:9.1f}"
         for r in results
     ]
     _emit(results, args.json, "\n".join(lines))
@@ -87,7 +91,9 @@ def cmd_export(args) -> None:
 
     model, shape = _model_from_args(args.model, args)
     path = export_onnx(model, args.output, torch.randn(shape))
-    _emit({"model": args.model, "path": str(path), "input_shape": shape}, args.json, f"wrote {path}")
+    _emit(
+        {"model": args.model, "path": str(path), "input_shape": shape}, args.json, f"wrote {path}"
+    )
 
 
 def cmd_tour(args) -> None:

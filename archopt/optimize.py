@@ -38,7 +38,7 @@ class ChannelsLast(nn.Module):
 
 
 class OnnxRuntimeModule(nn.Module):
-    """An ONNX Runtime CPU session behind the ``nn.Module`` call convention (torch in, torch out)."""
+    """An ONNX Runtime CPU session called like an ``nn.Module`` (torch tensors in and out)."""
 
     def __init__(self, onnx_path: str, *, threads: int | None = None) -> None:
         super().__init__()

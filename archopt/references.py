@@ -6,8 +6,8 @@ Only data lives here; nothing in archopt computes its results from these numbers
 from __future__ import annotations
 
 # The lecture's Table 1 (MobileNet body), rows as (type / stride, filter shape, input size),
-# with "5x" expanded. Row 26 is printed "Conv dw / s2"; the real network (TF-slim, timm, HF)
-# has stride 1 there: MOBILENET_V1_TABLE1_ERRATA records it.
+# with "5x" expanded. Row 26 (index 25) is printed "Conv dw / s2"; the real network (TF-slim,
+# timm, HF) has stride 1 there: MOBILENET_V1_TABLE1_ERRATA records it.
 _FIVE = [("Conv dw / s1", "3x3x512 dw", "14x14x512"), ("Conv / s1", "1x1x512x512", "14x14x512")]
 MOBILENET_V1_TABLE1: list[tuple[str, str, str]] = [
     ("Conv / s2", "3x3x3x32", "224x224x3"),
@@ -32,8 +32,8 @@ MOBILENET_V1_TABLE1: list[tuple[str, str, str]] = [
     ("FC / s1", "1024x1000", "1x1x1024"),
     ("Softmax / s1", "Classifier", "1x1x1000"),
 ]
-# row index -> the row as the real network has it
-MOBILENET_V1_TABLE1_ERRATA = {26: ("Conv dw / s1", "3x3x1024 dw", "7x7x1024")}
+# row index (0-based) -> the row as the real network has it
+MOBILENET_V1_TABLE1_ERRATA = {25: ("Conv dw / s1", "3x3x1024 dw", "7x7x1024")}
 
 # Paper Table 2: share of MACs and of parameters by layer type (percent).
 MOBILENET_V1_TABLE2 = {

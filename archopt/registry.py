@@ -36,7 +36,7 @@ def _ensure_models_loaded() -> None:
 
 
 def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by a shell-style ``pattern`` (``"mobilenet*"``)."""
+    """Sorted registered names, optionally filtered by a shell-style ``pattern``."""
     _ensure_models_loaded()
     names = sorted(_REGISTRY)
     if pattern is None:

@@ -105,9 +105,21 @@ def mobilenet_section(out: Path, *, threads: int | None, repeats: int, progress:
     t2 = _table2(base)
 
     variants = [
-        ("conv_mobilenet_v1_100", "conv_mobilenet_v1_100", {}, 224, ref.MOBILENET_V1_TABLE4["conv_mobilenet"]),
+        (
+            "conv_mobilenet_v1_100",
+            "conv_mobilenet_v1_100",
+            {},
+            224,
+            ref.MOBILENET_V1_TABLE4["conv_mobilenet"],
+        ),
         *[
-            (f"mobilenet_v1 a={a}", "mobilenet_v1_100", {"width_mult": a}, 224, ref.MOBILENET_V1_TABLE6[a])
+            (
+                f"mobilenet_v1 a={a}",
+                "mobilenet_v1_100",
+                {"width_mult": a},
+                224,
+                ref.MOBILENET_V1_TABLE6[a],
+            )
             for a in ref.MOBILENET_V1_TABLE6
         ],
         *[
@@ -164,9 +176,21 @@ def mobilenet_section(out: Path, *, threads: int | None, repeats: int, progress:
         "",
         "### Table 2: where the work is (share of MACs / of weights)",
         _md_table(
-            ["layer type", "MACs % (paper)", "MACs % (ours)", "params % (paper)", "params % (ours)"],
             [
-                [k, ref.MOBILENET_V1_TABLE2[k][0], f"{v[0]:.2f}", ref.MOBILENET_V1_TABLE2[k][1], f"{v[1]:.2f}"]
+                "layer type",
+                "MACs % (paper)",
+                "MACs % (ours)",
+                "params % (paper)",
+                "params % (ours)",
+            ],
+            [
+                [
+                    k,
+                    ref.MOBILENET_V1_TABLE2[k][0],
+                    f"{v[0]:.2f}",
+                    ref.MOBILENET_V1_TABLE2[k][1],
+                    f"{v[1]:.2f}",
+                ]
                 for k, v in t2.items()
             ],
         ),
@@ -275,7 +299,7 @@ def run_tour(
     repeats: int = 20,
     progress: bool = True,
 ) -> dict:
-    """Run every implemented section, write ``report.md`` / ``report.json`` / plots to ``out_dir``."""
+    """Run every implemented section; write report.md, report.json and plots to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -13,9 +13,7 @@ from archopt.models.mobilenet_v1 import BLOCKS, MobileNetV1Config
 # timm groups the 13 blocks into stages of (1, 2, 2, 6, 2): blocks.{stage}.{index}.
 _TIMM_STAGES = (1, 2, 2, 6, 2)
 _TIMM_FLAT = {
-    f"{s}.{j}": str(sum(_TIMM_STAGES[:s]) + j)
-    for s, n in enumerate(_TIMM_STAGES)
-    for j in range(n)
+    f"{s}.{j}": str(sum(_TIMM_STAGES[:s]) + j) for s, n in enumerate(_TIMM_STAGES) for j in range(n)
 }
 assert len(_TIMM_FLAT) == len(BLOCKS)
 

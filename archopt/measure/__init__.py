@@ -13,8 +13,8 @@ from archopt.measure.timing import (
 )
 
 __all__ = [
-    "LayerRow",
     "Latency",
+    "LayerRow",
     "ModelMeasurement",
     "PeakMemory",
     "count_macs",

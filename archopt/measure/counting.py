@@ -97,17 +97,27 @@ class OpRecord:
     macs: int
 
 
-class _MacCounter(TorchDispatchMode):
-    def __init__(self, current_module: Callable[[], str]) -> None:
+class MacCounter(TorchDispatchMode):
+    """Records every counted op with the module running it; ``on_record`` sees each one live."""
+
+    def __init__(
+        self,
+        current_module: Callable[[], str],
+        on_record: Callable[[OpRecord], None] | None = None,
+    ) -> None:
         super().__init__()
         self.current_module = current_module
+        self.on_record = on_record
         self.records: list[OpRecord] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         macs = op_macs(func, args, out)
         if macs:
-            self.records.append(OpRecord(self.current_module(), str(func.overloadpacket), macs))
+            record = OpRecord(self.current_module(), str(func.overloadpacket), macs)
+            self.records.append(record)
+            if self.on_record is not None:
+                self.on_record(record)
         return out
 
 
@@ -162,7 +172,7 @@ def trace_macs(model: nn.Module, inputs) -> list[OpRecord]:
     """Run ``model`` once (eval, no grad) and return every counted op with its module."""
     args = make_inputs(model, inputs)
     with eval_mode(model), torch.no_grad(), module_stack(model) as stack:
-        counter = _MacCounter(lambda: stack[-1] if stack else "")
+        counter = MacCounter(lambda: stack[-1] if stack else "")
         with counter:
             model(*args)
     return counter.records

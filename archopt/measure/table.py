@@ -13,13 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from archopt.measure.counting import (
-    count_params,
-    eval_mode,
-    make_inputs,
-    module_stack,
-    trace_macs,
-)
+from archopt.measure.counting import MacCounter, eval_mode, make_inputs, module_stack
 
 _POOLS = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -41,7 +35,7 @@ class LayerRow:
 
 
 def _size(t: torch.Tensor) -> str:
-    """Paper-style size without the batch dim: (B,C,H,W) -> HxWxC; (B,C) -> 1x1xC; (B,N,C) -> NxC."""
+    """Paper-style size, batch dim dropped: (B,C,H,W) -> HxWxC; (B,C) -> 1x1xC; (B,N,C) -> NxC."""
     if t.ndim == 4:
         return f"{t.shape[2]}x{t.shape[3]}x{t.shape[1]}"
     if t.ndim == 2:
@@ -68,9 +62,13 @@ def _describe(module: nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
     if isinstance(module, _POOLS):
         kind = "Avg Pool" if "Avg" in type(module).__name__ else "Max Pool"
         if isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
-            out = module.output_size if isinstance(module.output_size, tuple) else (
-                module.output_size,
-                module.output_size,
+            out = (
+                module.output_size
+                if isinstance(module.output_size, tuple)
+                else (
+                    module.output_size,
+                    module.output_size,
+                )
             )
             kh, kw = x.shape[-2] // (out[0] or x.shape[-2]), x.shape[-1] // (out[1] or x.shape[-1])
             stride = "s1"
@@ -83,63 +81,62 @@ def _describe(module: nn.Module, x: torch.Tensor) -> tuple[str, str] | None:
 
 
 def layer_table(model: nn.Module, inputs) -> list[LayerRow]:
-    """Rows of the model's architecture table for one forward pass on ``inputs`` (shape or tensors)."""
-    args = make_inputs(model, inputs)
-    records = trace_macs(model, args)
-    macs_by_module: dict[str, int] = {}
-    for r in records:
-        macs_by_module[r.module] = macs_by_module.get(r.module, 0) + r.macs
-    total_macs = sum(macs_by_module.values())
+    """Rows of the model's architecture table for one forward pass on ``inputs`` (shape or tensors).
 
+    Rows come in execution order: a layer when it is called, a composite module (attention)
+    when its first own matrix product runs. A norm layer's parameters join the row before it.
+    """
+    args = make_inputs(model, inputs)
     modules = dict(model.named_modules())
-    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, input, output) in order
+    rows: dict[str, LayerRow] = {}  # insertion order = execution order
+    io: dict[str, list] = {}  # name -> [input, output] of its first call
+    norms_seen: set[str] = set()
+
+    def add_row(name: str, desc: tuple[str, str], params: int) -> None:
+        rows[name] = LayerRow(name, desc[0], desc[1], "-", "-", params, 0, 0.0)
+
+    def pre(mod, inp, name):
+        x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
+        io.setdefault(name, [x, None])
+        own = sum(p.numel() for p in mod.parameters(recurse=False))
+        if isinstance(mod, _NORMS):
+            if rows and name not in norms_seen:
+                next(reversed(rows.values())).params += own
+            norms_seen.add(name)
+            return
+        desc = _describe(mod, x) if x is not None else None
+        if desc is not None and name not in rows:
+            add_row(name, desc, own)
+
+    def post(mod, inp, out, name):
+        if io[name][1] is None and isinstance(out, torch.Tensor):
+            io[name][1] = out
+
+    def on_record(record) -> None:
+        if record.module not in rows:  # matmuls a composite module runs itself
+            add_row(record.module, (f"{type(modules[record.module]).__name__} (matmul)", "-"), 0)
+        rows[record.module].macs += record.macs
+
     handles = []
     for name, module in modules.items():
-
-        def hook(mod, inp, out, name=name):
-            x = inp[0] if inp and isinstance(inp[0], torch.Tensor) else None
-            y = out if isinstance(out, torch.Tensor) else None
-            calls.append((name, x, y))
-
-        handles.append(module.register_forward_hook(hook))
+        handles.append(module.register_forward_pre_hook(lambda m, i, n=name: pre(m, i, n)))
+        handles.append(module.register_forward_hook(lambda m, i, o, n=name: post(m, i, o, n)))
     try:
-        with eval_mode(model), torch.no_grad(), module_stack(model):
-            model(*args)
+        with eval_mode(model), torch.no_grad(), module_stack(model) as stack:
+            counter = MacCounter(lambda: stack[-1] if stack else "", on_record)
+            with counter:
+                model(*args)
     finally:
         for h in handles:
             h.remove()
 
-    rows: list[LayerRow] = []
-    seen: set[str] = set()
-    for name, x, y in calls:
-        module = modules[name]
-        own_params = sum(p.numel() for p in module.parameters(recurse=False))
-        if isinstance(module, _NORMS) and rows:
-            rows[-1].params += own_params if name not in seen else 0
-            seen.add(name)
-            continue
-        desc = _describe(module, x) if x is not None else None
-        direct_macs = macs_by_module.get(name, 0)
-        is_leaf = not any(True for _ in module.children())
-        if desc is None and not (direct_macs and not is_leaf):
-            continue
-        if desc is None:  # a composite module doing matmuls itself (e.g. attention)
-            desc = (f"{type(module).__name__} (matmul)", "-")
-            own_params = 0  # its projections get rows of their own
-        rows.append(
-            LayerRow(
-                name=name,
-                type_stride=desc[0],
-                filter_shape=desc[1],
-                input_size=_size(x) if x is not None else "-",
-                output_size=_size(y) if y is not None else "-",
-                params=own_params if name not in seen else 0,
-                macs=direct_macs,
-                share=direct_macs / total_macs if total_macs else 0.0,
-            )
-        )
-        seen.add(name)
-    return rows
+    total = sum(r.macs for r in rows.values())
+    for name, row in rows.items():
+        x, y = io.get(name, (None, None))
+        row.input_size = _size(x) if x is not None else "-"
+        row.output_size = _size(y) if y is not None else "-"
+        row.share = row.macs / total if total else 0.0
+    return list(rows.values())
 
 
 def format_table(rows: list[LayerRow], *, total_params: int | None = None) -> str:
@@ -162,9 +159,7 @@ def format_table(rows: list[LayerRow], *, total_params: int | None = None) -> st
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body)]
     lines = []
     for i, line in enumerate([head, *body]):
-        cells = [
-            c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))
-        ]
+        cells = [c.ljust(w) if j < 3 else c.rjust(w) for j, (c, w) in enumerate(zip(line, widths))]
         lines.append("  ".join(cells).rstrip())
         if i == 0 or i == len(body) - 1:
             lines.append("  ".join("-" * w for w in widths))

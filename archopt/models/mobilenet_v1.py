@@ -37,7 +37,7 @@ TOTAL_STRIDE = 32
 
 
 def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """Round a scaled channel count to a multiple of ``divisor``, never below 90% of it (timm's rule)."""
+    """Round a scaled channel count to a multiple of ``divisor``, never below 90% (timm's rule)."""
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     if rounded < round_limit * value:
         rounded += divisor

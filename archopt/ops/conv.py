@@ -8,6 +8,7 @@ C_in*C_out*K*K to C_in*K*K + C_in*C_out; each half is followed by BatchNorm and 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -18,7 +19,7 @@ ACTIVATIONS = ("relu6", "relu", "silu", "gelu", "none")
 
 
 def make_activation(name: str) -> nn.Module:
-    """``"relu6"`` (every MobileNet reference), ``"relu"`` (the paper), ``"silu"``, ``"gelu"``, ``"none"``."""
+    """``"relu6"`` (every MobileNet reference), ``"relu"`` (the paper), silu, gelu or none."""
     if name == "relu6":
         return nn.ReLU6(inplace=True)
     if name == "relu":
@@ -183,14 +184,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     model must be in eval mode.
     """
     if model.training:
-        raise ValueError("fold_batchnorm needs a model in eval mode (call model.eval()), got training")
+        raise ValueError(
+            "fold_batchnorm needs a model in eval mode (call model.eval()), got training"
+        )
     for module in list(model.modules()):
         if isinstance(module, ConvNormAct) and isinstance(module.bn, nn.BatchNorm2d):
             module.conv = fuse_conv_bn(module.conv, module.bn)
             module.bn = nn.Identity()
         elif isinstance(module, nn.Sequential):
             children = list(module._modules.items())
-            for (name_a, a), (name_b, b) in zip(children, children[1:]):
+            for (name_a, a), (name_b, b) in itertools.pairwise(children):
                 if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
                     module._modules[name_a] = fuse_conv_bn(a, b)
                     module._modules[name_b] = nn.Identity()

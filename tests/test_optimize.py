@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+import archopt
+from archopt.optimize import ChannelsLast
+
+from .conftest import randomize_bn
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    torch.manual_seed(0)
+    return randomize_bn(archopt.create_model("mobilenet_v1_050", num_classes=10)).eval()
+
+
+def close(out, ref):
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("channels_last", [True, False, None])
+def test_eager_modes(mobilenet, channels_last):
+    x = torch.randn(2, 3, 160, 160)
+    fast = archopt.optimize_for_inference(mobilenet, x, channels_last=channels_last)
+    if channels_last is not None:
+        assert isinstance(fast, ChannelsLast) == channels_last
+    y = torch.randn(3, 3, 96, 128)  # eager modes are not specialised to the example's shape
+    with torch.no_grad():
+        close(fast(x), mobilenet(x))
+        close(fast(y), mobilenet(y))
+
+
+def test_jit_mode(mobilenet):
+    x = torch.randn(1, 3, 128, 128)
+    fast = archopt.optimize_for_inference(mobilenet, x, compile="jit")
+    with torch.no_grad():
+        close(fast(x), mobilenet(x))
+
+
+def test_onnxruntime_mode(mobilenet):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (archopt[onnx])")
+    x = torch.randn(2, 3, 128, 128)
+    fast = archopt.optimize_for_inference(mobilenet, x, compile="onnxruntime")
+    with torch.no_grad():
+        close(fast(x), mobilenet(x))
+        y = torch.randn(5, 3, 128, 128)  # batch is dynamic in the export
+        close(fast(y), mobilenet(y))
+
+
+@pytest.mark.slow
+def test_inductor_mode(mobilenet):
+    x = torch.randn(1, 3, 128, 128)
+    fast = archopt.optimize_for_inference(mobilenet, x, compile="inductor")
+    with torch.no_grad():
+        close(fast(x), mobilenet(x))
+
+
+def test_bad_arguments(mobilenet):
+    with pytest.raises(ValueError, match="compile must be None or one of"):
+        archopt.optimize_for_inference(mobilenet, compile="tvm")
+    with pytest.raises(ValueError, match="compile='jit' needs an example_input"):
+        archopt.optimize_for_inference(mobilenet, compile="jit")
+
+
+def test_onnx_export_runs_in_onnxruntime(mobilenet, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (archopt[onnx])")
+    pytest.importorskip("onnx", reason="onnx is not installed (archopt[onnx])")
+    path = archopt.export_onnx(mobilenet, tmp_path / "sub" / "m.onnx", torch.randn(1, 3, 96, 96))
+    assert path.exists() and not list(path.parent.glob("*.part"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, 3, 96, 96)
+    (out,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        close(torch.from_numpy(out), mobilenet(x))
+    assert mobilenet.training is False
+
+
+def test_failed_export_leaves_nothing(tmp_path):
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        archopt.export_onnx(Broken(), tmp_path / "m.onnx", torch.randn(1, 3))
+    assert list(tmp_path.iterdir()) == []

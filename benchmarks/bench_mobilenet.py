@@ -1,0 +1,114 @@
+"""MobileNet v1 1.0-224 and the full-conv baseline on the CPU: ours vs timm vs onnxruntime.
+
+Every contender runs the same weights in the same process, interleaved round by round, so
+the ratios are fair even when the machine drifts. Run:
+
+    python benchmarks/bench_mobilenet.py --threads 2 [--batch 1 8] [--inductor] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import warnings
+
+import torch
+
+import archopt
+from archopt.measure import count_macs
+from archopt.optimize import OnnxRuntimeModule
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import interleaved, machine_line, matmul_gflops
+
+
+def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple[dict, int]:
+    torch.manual_seed(0)
+    ours = archopt.create_model(name).eval()
+    x = torch.randn(batch, 3, 224, 224)
+    fns = {}
+    if name == "mobilenet_v1_100":
+        try:
+            import timm
+
+            from archopt.loading import mobilenet_v1_from_timm
+
+            ref = timm.create_model("mobilenetv1_100").eval()
+            ours.load_state_dict(mobilenet_v1_from_timm(ref.state_dict()))
+            fns["timm eager"] = ref
+        except ImportError:
+            print("timm not installed: no timm column", file=sys.stderr)
+    fns["ours eager"] = ours
+    fns["ours optimized"] = archopt.optimize_for_inference(ours, x)
+    fns["ours optimized jit"] = archopt.optimize_for_inference(ours, x, compile="jit")
+    if inductor:
+        fns["ours optimized inductor"] = archopt.optimize_for_inference(ours, x, compile="inductor")
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            path = archopt.export_onnx(ours, os.path.join(d, "m.onnx"), x)
+            fns["onnxruntime"] = OnnxRuntimeModule(str(path), threads=threads)
+    except ImportError:
+        print("onnxruntime not installed: no onnxruntime column", file=sys.stderr)
+
+    with torch.inference_mode():
+        expected = ours(x)
+        for label, fn in fns.items():
+            err = (fn(x) - expected).abs().max().item() / expected.abs().max().item()
+            if err > 1e-4:
+                raise AssertionError(f"{label} differs from ours eager: max rel err {err:.2e}")
+
+    def call(fn):
+        def run():
+            with torch.inference_mode():
+                return fn(x)
+
+        return run
+
+    return {k: call(v) for k, v in fns.items()}, count_macs(ours, x.shape)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--models", nargs="+", default=["mobilenet_v1_100", "conv_mobilenet_v1_100"])
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--inductor", action="store_true", help="also torch.compile (slow to build)")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    rate = matmul_gflops()
+    print(f"# {machine_line(args.threads)}; fp32 matmul 2048^3: {rate:.0f} GFLOP/s\n")
+    results = []
+    for name in args.models:
+        for batch in args.batch:
+            print(f"{name} batch {batch}", file=sys.stderr, flush=True)
+            fns, macs = contenders_for(name, batch, args.inductor, args.threads)
+            per_round = max(2, 10 // batch)
+            stats = interleaved(fns, rounds=args.rounds, per_round=per_round)
+            floor_ms = 2 * macs / (rate * 1e9) * 1e3
+            base_timm = stats.get("timm eager", {}).get("median_ms")
+            base_ort = stats.get("onnxruntime", {}).get("median_ms")
+            print(f"## {name}, batch {batch}, {macs / 1e6:.0f} MMACs, floor {floor_ms:.2f} ms\n")
+            print("| contender | median ms | p10-p90 ms | vs timm | vs onnxruntime | floor/time |")
+            print("|---|---|---|---|---|---|")
+            for label, s in stats.items():
+                vt = f"{s['median_ms'] / base_timm:.2f}x" if base_timm else "-"
+                vo = f"{s['median_ms'] / base_ort:.2f}x" if base_ort else "-"
+                print(
+                    f"| {label} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} "
+                    f"| {vt} | {vo} | {floor_ms / s['median_ms']:.0%} |"
+                )
+                results.append({"model": name, "batch": batch, "contender": label, **s})
+            print(flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Shared benchmark plumbing: interleaved timing rounds, machine facts, markdown output."""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from archopt.measure import cpu_name
+from archopt.measure.timing import _quantile
+
+
+def machine_line(threads: int) -> str:
+    return (
+        f"{cpu_name()}, {threads} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}"
+    )
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured fp32 matmul rate here: the compute floor's denominator."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], object]],
+    *,
+    rounds: int = 7,
+    per_round: int = 10,
+    warmup: int = 5,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Time each contender in turn, ``rounds`` x ``per_round`` calls, so drift hits all alike."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(rounds):
+        for name, fn in contenders.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+        if progress:
+            print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {
+        k: {
+            "median_ms": statistics.median(v),
+            "p10_ms": _quantile(v, 0.1),
+            "p90_ms": _quantile(v, 0.9),
+            "n": len(v),
+        }
+        for k, v in samples.items()
+    }

@@ -67,7 +67,10 @@ def cmd_measure(args) -> None:
         model, shape = _model_from_args(name, args)
         run = model
         if args.optimize:
-            run = optimize_for_inference(model, torch.randn(shape), compile=args.compile)
+            dtype = torch.bfloat16 if args.bf16 else torch.float32
+            run = optimize_for_inference(
+                model, torch.randn(shape), compile=args.compile, dtype=dtype
+            )
         print(f"measuring {name} {shape} ...", file=sys.stderr, flush=True)
         m = measure_model(
             run, shape, name=name, threads=args.threads, repeats=args.repeats, counted_model=model
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--repeats", type=int, default=30)
     sp.add_argument("--optimize", action="store_true", help="run optimize_for_inference first")
-    sp.add_argument("--compile", choices=["jit", "inductor", "onnxruntime"], default=None)
+    sp.add_argument("--compile", choices=["auto", "jit", "inductor", "onnxruntime"], default=None)
+    sp.add_argument("--bf16", action="store_true", help="optimize in bfloat16 (with --optimize)")
     sp.set_defaults(func=cmd_measure)
 
     sp = sub.add_parser("export", help="export a model to ONNX")

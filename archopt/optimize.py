@@ -26,15 +26,25 @@ Compiler = Literal["jit", "inductor", "onnxruntime"]
 COMPILERS = ("jit", "inductor", "onnxruntime")
 
 
-class ChannelsLast(nn.Module):
-    """Runs ``inner`` on an NHWC copy of a 4-D input; callers keep passing NCHW tensors."""
+class InputAdapter(nn.Module):
+    """Runs ``inner`` on an NHWC and/or reduced-precision copy of the input; callers keep
+    passing fp32 NCHW tensors and get fp32 outputs back."""
 
-    def __init__(self, inner: nn.Module) -> None:
+    def __init__(
+        self, inner: nn.Module, *, channels_last: bool, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
-        self.inner = inner.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
+        self.dtype = dtype
+        if channels_last:
+            inner = inner.to(memory_format=torch.channels_last)
+        self.inner = inner.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x.contiguous(memory_format=torch.channels_last))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = self.inner(x.to(self.dtype))
+        return y.float() if self.dtype != torch.float32 else y
 
 
 class OnnxRuntimeModule(nn.Module):
@@ -57,7 +67,7 @@ class OnnxRuntimeModule(nn.Module):
 
 
 def _faster_in_channels_last(model: nn.Module, example: torch.Tensor) -> bool:
-    nhwc = ChannelsLast(copy.deepcopy(model))
+    nhwc = InputAdapter(copy.deepcopy(model), channels_last=True)
     t_nchw = measure_latency(model, example, warmup=2, repeats=7).median_ms
     t_nhwc = measure_latency(nhwc, example, warmup=2, repeats=7).median_ms
     return t_nhwc < t_nchw
@@ -69,19 +79,30 @@ def optimize_for_inference(
     *,
     fold_bn: bool = True,
     channels_last: bool | None = None,
-    compile: Compiler | None = None,
+    compile: Compiler | Literal["auto"] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` optimized for inference; ``model`` is left untouched.
 
     ``channels_last=None`` measures both layouts on ``example_input`` and keeps the faster
     (without an example it stays NCHW). ``compile`` needs ``example_input`` for ``"jit"``
     (tracing) and ``"onnxruntime"`` (export); the compiled model is specialised to its rank and
-    channel count, and for ``"jit"`` also to its batch size and resolution.
+    channel count, and for ``"jit"`` also to its batch size and resolution. ``compile="auto"``
+    builds eager, ``"jit"`` and (if installed) ``"onnxruntime"``, checks each against the
+    model, and returns the fastest on ``example_input`` (see :func:`choose_backend`).
+    ``dtype=torch.bfloat16`` runs the weights and activations in bf16 (AMX / tensor cores);
+    inputs and outputs stay fp32, and outputs differ from fp32 at bf16 precision (~1e-2).
     """
-    if compile is not None and compile not in COMPILERS:
-        raise ValueError(f"compile must be None or one of {COMPILERS}, got {compile!r}")
-    if compile in ("jit", "onnxruntime") and example_input is None:
+    if compile is not None and compile not in (*COMPILERS, "auto"):
+        raise ValueError(f"compile must be None, 'auto' or one of {COMPILERS}, got {compile!r}")
+    if compile in ("jit", "onnxruntime", "auto") and example_input is None:
         raise ValueError(f"compile={compile!r} needs an example_input to trace, got None")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    if compile == "onnxruntime" and dtype != torch.float32:
+        raise ValueError(f"compile='onnxruntime' runs float32 only, got dtype={dtype}")
+    if compile == "auto":
+        return choose_backend(model, example_input, fold_bn=fold_bn, dtype=dtype)[1]
     model = copy.deepcopy(model).eval()
     if fold_bn:
         fold_batchnorm(model)
@@ -92,8 +113,8 @@ def optimize_for_inference(
         channels_last = bool(is_image and compile is None) and _faster_in_channels_last(
             model, example_input
         )
-    if channels_last:
-        model = ChannelsLast(model)
+    if channels_last or dtype != torch.float32:
+        model = InputAdapter(model, channels_last=bool(channels_last), dtype=dtype)
 
     if compile == "jit":
         with torch.no_grad(), warnings.catch_warnings():
@@ -117,3 +138,53 @@ def optimize_for_inference(
         finally:
             os.unlink(path)
     return model
+
+
+def choose_backend(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    fold_bn: bool = True,
+    dtype: torch.dtype = torch.float32,
+    repeats: int = 15,
+) -> tuple[str, nn.Module, dict[str, float]]:
+    """Build every quick-to-build backend, check it against ``model``, time it on
+    ``example_input``, and return ``(name, module, median ms by name)`` of the fastest.
+
+    A backend whose outputs differ from the model's by more than the dtype allows (1e-4
+    relative in fp32, 3e-2 in bf16/fp16) is rejected, never chosen.
+    """
+    candidates: dict[str, nn.Module] = {
+        "eager": optimize_for_inference(model, example_input, fold_bn=fold_bn, dtype=dtype),
+        "jit": optimize_for_inference(
+            model, example_input, fold_bn=fold_bn, dtype=dtype, compile="jit"
+        ),
+    }
+    if dtype == torch.float32:
+        try:
+            import onnxruntime  # noqa: F401
+
+            candidates["onnxruntime"] = optimize_for_inference(
+                model, example_input, fold_bn=fold_bn, compile="onnxruntime"
+            )
+        except ImportError:
+            pass
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        expected = model(example_input)
+    model.train(was_training)
+    scale = expected.abs().max().item() or 1.0
+    times: dict[str, float] = {}
+    for name, candidate in candidates.items():
+        with torch.no_grad():
+            err = (candidate(example_input) - expected).abs().max().item() / scale
+        if err <= tolerance:
+            times[name] = measure_latency(
+                candidate, example_input, warmup=3, repeats=repeats
+            ).median_ms
+    if not times:
+        raise RuntimeError("no backend reproduced the model's outputs within tolerance")
+    best = min(times, key=times.__getitem__)
+    return best, candidates[best], times

@@ -53,12 +53,14 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
     except ImportError:
         print("onnxruntime not installed: no onnxruntime column", file=sys.stderr)
 
+    errors = {}
     with torch.inference_mode():
         expected = ours(x)
         for label, fn in fns.items():
             err = (fn(x) - expected).abs().max().item() / expected.abs().max().item()
-            if err > 1e-4:
+            if err > (3e-2 if "bf16" in label else 1e-4):
                 raise AssertionError(f"{label} differs from ours eager: max rel err {err:.2e}")
+            errors[label] = err
 
     def call(fn):
         def run():
@@ -67,7 +69,7 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
 
         return run
 
-    return {k: call(v) for k, v in fns.items()}, count_macs(ours, x.shape)
+    return {k: call(v) for k, v in fns.items()}, errors, count_macs(ours, x.shape)
 
 
 def main() -> None:
@@ -87,23 +89,28 @@ def main() -> None:
     for name in args.models:
         for batch in args.batch:
             print(f"{name} batch {batch}", file=sys.stderr, flush=True)
-            fns, macs = contenders_for(name, batch, args.inductor, args.threads)
+            fns, errors, macs = contenders_for(name, batch, args.inductor, args.threads)
             per_round = max(2, 10 // batch)
             stats = interleaved(fns, rounds=args.rounds, per_round=per_round)
             floor_ms = 2 * macs / (rate * 1e9) * 1e3
             base_timm = stats.get("timm eager", {}).get("median_ms")
             base_ort = stats.get("onnxruntime", {}).get("median_ms")
             print(f"## {name}, batch {batch}, {macs / 1e6:.0f} MMACs, floor {floor_ms:.2f} ms\n")
-            print("| contender | median ms | p10-p90 ms | vs timm | vs onnxruntime | floor/time |")
-            print("|---|---|---|---|---|---|")
+            print(
+                "| contender | median ms | p10-p90 ms | vs timm | vs onnxruntime | floor/time "
+                "| max rel err |"
+            )
+            print("|---|---|---|---|---|---|---|")
             for label, s in stats.items():
                 vt = f"{s['median_ms'] / base_timm:.2f}x" if base_timm else "-"
                 vo = f"{s['median_ms'] / base_ort:.2f}x" if base_ort else "-"
                 print(
                     f"| {label} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} "
-                    f"| {vt} | {vo} | {floor_ms / s['median_ms']:.0%} |"
+                    f"| {vt} | {vo} | {floor_ms / s['median_ms']:.0%} | {errors[label]:.1e} |"
                 )
-                results.append({"model": name, "batch": batch, "contender": label, **s})
+                results.append(
+                    {"model": name, "batch": batch, "contender": label, "err": errors[label], **s}
+                )
             print(flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import archopt
-from archopt.optimize import ChannelsLast
+from archopt.optimize import InputAdapter, choose_backend
 
 from .conftest import randomize_bn
 
@@ -22,7 +22,7 @@ def test_eager_modes(mobilenet, channels_last):
     x = torch.randn(2, 3, 160, 160)
     fast = archopt.optimize_for_inference(mobilenet, x, channels_last=channels_last)
     if channels_last is not None:
-        assert isinstance(fast, ChannelsLast) == channels_last
+        assert isinstance(fast, InputAdapter) == channels_last
     y = torch.randn(3, 3, 96, 128)  # eager modes are not specialised to the example's shape
     with torch.no_grad():
         close(fast(x), mobilenet(x))
@@ -54,11 +54,36 @@ def test_inductor_mode(mobilenet):
         close(fast(x), mobilenet(x))
 
 
+def test_bfloat16_within_bf16_precision(mobilenet):
+    x = torch.randn(2, 3, 128, 128)
+    fast = archopt.optimize_for_inference(mobilenet, x, dtype=torch.bfloat16)
+    assert next(fast.inner.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        out, ref = fast(x), mobilenet(x)
+    assert out.dtype == torch.float32
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 3e-2  # not fp32-exact, but close
+
+
+def test_auto_picks_a_checked_backend(mobilenet):
+    x = torch.randn(1, 3, 96, 96)
+    name, fast, times = choose_backend(mobilenet, x, repeats=3)
+    assert name in times and times[name] == min(times.values())
+    assert {"eager", "jit"} <= set(times)
+    with torch.no_grad():
+        close(fast(x), mobilenet(x))
+
+
 def test_bad_arguments(mobilenet):
-    with pytest.raises(ValueError, match="compile must be None or one of"):
+    with pytest.raises(ValueError, match="compile must be None, 'auto' or one of"):
         archopt.optimize_for_inference(mobilenet, compile="tvm")
     with pytest.raises(ValueError, match="compile='jit' needs an example_input"):
         archopt.optimize_for_inference(mobilenet, compile="jit")
+    with pytest.raises(ValueError, match="dtype must be float32, bfloat16 or float16"):
+        archopt.optimize_for_inference(mobilenet, dtype=torch.int8)
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.raises(ValueError, match="runs float32 only"):
+        archopt.optimize_for_inference(mobilenet, x, compile="onnxruntime", dtype=torch.bfloat16)
 
 
 def test_onnx_export_runs_in_onnxruntime(mobilenet, tmp_path):

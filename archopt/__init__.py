@@ -4,7 +4,7 @@ Depthwise separable convolutions and MobileNet v1 (this release), with local att
 MobileViT and KV caching to follow; every claim measured as params, MACs, latency and memory.
 """
 
-from archopt import measure, ops
+from archopt import measure, models, ops
 from archopt.export import export_onnx
 from archopt.optimize import optimize_for_inference
 from archopt.registry import create_model, list_models, register_model
@@ -16,6 +16,7 @@ __all__ = [
     "export_onnx",
     "list_models",
     "measure",
+    "models",
     "ops",
     "optimize_for_inference",
     "register_model",

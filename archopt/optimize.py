@@ -114,7 +114,7 @@ def optimize_for_inference(
             model, example_input
         )
     if channels_last or dtype != torch.float32:
-        model = InputAdapter(model, channels_last=bool(channels_last), dtype=dtype)
+        model = InputAdapter(model, channels_last=bool(channels_last), dtype=dtype).eval()
 
     if compile == "jit":
         with torch.no_grad(), warnings.catch_warnings():

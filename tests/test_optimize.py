@@ -54,10 +54,12 @@ def test_inductor_mode(mobilenet):
         close(fast(x), mobilenet(x))
 
 
-def test_bfloat16_within_bf16_precision(mobilenet):
+@pytest.mark.parametrize("compile", [None, "jit"])
+def test_bfloat16_within_bf16_precision(mobilenet, compile):
     x = torch.randn(2, 3, 128, 128)
-    fast = archopt.optimize_for_inference(mobilenet, x, dtype=torch.bfloat16)
-    assert next(fast.inner.parameters()).dtype == torch.bfloat16
+    fast = archopt.optimize_for_inference(mobilenet, x, dtype=torch.bfloat16, compile=compile)
+    if compile is None:
+        assert next(fast.inner.parameters()).dtype == torch.bfloat16 and not fast.training
     with torch.no_grad():
         out, ref = fast(x), mobilenet(x)
     assert out.dtype == torch.float32

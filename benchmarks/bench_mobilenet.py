@@ -44,8 +44,13 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
     fns["ours eager"] = ours
     fns["ours optimized"] = archopt.optimize_for_inference(ours, x)
     fns["ours optimized jit"] = archopt.optimize_for_inference(ours, x, compile="jit")
+    bf16 = torch.bfloat16
+    fns["ours bf16 jit"] = archopt.optimize_for_inference(ours, x, compile="jit", dtype=bf16)
     if inductor:
         fns["ours optimized inductor"] = archopt.optimize_for_inference(ours, x, compile="inductor")
+        fns["ours bf16 inductor"] = archopt.optimize_for_inference(
+            ours, x, compile="inductor", dtype=bf16
+        )
     try:
         with tempfile.TemporaryDirectory() as d:
             path = archopt.export_onnx(ours, os.path.join(d, "m.onnx"), x)
@@ -83,8 +88,11 @@ def main() -> None:
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    rate = matmul_gflops()
-    print(f"# {machine_line(args.threads)}; fp32 matmul 2048^3: {rate:.0f} GFLOP/s\n")
+    rate, rate_bf16 = matmul_gflops(), matmul_gflops(dtype=torch.bfloat16)
+    print(
+        f"# {machine_line(args.threads)}; matmul 2048^3: fp32 {rate:.0f} GFLOP/s, "
+        f"bf16 {rate_bf16:.0f} GFLOP/s (floor/time uses the row's dtype)\n"
+    )
     results = []
     for name in args.models:
         for batch in args.batch:
@@ -93,6 +101,7 @@ def main() -> None:
             per_round = max(2, 10 // batch)
             stats = interleaved(fns, rounds=args.rounds, per_round=per_round)
             floor_ms = 2 * macs / (rate * 1e9) * 1e3
+            floor_bf16_ms = 2 * macs / (rate_bf16 * 1e9) * 1e3
             base_timm = stats.get("timm eager", {}).get("median_ms")
             base_ort = stats.get("onnxruntime", {}).get("median_ms")
             print(f"## {name}, batch {batch}, {macs / 1e6:.0f} MMACs, floor {floor_ms:.2f} ms\n")
@@ -104,9 +113,10 @@ def main() -> None:
             for label, s in stats.items():
                 vt = f"{s['median_ms'] / base_timm:.2f}x" if base_timm else "-"
                 vo = f"{s['median_ms'] / base_ort:.2f}x" if base_ort else "-"
+                floor = floor_bf16_ms if "bf16" in label else floor_ms
                 print(
                     f"| {label} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} "
-                    f"| {vt} | {vo} | {floor_ms / s['median_ms']:.0%} | {errors[label]:.1e} |"
+                    f"| {vt} | {vo} | {floor / s['median_ms']:.0%} | {errors[label]:.1e} |"
                 )
                 results.append(
                     {"model": name, "batch": batch, "contender": label, "err": errors[label], **s}

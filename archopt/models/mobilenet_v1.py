@@ -93,6 +93,10 @@ class MobileNetV1(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
         self.classifier = nn.Linear(in_ch, c.num_classes) if c.num_classes else nn.Identity()
 
+    def example_inputs(self, batch: int = 1, resolution: int | None = None) -> tuple[torch.Tensor]:
+        res = resolution or self.default_resolution
+        return (torch.randn(batch, self.config.in_chans, res, res),)
+
     def check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 4:
             raise ValueError(

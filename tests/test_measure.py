@@ -152,6 +152,10 @@ def test_peak_memory_tensors_is_exact():
 
     assert measure_peak_memory(work).bytes == 3 * 4_000_000  # the scalars come after c is freed
     assert measure_peak_memory(work).method == "tensors"
+    x = torch.ones(1000, 1000)
+    # views of memory that existed before the call cost nothing; a copy does
+    assert measure_peak_memory(lambda: x[1:].unfold(0, 10, 1).transpose(0, 1)).bytes == 0
+    assert measure_peak_memory(lambda: x[1:].clone()).bytes == 999 * 1000 * 4
     big = measure_peak_memory(lambda: torch.ones(16, 1024, 1024).sum(), method="rss")
     assert big.method.startswith("rss") and big.bytes > 0.8 * 64 * 2**20
     with pytest.raises(ValueError, match="method must be one of"):

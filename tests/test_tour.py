@@ -16,6 +16,11 @@ def test_tour_writes_report(tmp_path):
     assert 8.5 < section["mac_ratio_conv_over_ds"] < 8.6
     assert section["latency_ratio_conv_over_ds"] > 1  # measured, whatever it is here
     assert "## Not measured yet" in md and "KV caching" in md
+    longformer = data["sections"]["Longformer local attention"]
+    growth = longformer["growth_exponents"]
+    # dense attention's memory is quadratic (its N x N scores), local attention's is not
+    assert 1.8 < growth["dense_peak"] < 2.1
+    assert growth["local_peak"] < 1.2
     assert report["missing"]
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000

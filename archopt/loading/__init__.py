@@ -1,6 +1,7 @@
 """Checkpoint formats and key maps from reference implementations (timm, Hugging Face)."""
 
 from archopt.loading.keymap import rename_keys
+from archopt.loading.longformer import longformer_config_from_hf, longformer_from_hf
 from archopt.loading.mobilenet_v1 import (
     mobilenet_v1_config_from_hf,
     mobilenet_v1_from_hf,
@@ -8,6 +9,8 @@ from archopt.loading.mobilenet_v1 import (
 )
 
 __all__ = [
+    "longformer_config_from_hf",
+    "longformer_from_hf",
     "mobilenet_v1_config_from_hf",
     "mobilenet_v1_from_hf",
     "mobilenet_v1_from_timm",

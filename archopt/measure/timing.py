@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 @contextlib.contextmanager
@@ -197,11 +198,13 @@ class _LiveTensorBytes(TorchDispatchMode):
             del self.refs[key]
             self.current -= self.sizes.pop(key)
 
-    def _track(self, t: torch.Tensor) -> None:
+    def _track(self, t: torch.Tensor, existing: set[int]) -> None:
         storage = t.untyped_storage()
         key = storage.data_ptr()
         if key == 0 or t.device.type == "meta":
             return
+        if key in existing and key not in self.refs:
+            return  # a view of memory that was there before the call (an input, a weight)
         if key not in self.refs:
             self.refs[key] = 0
             self.sizes[key] = storage.nbytes()
@@ -212,9 +215,14 @@ class _LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
+        existing = {
+            a.untyped_storage().data_ptr()
+            for a in tree_leaves((args, kwargs))
+            if isinstance(a, torch.Tensor) and a.device.type != "meta"
+        }
+        for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self._track(t)
+                self._track(t, existing)
         return out
 
 

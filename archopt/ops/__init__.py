@@ -1,5 +1,6 @@
 """Building blocks with no model knowledge."""
 
+from archopt.ops.attention import local_attention
 from archopt.ops.conv import (
     ConvNormAct,
     DepthwiseSeparableConv2d,
@@ -14,6 +15,7 @@ __all__ = [
     "DepthwiseSeparableConv2d",
     "fold_batchnorm",
     "fuse_conv_bn",
+    "local_attention",
     "make_activation",
     "tf_same_pad",
 ]

@@ -109,6 +109,13 @@ def cmd_tour(args) -> None:
         print((__import__("pathlib").Path(args.out) / "report.md").read_text())
 
 
+def cmd_bench(args) -> None:
+    if args.suite == "attention":
+        from archopt.bench.attention import main as bench_attention
+
+        bench_attention(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archopt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -146,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("output")
     model_opts(sp, batch=True)
     sp.set_defaults(func=cmd_export)
+
+    sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
+    sp.add_argument("suite", choices=["attention"])
+    sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
+    sp.set_defaults(func=cmd_bench)
 
     sp = sub.add_parser("tour", help="re-measure the lecture's claims and write a report")
     sp.add_argument("--out", default="archopt-report", help="output folder")

@@ -18,11 +18,9 @@ import warnings
 import torch
 
 import archopt
+from archopt.bench.common import interleaved, machine_line, matmul_gflops
 from archopt.measure import count_macs
 from archopt.optimize import OnnxRuntimeModule
-
-sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved, machine_line, matmul_gflops
 
 
 def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple[dict, int]:

@@ -62,3 +62,25 @@ def test_export(capsys, tmp_path):
 def test_errors_are_one_clear_line(capsys, argv, msg):
     code, _, err = run(capsys, *argv)
     assert code == 2 and err.startswith("archopt: error: ") and msg in err
+
+
+def test_bench_attention_small(capsys):
+    code, out, _ = run(
+        capsys,
+        "bench",
+        "attention",
+        "--lengths",
+        "300",
+        "--window",
+        "16",
+        "--heads",
+        "2",
+        "--rounds",
+        "1",
+        "--hf-max",
+        "0",
+    )
+    assert code == 0
+    rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
+    names = {line.split("|")[3].strip() for line in rows}
+    assert {"ours", "dense SDPA + band mask"} <= names

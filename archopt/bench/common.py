@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: interleaved timing rounds, machine facts, markdown output."""
+"""Shared benchmark plumbing: interleaved timing rounds and machine facts."""
 
 from __future__ import annotations
 

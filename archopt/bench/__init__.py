@@ -1,0 +1,1 @@
+"""Benchmarks that the CLI can run (``archopt bench ...``); scripts in ``benchmarks/`` wrap them."""

@@ -1,0 +1,223 @@
+"""Longformer local attention on the CPU: time and peak memory vs sequence length.
+
+Contenders, same inputs, same process, interleaved round by round: ours (blocked backend),
+FlexAttention (compiled, same mask), dense SDPA with a band mask, and Hugging Face
+``LongformerSelfAttention`` next to our ``LongformerSelfAttention`` (both with their Q/K/V
+projections). Run:
+
+    archopt bench attention --threads 2 [--lengths 1024 ... 16384] [--plot out.png]
+    (or python benchmarks/bench_attention.py with the same flags)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+import torch
+
+from archopt.bench.common import interleaved, machine_line, matmul_gflops
+from archopt.measure import measure_peak_memory
+from archopt.ops.attention import flex as flex_backend
+from archopt.ops.attention import local_attention
+from archopt.ops.attention.reference import band_mask
+
+
+def op_contenders(n, args, dilation, n_global):
+    b, h, d, w = 1, args.heads, args.head_dim, args.window
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=args.backward) for _ in range(3))
+    glob = None
+    if n_global:
+        glob = torch.zeros(b, n, dtype=torch.bool)
+        glob[:, torch.linspace(0, n - 1, n_global).long()] = True
+
+    def step(fn):
+        if not args.backward:
+            return fn
+
+        def forward_backward():
+            fn().sum().backward()
+
+        return forward_backward
+
+    fns = {
+        "ours": step(
+            lambda: local_attention(
+                q, k, v, window=w, dilation=dilation, global_mask=glob, backend="blocked"
+            )
+        )
+    }
+    # FlexAttention has no CPU backward (NotImplementedError in torch 2.14): forward only.
+    if flex_backend.available() and not args.backward:
+        compiled = flex_backend.can_compile()
+        # Built once, as a model would: the mask construction is not part of the timed call.
+        block_mask = flex_backend.make_block_mask(
+            b,
+            h,
+            n,
+            window=w,
+            dilations=[dilation] * h,
+            global_mask=glob,
+            key_padding_mask=None,
+            causal=False,
+            device="cpu",
+            compiled=compiled,
+        )
+        label = "flex (compiled)" if compiled else "flex (eager)"
+        fns[label] = step(
+            lambda: flex_backend.local_attention_flex(
+                q,
+                k,
+                v,
+                window=w,
+                dilations=[dilation] * h,
+                global_mask=glob,
+                key_padding_mask=None,
+                causal=False,
+                scale=d**-0.5,
+                compiled=compiled,
+                block_mask=block_mask,
+            )
+        )
+    if n <= args.dense_max:
+        mask = band_mask(n, w, dilation)
+        if glob is not None:
+            mask = mask | glob[0][None, :] | glob[0][:, None]
+        fns["dense SDPA + band mask"] = step(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        )
+    return fns
+
+
+def module_contenders(n, args):
+    try:
+        import transformers
+    except ImportError:
+        return {}
+    from archopt.loading.longformer import longformer_config_from_hf, longformer_from_hf
+    from archopt.models.longformer import LongformerModel
+
+    c = args.heads * args.head_dim
+    cfg = transformers.LongformerConfig(
+        hidden_size=c,
+        num_attention_heads=args.heads,
+        num_hidden_layers=1,
+        attention_window=[2 * args.window],
+        vocab_size=10,
+        max_position_embeddings=16,
+        intermediate_size=4,
+    )
+    hf = transformers.LongformerModel(cfg).eval()
+    ours = LongformerModel(longformer_config_from_hf(cfg)).eval()
+    ours.load_state_dict(longformer_from_hf(hf.state_dict()))
+    hf_attn, our_attn = hf.encoder.layer[0].attention.self, ours.layers[0].attn
+    n_hf = -(-n // (2 * args.window)) * 2 * args.window  # HF needs a multiple of 2w
+    x = torch.randn(1, n_hf, c)
+    zero = torch.zeros(1, n_hf)
+    no = torch.zeros(1, n_hf, dtype=torch.bool)
+    return {
+        "HF LongformerSelfAttention (+proj)": lambda: hf_attn(
+            x,
+            attention_mask=zero,
+            is_index_masked=no,
+            is_index_global_attn=no,
+            is_global_attn=False,
+        ),
+        "ours LongformerSelfAttention (+proj)": lambda: our_attn(x),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="archopt bench attention", description=__doc__)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--heads", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dense-max", type=int, default=8192, help="skip dense SDPA above this N")
+    p.add_argument("--hf-max", type=int, default=16384, help="skip the HF module above this N")
+    p.add_argument("--variants", action="store_true", help="also dilation 2, 4 and 16 globals")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--json")
+    p.add_argument("--plot")
+    args = p.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    rate = matmul_gflops()
+    print(f"# {machine_line(args.threads)}; fp32 matmul 2048^3: {rate:.0f} GFLOP/s")
+    what = "forward + backward" if args.backward else "forward"
+    print(f"# B=1, H={args.heads}, d={args.head_dim}, w={args.window} (one-sided), {what}, fp32\n")
+    print(
+        "| N | variant | contender | median ms | p10-p90 ms | vs ours | band GFLOP/s "
+        "| peak RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    results = []
+    variants = [("w", 1, 0)]
+    if args.variants:
+        variants += [("dilation 2", 2, 0), ("dilation 4", 4, 0), ("16 global", 1, 16)]
+    grad = torch.enable_grad() if args.backward else torch.inference_mode()
+    with grad:
+        for n in args.lengths:
+            for label, dil, n_glob in variants:
+                fns = op_contenders(n, args, dil, n_glob)
+                if label == "w" and n <= args.hf_max and not args.backward:
+                    fns.update(module_contenders(n, args))
+                print(f"N={n} {label}", file=sys.stderr, flush=True)
+                stats = interleaved(fns, rounds=args.rounds, per_round=1, warmup=1)
+                # QK^T and PV over the band; a backward pass does twice the forward's matmuls.
+                band_flops = 4 * args.heads * n * (2 * args.window + 1) * args.head_dim
+                band_flops *= 3 if args.backward else 1
+                base = stats["ours"]["median_ms"]
+                for name, s in stats.items():
+                    mem = measure_peak_memory(fns[name], method="rss").bytes / 2**20
+                    gflops = band_flops / (s["median_ms"] * 1e6)
+                    print(
+                        f"| {n} | {label} | {name} | {s['median_ms']:.1f} | "
+                        f"{s['p10_ms']:.1f}-{s['p90_ms']:.1f} | {s['median_ms'] / base:.2f}x | "
+                        f"{gflops:.0f} | {mem:.0f} |",
+                        flush=True,
+                    )
+                    results.append(
+                        {"n": n, "variant": label, "contender": name, "peak_mib": mem, **s}
+                    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
+    if args.plot:
+        plot(results, args.plot)
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({r["contender"] for r in results if r["variant"] == "w"})
+    for name in names:
+        rows = sorted(
+            (r for r in results if r["contender"] == name and r["variant"] == "w"),
+            key=lambda r: r["n"],
+        )
+        ns = [r["n"] for r in rows]
+        ax_t.plot(ns, [r["median_ms"] for r in rows], "o-", label=name)
+        ax_m.plot(ns, [r["peak_mib"] for r in rows], "o-", label=name)
+    for ax, ylabel in ((ax_t, "forward time (ms)"), (ax_m, "peak RSS above start (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    ax_t.legend(fontsize=7)
+    fig.suptitle("Local attention, w=256, 12 heads, d=64: time and memory vs N")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()

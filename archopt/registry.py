@@ -6,13 +6,16 @@ Names are lower-case; lookups are exact, and a miss lists the closest names.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import fnmatch
 from collections.abc import Callable
+from typing import TypeVar
 
 from torch import nn
 
 ModelFn = Callable[..., nn.Module]
+ConfigT = TypeVar("ConfigT")
 
 _REGISTRY: dict[str, ModelFn] = {}
 
@@ -60,3 +63,14 @@ def get_model_fn(name: str) -> ModelFn:
 def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model; ``overrides`` replace fields of its preset config."""
     return get_model_fn(name)(**overrides)
+
+
+def with_overrides(preset: ConfigT, overrides: dict) -> ConfigT:
+    """A copy of the dataclass ``preset`` with ``overrides`` applied; unknown names raise."""
+    names = [f.name for f in dataclasses.fields(preset)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(
+            f"unknown {type(preset).__name__} field(s) {unknown}: expected any of {names}"
+        )
+    return dataclasses.replace(preset, **overrides)

@@ -13,7 +13,7 @@ multiple of the window is needed: the attention op handles any length exactly.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archopt.ops.attention import local_attention
-from archopt.registry import register_model
+from archopt.registry import register_model, with_overrides
 
 
 @dataclass
@@ -223,13 +223,7 @@ class LongformerModel(nn.Module):
 
 
 def _build(preset: LongformerConfig, overrides: dict) -> LongformerModel:
-    unknown = sorted(set(overrides) - {f.name for f in fields(preset)})
-    if unknown:
-        raise ValueError(
-            f"unknown LongformerConfig field(s) {unknown}: expected any of "
-            f"{[f.name for f in fields(preset)]}"
-        )
-    return LongformerModel(replace(preset, **overrides))
+    return LongformerModel(with_overrides(preset, overrides))
 
 
 @register_model

@@ -12,13 +12,13 @@ average pool would see a 4x4 map.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from archopt.ops.conv import ACTIVATIONS, ConvNormAct, DepthwiseSeparableConv2d
-from archopt.registry import register_model
+from archopt.registry import register_model, with_overrides
 
 STEM_CHANNELS = 32
 # (out_channels, stride) of the 13 depthwise separable blocks at width 1.0 (Table 1).
@@ -125,13 +125,7 @@ class MobileNetV1(nn.Module):
 
 
 def _build(preset: MobileNetV1Config, overrides: dict) -> MobileNetV1:
-    unknown = sorted(set(overrides) - {f.name for f in fields(preset)})
-    if unknown:
-        raise ValueError(
-            f"unknown MobileNetV1Config field(s) {unknown}: expected any of "
-            f"{[f.name for f in fields(preset)]}"
-        )
-    return MobileNetV1(replace(preset, **overrides))
+    return MobileNetV1(with_overrides(preset, overrides))
 
 
 @register_model

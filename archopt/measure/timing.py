@@ -13,13 +13,15 @@ Peak memory, three methods:
   allocates, not scratch space inside kernels or allocator caching.
 - ``"rss"``: the process's peak resident set size (Linux ``VmHWM``, reset through
   ``/proc/self/clear_refs``) above the resident size before the call: what the operating
-  system sees, allocator caching included, but memory already resident and reused by the call
-  is not counted, so small workloads can read 0.
+  system sees, kernels' scratch space and compiled code's buffers included. Freed heap pages
+  are handed back first (glibc ``malloc_trim``) so that reused memory is counted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import gc
 import os
 import platform
 import statistics
@@ -173,6 +175,16 @@ def _rss_bytes(field: str = "VmRSS") -> int:
     raise OSError(f"{field} not found in /proc/self/status")
 
 
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that memory the call
+    reuses from earlier allocations shows up in its RSS instead of hiding in the baseline."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -255,6 +267,7 @@ def measure_peak_memory(
         return PeakMemory(tracker.peak, "tensors")
     if not os.path.exists("/proc/self/status"):
         raise RuntimeError("CPU peak memory needs Linux /proc (VmRSS/VmHWM)")
+    _release_free_memory()
     base = _rss_bytes()
     if _reset_hwm():
         call()

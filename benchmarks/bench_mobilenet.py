@@ -20,7 +20,7 @@ import torch
 import archopt
 from archopt.bench.common import interleaved, machine_line, matmul_gflops
 from archopt.measure import count_macs
-from archopt.optimize import OnnxRuntimeModule
+from archopt.optimize import OnnxRuntimeModule, choose_backend
 
 
 def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple[dict, int]:
@@ -42,6 +42,9 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
     fns["ours eager"] = ours
     fns["ours optimized"] = archopt.optimize_for_inference(ours, x)
     fns["ours optimized jit"] = archopt.optimize_for_inference(ours, x, compile="jit")
+    # compile="auto": the fastest of eager / jit / onnxruntime that reproduces the outputs.
+    choice, chosen, _ = choose_backend(ours, x)
+    fns[f"ours optimized auto (chose {choice})"] = chosen
     bf16 = torch.bfloat16
     fns["ours bf16 jit"] = archopt.optimize_for_inference(ours, x, compile="jit", dtype=bf16)
     if inductor:

@@ -59,7 +59,7 @@ def interleaved(
             "median_ms": statistics.median(v),
             "p10_ms": _quantile(v, 0.1),
             "p90_ms": _quantile(v, 0.9),
-            "n": len(v),
+            "samples": len(v),
         }
         for k, v in samples.items()
     }

@@ -179,10 +179,8 @@ def _release_free_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so that memory the call
     reuses from earlier allocations shows up in its RSS instead of hiding in the baseline."""
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to hand back
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _reset_hwm() -> bool:

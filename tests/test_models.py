@@ -11,7 +11,7 @@ from .conftest import randomize_bn
 MODELS = archopt.list_models()
 IMAGE_MODELS = [n for n in MODELS if not n.startswith("longformer")]
 # Small overrides keep the loop fast; every model is still built from its registered preset.
-SMALL = {"longformer_base_4096": dict(num_layers=2)}
+SMALL = {"longformer_base_4096": dict(num_layers=2), "vit_base_patch16_224": dict(depth=2)}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -30,17 +30,21 @@ def test_image_classifier_head(name):
     model = archopt.create_model(name, num_classes=7).eval()
     (x,) = model.example_inputs(batch=2)
     assert model(x).shape == (2, 7)
-    assert sum(r.params for r in layer_table(model, (x,))) == count_params(model)
+    # Parameters the model holds itself, outside any layer (ViT's class token and position
+    # embeddings), have no row in the table; every layer's parameters must be in one.
+    own = sum(p.numel() for p in model.parameters(recurse=False))
+    assert sum(r.params for r in layer_table(model, (x,))) == count_params(model) - own
 
 
 @pytest.mark.parametrize("name", IMAGE_MODELS)
 def test_optimize_for_inference_matches(name):
     model = randomize_bn(archopt.create_model(name, num_classes=10)).eval()
+    num_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # 0 for ViT
     (x,) = model.example_inputs(batch=1)
     with torch.no_grad():
         ref = model(x)
         fast = archopt.optimize_for_inference(model, x)
         out = fast(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # original kept
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == num_bn  # kept
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())

@@ -7,6 +7,12 @@ from archopt.loading.mobilenet_v1 import (
     mobilenet_v1_from_hf,
     mobilenet_v1_from_timm,
 )
+from archopt.loading.mobilevit import (
+    mobilevit_config_from_hf,
+    mobilevit_from_hf,
+    mobilevit_from_timm,
+)
+from archopt.loading.vit import vit_from_timm
 
 __all__ = [
     "longformer_config_from_hf",
@@ -14,5 +20,9 @@ __all__ = [
     "mobilenet_v1_config_from_hf",
     "mobilenet_v1_from_hf",
     "mobilenet_v1_from_timm",
+    "mobilevit_config_from_hf",
+    "mobilevit_from_hf",
+    "mobilevit_from_timm",
     "rename_keys",
+    "vit_from_timm",
 ]

@@ -1,8 +1,10 @@
 """Model families; importing this package registers every model."""
 
-from archopt.models import longformer, mobilenet_v1
+from archopt.models import longformer, mobilenet_v1, mobilevit, vit
 from archopt.models.longformer import LongformerConfig, LongformerModel, LongformerSelfAttention
 from archopt.models.mobilenet_v1 import MobileNetV1, MobileNetV1Config
+from archopt.models.mobilevit import MobileViT, MobileViTBlock, MobileViTConfig
+from archopt.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
     "LongformerConfig",
@@ -10,6 +12,13 @@ __all__ = [
     "LongformerSelfAttention",
     "MobileNetV1",
     "MobileNetV1Config",
+    "MobileViT",
+    "MobileViTBlock",
+    "MobileViTConfig",
+    "ViTConfig",
+    "VisionTransformer",
     "longformer",
     "mobilenet_v1",
+    "mobilevit",
+    "vit",
 ]

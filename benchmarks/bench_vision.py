@@ -1,9 +1,10 @@
-"""MobileNet v1 1.0-224 and the full-conv baseline on the CPU: ours vs timm vs onnxruntime.
+"""Vision models on the CPU: ours (eager, optimized, compiled) vs timm eager vs onnxruntime.
 
-Every contender runs the same weights in the same process, interleaved round by round, so
-the ratios are fair even when the machine drifts. Run:
+MobileNet v1 and its full-conv baseline (issue 2), MobileViT XXS/XS/S and ViT-Tiny (issue 4).
+Every contender runs the same weights in the same process, interleaved round by round, so the
+ratios are fair even when the machine drifts. Run:
 
-    python benchmarks/bench_mobilenet.py --threads 2 [--batch 1 8] [--inductor] [--json out.json]
+    python benchmarks/bench_vision.py --threads 2 [--models ...] [--batch 1 8] [--inductor]
 """
 
 from __future__ import annotations
@@ -18,24 +19,33 @@ import warnings
 import torch
 
 import archopt
+from archopt import loading
 from archopt.bench.common import interleaved, machine_line, matmul_gflops
 from archopt.measure import count_macs
 from archopt.optimize import OnnxRuntimeModule, choose_backend
+
+# our registered name -> (timm name, key map); models without an entry have no timm column
+TIMM_ANCHORS = {
+    "mobilenet_v1_100": ("mobilenetv1_100", loading.mobilenet_v1_from_timm),
+    "mobilevit_xxs": ("mobilevit_xxs", loading.mobilevit_from_timm),
+    "mobilevit_xs": ("mobilevit_xs", loading.mobilevit_from_timm),
+    "mobilevit_s": ("mobilevit_s", loading.mobilevit_from_timm),
+    "vit_tiny_patch16_224": ("vit_tiny_patch16_224", loading.vit_from_timm),
+}
 
 
 def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple[dict, int]:
     torch.manual_seed(0)
     ours = archopt.create_model(name).eval()
-    x = torch.randn(batch, 3, 224, 224)
+    (x,) = ours.example_inputs(batch=batch)
     fns = {}
-    if name == "mobilenet_v1_100":
+    if name in TIMM_ANCHORS:
         try:
             import timm
 
-            from archopt.loading import mobilenet_v1_from_timm
-
-            ref = timm.create_model("mobilenetv1_100").eval()
-            ours.load_state_dict(mobilenet_v1_from_timm(ref.state_dict()))
+            timm_name, key_map = TIMM_ANCHORS[name]
+            ref = timm.create_model(timm_name).eval()
+            ours.load_state_dict(key_map(ref.state_dict()))
             fns["timm eager"] = ref
         except ImportError:
             print("timm not installed: no timm column", file=sys.stderr)

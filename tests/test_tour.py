@@ -21,6 +21,9 @@ def test_tour_writes_report(tmp_path):
     # dense attention's memory is quadratic (its N x N scores), local attention's is not
     assert 1.8 < growth["dense_peak"] < 2.1
     assert growth["local_peak"] < 1.2
+    hybrid = {m["model"]: m for m in data["sections"]["MobileViT and the ViT baseline"]["models"]}
+    assert hybrid["mobilevit_s"]["params"] == 5_578_632
+    assert hybrid["vit_tiny_patch16_224"]["params"] == 5_717_416
     assert report["missing"]
     pngs = list(tmp_path.glob("*.png"))
     assert len(pngs) == 1 and pngs[0].stat().st_size > 10_000

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from archopt.ops.conv import ACTIVATIONS, ConvNormAct, DepthwiseSeparableConv2d
+from archopt.models.image import check_classifier_config, check_image, random_images
+from archopt.ops.conv import ConvNormAct, DepthwiseSeparableConv2d
 from archopt.registry import register_model, with_overrides
 
 STEM_CHANNELS = 32
@@ -59,12 +60,7 @@ class MobileNetV1Config:
     def __post_init__(self) -> None:
         if not isinstance(self.width_mult, (int, float)) or not self.width_mult > 0:
             raise ValueError(f"width_mult must be > 0, got {self.width_mult!r}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        check_classifier_config(self.num_classes, self.in_chans, self.act)
 
     def channels(self, base: int) -> int:
         return make_divisible(base * self.width_mult, self.channel_divisor)
@@ -94,24 +90,10 @@ class MobileNetV1(nn.Module):
         self.classifier = nn.Linear(in_ch, c.num_classes) if c.num_classes else nn.Identity()
 
     def example_inputs(self, batch: int = 1, resolution: int | None = None) -> tuple[torch.Tensor]:
-        res = resolution or self.default_resolution
-        return (torch.randn(batch, self.config.in_chans, res, res),)
+        return random_images(batch, self.config.in_chans, resolution or self.default_resolution)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(
-                f"expected a 4-D input (batch, channels, height, width), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.config.in_chans:
-            raise ValueError(
-                f"expected {self.config.in_chans} input channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
-            )
-        if min(x.shape[-2:]) < TOTAL_STRIDE:
-            raise ValueError(
-                f"input resolution must be at least {TOTAL_STRIDE}x{TOTAL_STRIDE} (the network's "
-                f"total stride), got {x.shape[-2]}x{x.shape[-1]}"
-            )
+        check_image(x, self.config.in_chans, TOTAL_STRIDE)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

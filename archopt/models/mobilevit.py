@@ -27,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archopt.models.image import check_classifier_config, check_image, random_images
 from archopt.models.mobilenetv2_blocks import InvertedResidual
-from archopt.ops.conv import ACTIVATIONS, ConvNormAct
+from archopt.ops.conv import ConvNormAct
 from archopt.ops.transformer import TransformerLayer
 from archopt.registry import register_model, with_overrides
 
@@ -169,12 +170,7 @@ class MobileViTConfig:
                     f"every transformer dim must be divisible by num_heads={self.num_heads}, "
                     f"got {d}"
                 )
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        check_classifier_config(self.num_classes, self.in_chans, self.act)
 
 
 class MobileViT(nn.Module):
@@ -220,24 +216,10 @@ class MobileViT(nn.Module):
         )
 
     def example_inputs(self, batch: int = 1, resolution: int | None = None) -> tuple[torch.Tensor]:
-        res = resolution or self.default_resolution
-        return (torch.randn(batch, self.config.in_chans, res, res),)
+        return random_images(batch, self.config.in_chans, resolution or self.default_resolution)
 
     def check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(
-                f"expected a 4-D input (batch, channels, height, width), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != self.config.in_chans:
-            raise ValueError(
-                f"expected {self.config.in_chans} input channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
-            )
-        if min(x.shape[-2:]) < TOTAL_STRIDE:
-            raise ValueError(
-                f"input resolution must be at least {TOTAL_STRIDE}x{TOTAL_STRIDE} (the network's "
-                f"total stride), got {x.shape[-2]}x{x.shape[-1]}"
-            )
+        check_image(x, self.config.in_chans, TOTAL_STRIDE)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from archopt.ops.conv import ACTIVATIONS
+from archopt.models.image import check_classifier_config, check_image, random_images
 from archopt.ops.transformer import TransformerLayer
 from archopt.registry import register_model, with_overrides
 
@@ -50,12 +50,7 @@ class ViTConfig:
                 f"embed_dim must be divisible by num_heads, got {self.embed_dim} and "
                 f"{self.num_heads}"
             )
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
-        if self.in_chans < 1:
-            raise ValueError(f"in_chans must be >= 1, got {self.in_chans}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"act must be one of {ACTIVATIONS}, got {self.act!r}")
+        check_classifier_config(self.num_classes, self.in_chans, self.act)
 
     @property
     def num_patches(self) -> int:
@@ -94,20 +89,11 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def example_inputs(self, batch: int = 1, resolution: int | None = None) -> tuple[torch.Tensor]:
-        res = resolution or self.default_resolution
-        return (torch.randn(batch, self.config.in_chans, res, res),)
+        return random_images(batch, self.config.in_chans, resolution or self.default_resolution)
 
     def check_input(self, x: torch.Tensor) -> None:
         c = self.config
-        if x.ndim != 4:
-            raise ValueError(
-                f"expected a 4-D input (batch, channels, height, width), got shape {tuple(x.shape)}"
-            )
-        if x.shape[1] != c.in_chans:
-            raise ValueError(
-                f"expected {c.in_chans} input channels, got {x.shape[1]} "
-                f"(input shape {tuple(x.shape)})"
-            )
+        check_image(x, c.in_chans)
         if tuple(x.shape[-2:]) != (c.img_size, c.img_size):
             grid = c.img_size // c.patch_size
             raise ValueError(

@@ -1,12 +1,15 @@
 """Model families; importing this package registers every model."""
 
-from archopt.models import longformer, mobilenet_v1, mobilevit, vit
+from archopt.models import llama, longformer, mobilenet_v1, mobilevit, vit
+from archopt.models.llama import Llama, LlamaConfig
 from archopt.models.longformer import LongformerConfig, LongformerModel, LongformerSelfAttention
 from archopt.models.mobilenet_v1 import MobileNetV1, MobileNetV1Config
 from archopt.models.mobilevit import MobileViT, MobileViTBlock, MobileViTConfig
 from archopt.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
+    "Llama",
+    "LlamaConfig",
     "LongformerConfig",
     "LongformerModel",
     "LongformerSelfAttention",
@@ -17,6 +20,7 @@ __all__ = [
     "MobileViTConfig",
     "ViTConfig",
     "VisionTransformer",
+    "llama",
     "longformer",
     "mobilenet_v1",
     "mobilevit",

@@ -1,0 +1,161 @@
+"""Autoregressive decoding: prefill, one-token steps, sampling, streaming.
+
+``cache="none"`` is the lecture's loop: every step re-runs the whole sequence, so step t costs
+O(t) matmul work and O(t^2) attention, and the run is quadratic in length. With a KV cache
+(``dense``, ``static``, see ``archopt.ops.kv_cache``) a step runs only the new token against
+the cached keys and values. Both paths give the same tokens.
+
+Batches of prompts of different lengths are left-padded; each row gets its own positions
+(padding at -1, never attended), so a row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from archopt.ops.kv_cache import KVCache
+
+
+def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) as (B, T) tensors; ragged lists are left-padded with ``pad_id``."""
+    if isinstance(input_ids, torch.Tensor):
+        ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
+        if input_ids.dim() not in (1, 2):
+            raise ValueError(f"input_ids must be (length,) or (batch, length), got {ids.shape}")
+        mask = (
+            torch.ones_like(ids, dtype=torch.bool)
+            if attention_mask is None
+            else torch.as_tensor(attention_mask, device=ids.device).bool()
+        )
+        if mask.shape != ids.shape:
+            raise ValueError(
+                f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, "
+                f"got {tuple(mask.shape)}"
+            )
+    else:
+        rows = [input_ids] if input_ids and isinstance(input_ids[0], int) else list(input_ids)
+        if not rows:
+            raise ValueError("input_ids is empty: expected at least one prompt")
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            if len(r):
+                ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = True
+    if ids.shape[1] == 0 or not bool(mask.any(dim=1).all()):
+        raise ValueError("every prompt must have at least one token, got an empty prompt")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("prompts must be left-padded: padding after a real token was found")
+    return ids, mask
+
+
+def sample(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else top-k/top-p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens before it already reach top_p (the first always stays).
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.inference_mode()
+def stream(
+    model,
+    input_ids,
+    max_new_tokens: int,
+    *,
+    cache: str | KVCache | None = "dense",
+    attention_mask=None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: int | Sequence[int] | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,) as it is produced.
+
+    Rows that have produced a ``stop`` token yield the pad id from then on; the iterator ends
+    when every row has stopped or after ``max_new_tokens`` steps.
+    """
+    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    cfg = model.config
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, mask = _as_batch(input_ids, attention_mask, pad_id)
+    device = model.output_weight.device
+    ids, mask = ids.to(device), mask.to(device)
+    b, t = ids.shape
+    capacity = cfg.max_position_embeddings if not isinstance(cache, KVCache) else cache.capacity
+    if t + max_new_tokens > capacity - (cache.length if isinstance(cache, KVCache) else 0):
+        raise ValueError(
+            f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
+            f"{capacity}-token capacity: generate fewer tokens, or use a bounded cache "
+            "('sliding:W' keeps the last W tokens, 'sink:S:W' keeps the first S plus the last W)"
+        )
+    kv = model.make_cache(cache, batch=b, reserve=t + max_new_tokens) if cache is not None else None
+    stop_ids = torch.as_tensor([stop] if isinstance(stop, int) else list(stop or []), device=device)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    positions = torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)  # (B, T), pads at -1
+    if kv is not None and kv.length:
+        positions = torch.where(mask, positions + kv.length, -1)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    tokens, token_pos = ids, positions
+    for _ in range(max_new_tokens):
+        logits = model(tokens, positions=token_pos, cache=kv, last_only=True)[:, -1]
+        nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        nxt = torch.where(done, pad_id, nxt)
+        yield nxt
+        if stop_ids.numel():
+            done |= torch.isin(nxt, stop_ids)
+            if bool(done.all()):
+                return
+        next_pos = token_pos[:, -1:] + 1  # (B, 1)
+        if kv is None:  # the lecture's loop: the whole sequence again
+            tokens = torch.cat([tokens, nxt[:, None]], dim=1)
+            token_pos = torch.cat([token_pos, next_pos], dim=1)
+        else:
+            tokens, token_pos = nxt[:, None], next_pos
+
+
+def generate(model, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """Prompt plus generated tokens (B, T + n), left-padded as the prompt was.
+
+    Keyword arguments as ``stream``: ``cache`` ("none", "dense", "static" or a ``KVCache``),
+    ``attention_mask``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``.
+    """
+    cfg = model.config
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    ids, _ = _as_batch(input_ids, kwargs.get("attention_mask"), pad_id)
+    new = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    return torch.cat([ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)

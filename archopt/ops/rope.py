@@ -1,0 +1,88 @@
+"""Rotary position embeddings (Su et al., 2021, arXiv:2104.09864), rotate-half layout.
+
+The rotate-half layout pairs dimension i with i + d/2, as Hugging Face's Llama does (Meta's
+original code pairs adjacent dimensions; GGUF files store Q/K rows permuted for that layout,
+and the GGUF loader undoes it). Frequencies follow ``rope_theta`` and, optionally, the
+``linear`` or ``llama3`` scaling of the rope_scaling config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) in fp32, with ``scaling`` applied."""
+    if head_dim % 2:
+        raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"rope_scaling type must be one of {ROPE_TYPES}, got {kind!r}")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, and the band in
+    # between interpolated smoothly (Meta's reference, as in Hugging Face's rope utils).
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for integer positions, from a table that grows on demand (never recomputed).
+
+    Table rows equal the on-the-fly product ``position * inv_freq`` exactly: each entry is a
+    single fp32 multiply either way.
+    """
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.register_buffer("cos_table", torch.empty(0, head_dim), persistent=False)
+        self.register_buffer("sin_table", torch.empty(0, head_dim), persistent=False)
+
+    def _grow(self, length: int) -> None:
+        length = max(length, 2 * self.cos_table.shape[0], 256)
+        positions = torch.arange(length, device=self.inv_freq.device).float()
+        freqs = positions[:, None] * self.inv_freq[None, :]  # (length, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim)
+        self.cos_table, self.sin_table = emb.cos(), emb.sin()
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """cos, sin of shape (B, 1, T, head_dim) for ``positions`` (B, T); -1 (padding) -> 0."""
+        positions = positions.clamp(min=0)
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos_table.shape[0]:
+            self._grow(needed)
+        cos = self.cos_table[positions].to(dtype).unsqueeze(1)
+        sin = self.sin_table[positions].to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, H, T, head_dim) by the angles whose cos/sin are (B, 1, T, head_dim)."""
+    return x * cos + rotate_half(x) * sin

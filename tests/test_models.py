@@ -9,9 +9,14 @@ from archopt.measure import count_macs, count_params, layer_table
 from .conftest import randomize_bn
 
 MODELS = archopt.list_models()
-IMAGE_MODELS = [n for n in MODELS if not n.startswith("longformer")]
+TEXT_MODELS = ("longformer", "llama", "smollm2")
+IMAGE_MODELS = [n for n in MODELS if not n.startswith(TEXT_MODELS)]
 # Small overrides keep the loop fast; every model is still built from its registered preset.
-SMALL = {"longformer_base_4096": dict(num_layers=2), "vit_base_patch16_224": dict(depth=2)}
+SMALL = {
+    "longformer_base_4096": dict(num_layers=2),
+    "vit_base_patch16_224": dict(depth=2),
+    "smollm2-135m": dict(num_layers=2),
+}
 
 
 @pytest.mark.parametrize("name", MODELS)

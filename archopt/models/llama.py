@@ -90,11 +90,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(b, t, hq, d).transpose(1, 2)  # (B, Hq, T, d)
-        k = k.view(b, t, hkv, d).transpose(1, 2)  # (B, Hkv, T, d)
+        qk, v = self.qkv(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Rotate q and k in one pass: their heads side by side, (B, T, Hq + Hkv, d).
+        qk = apply_rope(qk.view(b, t, hq + hkv, d), *rope)
+        q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, d)
+        k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, d)
         v = v.view(b, t, hkv, d).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is None:
             mask = position_mask(positions, positions)
         else:
@@ -105,9 +106,20 @@ class Attention(nn.Module):
         q = q.reshape(b, hkv, g * t, d)  # (B, Hkv, g*T, d)
         if mask is not None and t > 1 and g > 1:
             mask = mask.repeat(1, 1, g, 1)  # (B, 1, g*T, S), rows ordered as q's
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, g*T, d)
+        if t == 1:  # decoding: a few rows, where SDPA's kernel setup costs more than the math
+            y = _small_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, g*T, d)
         y = y.view(b, hq, t, d).transpose(1, 2).reshape(b, t, self.q_size)  # (B, T, Hq*d)
         return self.out(y)
+
+
+def _small_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d)) v for a handful of query rows, as three plain ops."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, Hkv, rows, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(dim=-1), v)
 
 
 class SwiGLU(nn.Module):

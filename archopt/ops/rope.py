@@ -68,13 +68,13 @@ class RotaryEmbedding(nn.Module):
         self.cos_table, self.sin_table = emb.cos(), emb.sin()
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """cos, sin of shape (B, 1, T, head_dim) for ``positions`` (B, T); -1 (padding) -> 0."""
+        """cos, sin of shape (B, T, 1, head_dim) for ``positions`` (B, T); -1 (padding) -> 0."""
         positions = positions.clamp(min=0)
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos_table.shape[0]:
             self._grow(needed)
-        cos = self.cos_table[positions].to(dtype).unsqueeze(1)
-        sin = self.sin_table[positions].to(dtype).unsqueeze(1)
+        cos = self.cos_table[positions].to(dtype).unsqueeze(2)
+        sin = self.sin_table[positions].to(dtype).unsqueeze(2)
         return cos, sin
 
 
@@ -84,5 +84,5 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` (B, H, T, head_dim) by the angles whose cos/sin are (B, 1, T, head_dim)."""
+    """Rotate ``x`` (B, T, H, head_dim) by the angles whose cos/sin are (B, T, 1, head_dim)."""
     return x * cos + rotate_half(x) * sin

@@ -1,0 +1,157 @@
+"""KV caches and generation: every path gives the tokens the uncached loop gives."""
+
+import pytest
+import torch
+
+import archopt
+from archopt.generate import generate, sample, stream
+from archopt.ops.kv_cache import DenseCache, StaticCache, make_cache
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = archopt.create_model("llama-tiny", max_position_embeddings=160).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init: fewer near-ties
+        for p in m.parameters():
+            p.mul_(4.0)
+    return m
+
+
+def assert_close(a, b):
+    # fp32 sums in a different order (chunked vs one-shot): relative to the logit scale.
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+def rand_ids(*shape, seed=0):
+    return torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("cache", ["dense", "static"])
+def test_cached_logits_equal_full_forward(model, cache):
+    ids = rand_ids(2, 45)
+    full = model(ids)
+    kv = model.make_cache(cache, batch=2)
+    # Prefill in uneven chunks, then one token at a time.
+    parts = [model(ids[:, a:b], cache=kv) for a, b in [(0, 17), (17, 18), (18, 40)]]
+    parts += [model(ids[:, i : i + 1], cache=kv) for i in range(40, 45)]
+    assert_close(torch.cat(parts, dim=1), full)
+    assert kv.length == 45
+
+
+@pytest.mark.parametrize("cache", ["dense", "static"])
+def test_cache_tokens_equal_lecture_loop(model, cache):
+    ids = rand_ids(1, 9)
+    ref = generate(model, ids, 40, cache="none")
+    assert torch.equal(generate(model, ids, 40, cache=cache), ref)
+
+
+def test_left_padded_batch_equals_each_row_alone(model):
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 11, 1, 7)]
+    for cache in ("none", "dense", "static"):
+        batch = generate(model, prompts, 25, cache=cache)
+        assert batch.shape == (4, 11 + 25)
+        for i, p in enumerate(prompts):
+            alone = generate(model, p, 25, cache=cache)
+            assert torch.equal(batch[i, -25:], alone[0, -25:]), (cache, i)
+            assert torch.equal(batch[i, 11 - len(p) : 11], torch.tensor(p))
+
+
+def test_dense_cache_grows_without_changing_results(model):
+    ids = rand_ids(1, 30)
+    kv = DenseCache(num_layers=4, batch=1, kv_heads=2, head_dim=16, capacity=160, reserve=8)
+    assert kv.slots == 8
+    out = [model(ids[:, :5], cache=kv)] + [model(ids[:, i : i + 1], cache=kv) for i in range(5, 30)]
+    assert kv.slots == 32  # 8 -> 16 -> 32: doubling, not one slot per token
+    assert_close(torch.cat(out, dim=1), model(ids))
+
+
+@pytest.mark.parametrize("cls", [DenseCache, StaticCache])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nbytes_formula(cls, dtype):
+    layers, kv_heads, head_dim, tokens = 3, 2, 16, 40
+    kwargs = dict(num_layers=layers, batch=1, kv_heads=kv_heads, head_dim=head_dim, dtype=dtype)
+    cache = cls(capacity=tokens, **kwargs)
+    size = 2 if dtype == torch.bfloat16 else 4
+    assert cache.nbytes == 2 * layers * kv_heads * head_dim * tokens * size
+    storage = sum(t.untyped_storage().nbytes() for t in (*cache.keys, *cache.values))
+    assert cache.nbytes == storage
+
+
+def test_crop_then_continue_equals_from_scratch(model):
+    ids = rand_ids(1, 30)
+    kv = model.make_cache("dense")
+    model(ids[:, :25], cache=kv)
+    kv.crop(12)  # rewind: forget tokens 12..24
+    rewound = model(ids[:, 12:30], cache=kv)
+    assert_close(rewound, model(ids)[:, 12:30])
+    kv.reset()
+    assert kv.length == 0
+    assert_close(model(ids[:, :5], cache=kv), model(ids[:, :5]))
+    with pytest.raises(ValueError, match=r"crop length must be in \[0, 5\], got 6"):
+        kv.crop(6)
+
+
+def test_capacity_error_names_bounded_caches(model):
+    ids = rand_ids(1, 150)
+    with pytest.raises(ValueError, match=r"'sliding:W'.*'sink:S:W'"):
+        generate(model, ids, 20)  # 170 > 160 positions
+    kv = model.make_cache("static", reserve=10)
+    model(ids[:, :8], cache=kv)
+    with pytest.raises(ValueError, match=r"holds at most 10 tokens.*sliding"):
+        model(ids[:, 8:11], cache=kv)
+    with pytest.raises(ValueError, match="exceeds the 10-token capacity"):
+        generate(model, ids[:, :8], 5, cache=kv)
+
+
+def test_sampling(model):
+    ids = rand_ids(1, 5)
+    greedy = generate(model, ids, 12)
+    assert torch.equal(generate(model, ids, 12, temperature=0.7, top_k=1, seed=3), greedy)
+    assert torch.equal(generate(model, ids, 12, temperature=1.0, top_p=1e-6, seed=3), greedy)
+    a = generate(model, ids, 12, temperature=1.5, seed=7)
+    assert torch.equal(generate(model, ids, 12, temperature=1.5, seed=7), a)
+    assert not torch.equal(a, greedy)  # 12 draws at temperature 1.5 on a 512-token vocab
+
+
+def test_sample_respects_top_k_and_top_p():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).repeat(4000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, temperature=1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.636, 0.234, 0.086, ...
+    got = sample(logits, temperature=1.0, top_p=0.8, generator=gen)
+    assert set(got.tolist()) == {0, 1}  # 0.636 < 0.8 needs the second token, not the third
+    share = (got == 0).float().mean().item()
+    assert abs(share - probs[0] / (probs[0] + probs[1])) < 0.03
+
+
+def test_stop_tokens_end_rows(model):
+    ids = rand_ids(2, 6)
+    ref = generate(model, ids, 20)
+    stop = int(ref[0, 6 + 4])  # row 0's fifth new token
+    steps = list(stream(model, ids, 20, stop=stop))
+    row0 = torch.stack(steps)[:, 0]
+    first = int((row0 == stop).nonzero()[0])
+    assert model.config.pad_token_id is None  # so the pad id is 0
+    assert (row0[first + 1 :] == 0).all()
+    if stop not in ref[1, 6:].tolist():
+        assert len(steps) == 20  # row 1 never stops, so the run goes on
+
+
+def test_bad_input(model):
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 512\), got 600"):
+        model(torch.tensor([[1, 600]]))
+    with pytest.raises(ValueError, match="empty prompt"):
+        generate(model, [[1, 2], []], 3)
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        generate(model, [], 3)
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, torch.tensor([[1, 2, 3]]), 3, attention_mask=torch.tensor([[1, 1, 0]]))
+    with pytest.raises(ValueError, match="unknown cache spec 'paged': expected one of"):
+        generate(model, [1, 2], 3, cache="paged")
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
+        generate(model, [1, 2], 0)
+    with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
+        generate(model, [1, 2], 3, temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="cache capacity must be >= 1"):
+        make_cache("static", num_layers=1, batch=1, kv_heads=1, head_dim=8, capacity=0)

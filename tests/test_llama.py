@@ -1,0 +1,132 @@
+"""Llama against Hugging Face LlamaForCausalLM: logits, greedy tokens, checkpoint formats."""
+
+import json
+
+import pytest
+import torch
+
+from archopt.generate import generate
+from archopt.loading.llama import llama_config_from_hf, load_llama
+from archopt.models.llama import Llama, LlamaConfig
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
+CONFIGS = {
+    "mha-untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa-tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "mqa-llama3": dict(num_key_value_heads=1, rope_scaling=LLAMA3_SCALING),
+    "gqa-headdim": dict(num_key_value_heads=2, head_dim=24, rope_theta=500.0),
+}
+
+
+def hf_llama(seed=0, **overrides):
+    torch.manual_seed(seed)
+    kwargs = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        rope_theta=5000.0,
+        rms_norm_eps=1e-5,
+    )
+    kwargs.update(overrides)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
+    # Random norm weights so that a swapped or missing norm cannot pass.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
+def pair(request, tmp_path_factory):
+    hf = hf_llama(**CONFIGS[request.param])
+    path = tmp_path_factory.mktemp(request.param)
+    hf.save_pretrained(path)
+    return hf, load_llama(path)
+
+
+def test_logits_equal_hf(pair):
+    hf, ours = pair
+    ids = torch.randint(0, 320, (2, 77))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    torch.testing.assert_close(ours(ids), ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache", ["none", "dense", "static"])
+def test_greedy_tokens_equal_hf(pair, cache):
+    hf, ours = pair
+    ids = torch.randint(0, 320, (1, 6))
+    with torch.no_grad():
+        # An explicit mask: HF would otherwise mask every prompt token equal to pad_token_id.
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert torch.equal(generate(ours, ids, 64, cache=cache), ref)
+
+
+def test_sharded_checkpoint_and_rope_forms(tmp_path):
+    hf = hf_llama(num_key_value_heads=2, rope_scaling=LLAMA3_SCALING)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ids = torch.randint(0, 320, (1, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    torch.testing.assert_close(load_llama(tmp_path)(ids), ref, rtol=0, atol=1e-5)
+    # The same scaling in the older top-level form and the newer rope_parameters form.
+    old = dict(rope_theta=5000.0, rope_scaling=LLAMA3_SCALING)
+    new = dict(rope_parameters={"rope_theta": 5000.0, **LLAMA3_SCALING})
+    base = dict(vocab_size=8, hidden_size=16, intermediate_size=8, num_hidden_layers=1) | dict(
+        num_attention_heads=2
+    )
+    assert llama_config_from_hf(base | old) == llama_config_from_hf(base | new)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['hidden_size'\]"):
+        llama_config_from_hf(
+            dict(vocab_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2)
+        )
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        LlamaConfig(hidden_size=64, num_heads=4, num_kv_heads=3)
+    with pytest.raises(ValueError, match="rope_scaling type must be one of"):
+        Llama(LlamaConfig(hidden_size=16, num_heads=2, rope_scaling={"rope_type": "yarn"}))
+
+
+def test_bad_checkpoints_raise_and_load_nothing(tmp_path):
+    hf = hf_llama()
+    hf.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cannot read"):
+        load_llama(tmp_path)
+    weights.write_bytes(data)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 100}))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_llama(tmp_path)
+    with pytest.raises(FileNotFoundError, match="expected a Hugging Face model directory"):
+        load_llama(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        load_llama(tmp_path / "empty")
+    (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(FileNotFoundError, match="expected a Hugging Face model directory"):
+        load_llama(tmp_path / "x.pt")

@@ -130,3 +130,19 @@ def test_bad_checkpoints_raise_and_load_nothing(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(FileNotFoundError, match="expected a Hugging Face model directory"):
         load_llama(tmp_path / "x.pt")
+
+
+def test_rope_stays_fp32_when_model_is_cast(pair):
+    _, ours = pair
+    model = Llama(ours.config)
+    model.load_state_dict(ours.state_dict())
+    ids = torch.randint(0, 320, (1, 200))
+    ref = model(ids)
+    model.to(torch.bfloat16)
+    assert model.rope.inv_freq.dtype == torch.float32
+    model.rope(torch.arange(200)[None], torch.bfloat16)
+    assert model.rope.cos_table.dtype == torch.float32
+    assert model.embed.weight.dtype == torch.bfloat16
+    # bf16 weights and activations: close to fp32 in the large, not bit-equal.
+    err = (model(ids).float() - ref).abs().max() / ref.abs().max()
+    assert err < 0.1

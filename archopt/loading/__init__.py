@@ -1,6 +1,7 @@
 """Checkpoint formats and key maps from reference implementations (timm, Hugging Face)."""
 
 from archopt.loading.keymap import rename_keys
+from archopt.loading.llama import llama_config_from_hf, load_llama
 from archopt.loading.longformer import longformer_config_from_hf, longformer_from_hf
 from archopt.loading.mobilenet_v1 import (
     mobilenet_v1_config_from_hf,
@@ -14,7 +15,25 @@ from archopt.loading.mobilevit import (
 )
 from archopt.loading.vit import vit_from_timm
 
+# GGUF needs the optional `gguf` package: imported on first use, so `archopt.loading` works
+# without it.
+_GGUF_EXPORTS = ("GGUFFile", "GGUFTensor", "load_gguf_llama", "read_gguf")
+
+
+def __getattr__(name: str):
+    if name in _GGUF_EXPORTS:
+        from archopt.loading import gguf
+
+        return getattr(gguf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "GGUFFile",
+    "GGUFTensor",
+    "llama_config_from_hf",
+    "load_gguf_llama",
+    "load_llama",
     "longformer_config_from_hf",
     "longformer_from_hf",
     "mobilenet_v1_config_from_hf",
@@ -23,6 +42,7 @@ __all__ = [
     "mobilevit_config_from_hf",
     "mobilevit_from_hf",
     "mobilevit_from_timm",
+    "read_gguf",
     "rename_keys",
     "vit_from_timm",
 ]

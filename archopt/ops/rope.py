@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -29,6 +29,14 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: one divisor per frequency
+        factors = torch.as_tensor(scaling["factors"], dtype=torch.float32)
+        if factors.shape != inv_freq.shape:
+            raise ValueError(
+                f"rope freq_factors must have head_dim / 2 = {inv_freq.numel()} values, "
+                f"got {factors.numel()}"
+            )
+        return inv_freq / factors
     raise ValueError(f"rope_scaling type must be one of {ROPE_TYPES}, got {kind!r}")
 
 
@@ -56,9 +64,20 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None) -> None:
         super().__init__()
+        self._args = (head_dim, theta, scaling)
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         self.register_buffer("cos_table", torch.empty(0, head_dim), persistent=False)
         self.register_buffer("sin_table", torch.empty(0, head_dim), persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # Frequencies and tables stay fp32 when the model is cast: in bf16 the angle at
+        # position 1000 would be off by whole radians. Only the device follows the cast.
+        super()._apply(fn, recurse)
+        device = self.inv_freq.device
+        self.inv_freq = rope_inv_freq(*self._args).to(device)
+        self.cos_table = torch.empty(0, self._args[0], device=device)
+        self.sin_table = torch.empty(0, self._args[0], device=device)
+        return self
 
     def _grow(self, length: int) -> None:
         length = max(length, 2 * self.cos_table.shape[0], 256)

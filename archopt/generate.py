@@ -114,14 +114,14 @@ def stream(
     device = model.output_weight.device
     ids, mask = ids.to(device), mask.to(device)
     b, t = ids.shape
-    capacity = cfg.max_position_embeddings if not isinstance(cache, KVCache) else cache.capacity
-    if t + max_new_tokens > capacity - (cache.length if isinstance(cache, KVCache) else 0):
+    kv = model.make_cache(cache, batch=b, reserve=t + max_new_tokens) if cache is not None else None
+    capacity = cfg.max_position_embeddings if kv is None else kv.capacity
+    if t + max_new_tokens > capacity - (kv.length if kv is not None else 0):
         raise ValueError(
             f"prompt ({t} tokens) + max_new_tokens ({max_new_tokens}) exceeds the "
             f"{capacity}-token capacity: generate fewer tokens, or use a bounded cache "
             "('sliding:W' keeps the last W tokens, 'sink:S:W' keeps the first S plus the last W)"
         )
-    kv = model.make_cache(cache, batch=b, reserve=t + max_new_tokens) if cache is not None else None
     stop_ids = torch.as_tensor([stop] if isinstance(stop, int) else list(stop or []), device=device)
     generator = None
     if seed is not None:

@@ -1,5 +1,7 @@
 """KV caches and generation: every path gives the tokens the uncached loop gives."""
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -162,3 +164,80 @@ def test_text_generation_needs_a_tokenizer(model):
 
     with pytest.raises(ValueError, match="needs a tokenizer, and this model has none"):
         next(stream_text(model, "hello", 3))
+
+
+# -- bounded caches: exactly dense attention under the same window rule ------------------------
+
+BOUNDED = {"sliding:8": (0, 8), "sink:3:8": (3, 8), "sink:4:4": (4, 4), "sliding:1": (0, 1)}
+
+
+def oracle_cache(batch, sinks, window):
+    """Keeps every token; only the mask applies the rule: recompute-from-scratch semantics."""
+    return DenseCache(
+        num_layers=4, batch=batch, kv_heads=2, head_dim=16, capacity=4096, window=window,
+        sinks=sinks,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("spec", list(BOUNDED))
+def test_bounded_cache_equals_masked_dense_attention(model, spec):
+    ids = rand_ids(2, 100)
+    kv = model.make_cache(spec, batch=2)
+    oracle = oracle_cache(2, *BOUNDED[spec])
+    # Chunks longer than the window, single tokens, and a chunk that straddles the sinks.
+    cuts = [0, 2, 13, 14, 30, 31, *range(32, 60), 77, *range(78, 101)]
+    got = torch.cat([model(ids[:, a:b], cache=kv) for a, b in pairwise(cuts)], dim=1)
+    ref = torch.cat([model(ids[:, a:b], cache=oracle) for a, b in pairwise(cuts)], dim=1)
+    assert_close(got, ref)
+    chunked = model.make_cache(spec, batch=2)  # one-shot prefill = chunked prefill
+    one_shot = model(ids[:, :77], cache=chunked)
+    assert_close(one_shot, ref[:, :77])
+
+
+def test_window_rule_sees_exactly_the_sinks_and_the_last_w():
+    from archopt.ops.kv_cache import position_mask
+
+    q = torch.tensor([[20]])
+    k = torch.arange(21)[None]
+    mask = position_mask(q, k, window=5, sinks=2)[0, 0, 0]
+    assert mask.nonzero().flatten().tolist() == [0, 1, 16, 17, 18, 19, 20]
+
+
+def test_bounded_caches_go_far_past_the_context_in_constant_memory(model):
+    short = archopt.create_model("llama-tiny", max_position_embeddings=32).eval()
+    short.load_state_dict(model.state_dict())
+    ids = rand_ids(1, 5)
+    for spec, rule in [("sliding:16", (0, 16)), ("sink:4:12", (4, 12))]:
+        kv = short.make_cache(spec)
+        size = kv.nbytes
+        out = generate(short, ids, 320, cache=kv)  # 10x the model's 32 positions
+        assert out.shape == (1, 325) and kv.nbytes == size and kv.length == 324
+        assert torch.equal(out, generate(short, ids, 320, cache=oracle_cache(1, *rule)))
+    with pytest.raises(ValueError, match="exceeds the 32-token capacity"):
+        generate(short, ids, 320, cache="dense")
+
+
+def test_bounded_cache_left_padded_batch_equals_rows_alone(model):
+    prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 13, 9)]
+    for spec in ("sliding:6", "sink:2:5"):
+        batch = generate(model, prompts, 20, cache=spec)
+        for i, p in enumerate(prompts):
+            assert torch.equal(batch[i, -20:], generate(model, p, 20, cache=spec)[0, -20:])
+
+
+def test_bounded_cache_nbytes_and_errors(model):
+    kv = model.make_cache("sink:4:12")
+    # 4 sinks + 12 ring slots + 1 slot that absorbs padding and evicted writes.
+    assert kv.nbytes == 2 * 4 * 2 * 16 * (4 + 12 + 1) * 4
+    with pytest.raises(ValueError, match="cannot crop"):
+        kv.crop(0)
+    for spec, msg in [
+        ("sliding:0", "window W must be >= 1, got 0"),
+        ("sink:5:2", r"window W \(2\) must be at least the sink count S \(5\)"),
+        ("sliding", "unknown cache spec 'sliding'"),
+        ("sink:4", "unknown cache spec 'sink:4'"),
+        ("sliding:abc", "W and S must be integers"),
+        ("sink:-1:4", "sink count S must be >= 0, got -1"),
+    ]:
+        with pytest.raises(ValueError, match=msg):
+            model.make_cache(spec)

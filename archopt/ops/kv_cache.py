@@ -16,15 +16,24 @@ The protocol (``KVCache``):
 - ``nbytes``: bytes the cache holds in memory for keys and values (and scales, for kinds that
   have them), ``length``: tokens written so far, ``reset()``, ``crop(length)``.
 
-Kinds here: ``dense`` (grows by doubling up to a capacity; no per-token copy) and ``static``
-(preallocated, fixed shapes so a compiled decode step never recompiles).
+Kinds: ``dense`` (grows by doubling up to a capacity; no per-token copy), ``static``
+(preallocated, fixed shapes so a compiled decode step never recompiles), ``sliding:W`` (a ring
+of the last W tokens, Mistral's rule) and ``sink:S:W`` (StreamingLLM: the first S tokens kept
+for ever plus a ring of the last W).
+
+Position convention for the bounded kinds: keys keep their original positions (they are
+rotated once, when written). StreamingLLM instead renumbers positions inside the cache so that
+no relative distance exceeds the window; with original positions, distances to the sinks grow
+past the model's training length. We keep original positions because then a bounded cache is
+exactly dense attention under a mask (what the tests check against), and every model, cache
+and kernel here stores rotated keys.
 """
 
 from __future__ import annotations
 
 import torch
 
-CACHE_KINDS = ("none", "dense", "static")
+CACHE_KINDS = ("none", "dense", "static", "sliding:W", "sink:S:W")
 
 
 class KVCache:
@@ -40,9 +49,14 @@ class KVCache:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        window: int | None = None,
+        sinks: int = 0,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"cache capacity must be >= 1 token, got {capacity}")
+        # The visibility rule (see position_mask); a dense cache with a rule is the oracle the
+        # bounded caches are tested against.
+        self.window, self.sinks = window, sinks
         self.num_layers, self.batch = num_layers, batch
         self.kv_heads, self.head_dim = kv_heads, head_dim
         self.capacity = capacity
@@ -117,7 +131,9 @@ class KVCache:
         self.positions[:, start : start + t] = positions
         visible = self._visible_slots(start + t)
         self._step = (start, visible)
-        self._mask = position_mask(positions, self.positions[:, :visible])
+        self._mask = position_mask(
+            positions, self.positions[:, :visible], window=self.window, sinks=self.sinks
+        )
 
     def _visible_slots(self, used: int) -> int:
         return used
@@ -163,14 +179,87 @@ class StaticCache(KVCache):
         return self.slots
 
 
-def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
-    """Bool mask (B, 1, T, S): query at position p sees a key at q when 0 <= q <= p.
+class WindowCache(KVCache):
+    """Bounded memory: ``sinks`` slots for positions 0..S-1, and a ring of ``window`` slots.
+
+    A token at position p lives in slot p (p < S) or S + (p - S) mod W: slots follow each
+    row's positions, so left-padded rows keep exactly their own first S and last W tokens.
+    One more slot takes padding and evicted writes and is never visible. One-token steps write
+    in place (the slot they overwrite, p - W, is already out of p's window); a chunk attends
+    over the old slots plus its own keys, then keeps its survivors.
+    """
+
+    def __init__(self, *, window: int, sinks: int = 0, **kwargs) -> None:
+        kwargs["capacity"] = sinks + window + 1
+        super().__init__(window=window, sinks=sinks, **kwargs)
+        self.capacity = float("inf")  # never full: eviction instead
+
+    @property
+    def _trash(self) -> int:
+        return self.sinks + self.window
+
+    def _slot_of(self, positions: torch.Tensor) -> torch.Tensor:
+        s, w = self.sinks, self.window
+        ring = s + (positions - s).remainder(w)
+        slot = torch.where(positions < s, positions, ring)
+        # Survivors only: the chunk's last W tokens (and sinks); others would collide.
+        newest = positions.max(dim=1, keepdim=True).values
+        keep = (positions >= 0) & ((positions > newest - w) | (positions < s))
+        return torch.where(keep, slot, self._trash)
+
+    def crop(self, length: int) -> None:
+        raise ValueError(
+            f"{type(self).__name__} cannot crop: evicted tokens are gone (use a dense cache "
+            "to rewind)"
+        )
+
+    def _begin(self, positions: torch.Tensor) -> None:
+        b, t = positions.shape
+        if b != self.batch:
+            raise ValueError(f"cache was made for batch {self.batch}, got positions for {b}")
+        slot = self._slot_of(positions)
+        rows = torch.arange(b, device=positions.device)[:, None].expand(b, t)
+        if t == 1:
+            self.positions[rows, slot] = positions
+            self.positions[:, self._trash] = -1
+            key_pos = self.positions
+        else:
+            key_pos = torch.cat([self.positions, positions], dim=1)
+            self.positions[rows, slot] = positions
+            self.positions[:, self._trash] = -1
+        self._step = (rows, slot)
+        self._mask = position_mask(positions, key_pos, window=self.window, sinks=self.sinks)
+
+    def update(self, layer, k, v, positions):
+        if layer == 0:
+            self._begin(positions)
+        rows, slot = self._step
+        t = k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        if t > 1:  # attend over the old slots and the whole chunk, before overwriting
+            keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        # (B, Hkv, T, d) -> (B, T, Hkv, d): one row of heads per (row, slot) written.
+        self.keys[layer][rows, :, slot] = k.transpose(1, 2)
+        self.values[layer][rows, :, slot] = v.transpose(1, 2)
+        if layer == self.num_layers - 1:
+            self.length += t
+        return keys, values, self._mask
+
+
+def position_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int | None = None, sinks: int = 0
+) -> torch.Tensor | None:
+    """Bool mask (B, 1, T, S): query at position p sees a key at q when 0 <= q <= p, and, with
+    a ``window`` W, p - W < q (the last W tokens, itself included) or q < ``sinks``.
 
     None when everything is visible (SDPA's unmasked path is faster). Query rows that see no
     key (padding queries) are opened fully: their outputs are never used, and an all-False row
     would make softmax return NaN.
     """
-    valid = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # (B, T, S)
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    valid = (k >= 0) & (k <= q)  # (B, T, S)
+    if window is not None:
+        valid &= (k > q - window) | (k < sinks)
     if bool(valid.all()):
         return None
     valid |= ~valid.any(dim=-1, keepdim=True)
@@ -194,7 +283,7 @@ def make_cache(
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"cache must be a spec string or a KVCache, got {type(spec).__name__}")
-    kind = spec.strip().lower()
+    kind, *params = spec.strip().lower().split(":")
     common = dict(
         num_layers=num_layers,
         batch=batch,
@@ -203,10 +292,29 @@ def make_cache(
         dtype=dtype,
         device=device,
     )
+    arity = {"none": 0, "dense": 0, "static": 0, "sliding": 1, "sink": 2}
+    if kind not in arity or len(params) != arity[kind]:
+        raise ValueError(f"unknown cache spec {spec!r}: expected one of {', '.join(CACHE_KINDS)}")
+    try:
+        nums = [int(p) for p in params]
+    except ValueError:
+        raise ValueError(
+            f"cache spec {spec!r}: W and S must be integers (e.g. 'sliding:1024', 'sink:4:1020')"
+        ) from None
     if kind == "none":
         return None
     if kind == "dense":
         return DenseCache(capacity=capacity, reserve=reserve, **common)
     if kind == "static":
         return StaticCache(capacity=min(capacity, reserve or capacity), **common)
-    raise ValueError(f"unknown cache spec {spec!r}: expected one of {', '.join(CACHE_KINDS)}")
+    window, sinks = nums[-1], nums[0] if kind == "sink" else 0
+    if window < 1:
+        raise ValueError(f"cache spec {spec!r}: window W must be >= 1, got {window}")
+    if sinks < 0:
+        raise ValueError(f"cache spec {spec!r}: sink count S must be >= 0, got {sinks}")
+    if window < sinks:
+        raise ValueError(
+            f"cache spec {spec!r}: window W ({window}) must be at least the sink count S "
+            f"({sinks}): the recent context is what the model mostly attends"
+        )
+    return WindowCache(window=window, sinks=sinks, **common)

@@ -241,3 +241,45 @@ def test_bounded_cache_nbytes_and_errors(model):
     ]:
         with pytest.raises(ValueError, match=msg):
             model.make_cache(spec)
+
+
+# -- int8 cache -------------------------------------------------------------------------------
+
+
+def test_int8_cache_full_precision_window_is_exact(model):
+    ids = rand_ids(2, 60)
+    cuts = [0, 13, 14, *range(15, 61)]
+
+    def run(spec):
+        kv = model.make_cache(spec, batch=2, reserve=8)
+        return torch.cat([model(ids[:, a:b], cache=kv) for a, b in pairwise(cuts)], dim=1)
+
+    assert_close(run("int8:100"), run("dense"))  # every key within the fp window
+
+
+@pytest.mark.parametrize("spec", ["int8:0", "int8:8", "int8"])
+def test_int8_cache_error_is_quantization_only(model, spec):
+    ids = rand_ids(2, 90)
+    full = model(ids)
+    kv = model.make_cache(spec, batch=2, reserve=8)
+    cuts = [0, 13, 14, 30, *range(31, 91)]
+    chunked = torch.cat([model(ids[:, a:b], cache=kv) for a, b in pairwise(cuts)], dim=1)
+    err = (chunked - full).abs().max()
+    assert 0 < err < 0.25 * full.abs().max()  # lossy, but bounded (sharp random weights)
+    one_shot = model(ids[:, :77], cache=model.make_cache(spec, batch=2))
+    # The fp window is per query, so chunking changes nothing but rounding ties: a far
+    # smaller difference than the quantization error itself.
+    assert (one_shot - chunked[:, :77]).abs().max() < 0.05 * err
+
+
+def test_int8_cache_nbytes_counts_scales_and_window():
+    from archopt.ops.kv_cache import Int8Cache
+
+    layers, heads, d, tokens, recent = 3, 2, 64, 1000, 16
+    kv = Int8Cache(
+        num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens, recent=recent
+    )
+    per_layer = 2 * heads * (tokens * (d + 4) + recent * d * 4)  # int8 + fp32 scale; fp ring
+    assert kv.nbytes == layers * per_layer
+    dense = DenseCache(num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens)
+    assert dense.nbytes / kv.nbytes > 3

@@ -70,3 +70,17 @@ def test_stream_text_chat(ours):
     pieces = list(stream_text(ours, "What is the capital of France?", 32, chat=True))
     assert len(pieces) > 3 and "Paris" in "".join(pieces)
     assert "<|im_end|>" not in "".join(pieces)  # stopped at the end-of-turn token
+
+
+def test_cache_kinds_perplexity_on_a_fixed_text(ours):
+    from archopt.generate import perplexity, reference_text
+
+    ids = ours.tokenizer.encode(reference_text())[:512]
+    dense = perplexity(ours, ids, cache="dense")
+    assert 5 < dense < 30  # English prose for a 135M model; random weights give ~49152
+    assert perplexity(ours, ids, cache="none", chunk=256) == pytest.approx(dense, rel=1e-4)
+    assert perplexity(ours, ids, cache="int8") == pytest.approx(dense, rel=0.01)
+    # A window alone loses the attention sinks (StreamingLLM's finding); sinks recover most.
+    sliding = perplexity(ours, ids, cache="sliding:128")
+    sink = perplexity(ours, ids, cache="sink:4:124")
+    assert sliding > sink > dense

@@ -277,9 +277,12 @@ def test_int8_cache_nbytes_counts_scales_and_window():
 
     layers, heads, d, tokens, recent = 3, 2, 64, 1000, 16
     kv = Int8Cache(
-        num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens, recent=recent
-    )
+        num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens,
+        reserve=tokens, recent=recent,
+    )  # fmt: skip
     per_layer = 2 * heads * (tokens * (d + 4) + recent * d * 4)  # int8 + fp32 scale; fp ring
     assert kv.nbytes == layers * per_layer
-    dense = DenseCache(num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens)
+    dense = DenseCache(
+        num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens, reserve=tokens
+    )
     assert dense.nbytes / kv.nbytes > 3

@@ -116,6 +116,82 @@ def cmd_bench(args) -> None:
         bench_attention(args.rest)
 
 
+def cmd_train(args) -> None:
+    import os
+
+    from archopt.train import train
+
+    overrides = _parse_overrides(args.set or [])
+    if args.width_mult is not None:
+        overrides["width_mult"] = args.width_mult
+    out = args.out or f"runs/{args.model}"
+    try:
+        result = train(
+            args.model,
+            args.data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
+            warmup_epochs=args.warmup,
+            label_smoothing=args.label_smoothing,
+            resolution=args.resolution,
+            channels=args.channels,
+            model_overrides=overrides,
+            bf16=args.bf16,
+            seed=args.seed,
+            num_workers=args.workers,
+            out_dir=out,
+            resume=args.resume,
+            stop_after=args.stop_after,
+            progress=False if args.no_progress else None,
+            verbose=not args.json,
+        )
+    except FloatingPointError as e:  # divergence: a bad setting, reported like the others
+        raise ValueError(str(e)) from e
+    if result.world_size > 1 and int(os.environ.get("RANK", "0")) != 0:
+        return  # one report per job, from rank 0
+    _emit(
+        result.as_dict(),
+        args.json,
+        f"{result.model_name} on {result.data}: val top-1 {result.top1:.4f} after "
+        f"{result.epochs_done}/{result.epochs} epochs, {result.time_s:.1f} s"
+        + (", bf16" if result.bf16 else "")
+        + f"; metrics and checkpoint in {out}",
+    )
+
+
+def cmd_pareto(args) -> None:
+    from archopt.train.study import format_study, pareto_study
+
+    try:
+        report = pareto_study(
+            args.models.split(","),
+            data=args.data,
+            epochs=args.epochs,
+            x=args.x,
+            y=args.y,
+            out_dir=args.out,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            resolution=args.resolution,
+            channels=args.channels,
+            seed=args.seed,
+            bf16=args.bf16,
+            threads=args.threads,
+            repeats=args.repeats,
+            logx=args.logx,
+            progress=False if args.no_progress else None,
+            verbose=not args.json,
+        )
+    except FloatingPointError as e:  # a model diverged under the shared recipe
+        raise ValueError(str(e)) from e
+    _emit(report, args.json, format_study(report) + f"\ntable and plots in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="archopt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -165,6 +241,52 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=int, default=20)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_tour)
+
+    def recipe_opts(sp, epochs: int):
+        sp.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
+        sp.add_argument("--epochs", type=int, default=epochs)
+        sp.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks)")
+        sp.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
+        sp.add_argument("--lr", type=float, help="peak learning rate (sgd 0.1, adamw 2e-3)")
+        sp.add_argument("--resolution", type=int, help="image side (digits, CIFAR-10: 32)")
+        sp.add_argument("--channels", type=int, choices=[1, 3], help="default: as stored")
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = sub.add_parser(
+        "train",
+        help="train an image model from scratch; under torchrun, with DDP",
+        description="Train from scratch with checkpoints after every epoch. More processes: "
+        "torchrun --nproc-per-node N -m archopt.cli train MODEL ...",
+    )
+    sp.add_argument("model")
+    recipe_opts(sp, epochs=10)
+    sp.add_argument("--weight-decay", type=float, help="default: sgd 5e-4, adamw 0.05")
+    sp.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    sp.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, in epochs")
+    sp.add_argument("--label-smoothing", type=float, default=0.1)
+    sp.add_argument("--width-mult", type=float, help="width multiplier alpha")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
+    sp.add_argument("--out", help="run folder (default: runs/MODEL)")
+    sp.add_argument("--resume", action="store_true", help="continue the run in --out")
+    sp.add_argument("--stop-after", type=int, metavar="N", help="stop after epoch N, resumable")
+    sp.add_argument("--workers", type=int, default=0, help="data loader workers (folders)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser(
+        "pareto", help="train, measure, and plot accuracy against MACs, latency, params, memory"
+    )
+    sp.add_argument("--models", required=True, help="comma-separated, e.g. a,b:width_mult=0.5")
+    recipe_opts(sp, epochs=5)
+    sp.add_argument("--x", choices=["macs", "latency", "params", "memory"], default="macs")
+    sp.add_argument("--y", choices=["accuracy"], default="accuracy")
+    sp.add_argument("--out", default="archopt-pareto", help="output folder (runs are reused)")
+    sp.add_argument("--threads", type=int, help="torch threads for latency")
+    sp.add_argument("--repeats", type=int, default=20, help="timed latency repeats")
+    sp.add_argument("--logx", action="store_true", help="log-scale cost axis")
+    sp.set_defaults(func=cmd_pareto)
     return p
 
 

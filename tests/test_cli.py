@@ -84,3 +84,69 @@ def test_bench_attention_small(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
     names = {line.split("|")[3].strip() for line in rows}
     assert {"ours", "dense SDPA + band mask"} <= names
+
+
+def test_train_json_then_resume_and_refusals(capsys, tmp_path):
+    pytest.importorskip("sklearn", reason="the embedded digits need scikit-learn")
+    pytest.importorskip("safetensors")
+    out = tmp_path / "run"
+    common = ["--epochs", "2", "--batch-size", "32", "--bf16", "off", "--out", str(out)]
+    code, stdout, _ = run(
+        capsys, "train", "mobilenet_v1_025", *common, "--stop-after", "1", "--json"
+    )
+    r = json.loads(stdout)
+    assert code == 0 and r["epochs_done"] == 1 and not r["finished"]
+    assert r["config"]["resolution"] is None and r["params"] == 215_498
+    assert (out / "checkpoint.safetensors").exists() and (out / "metrics.jsonl").exists()
+    code, _, err = run(capsys, "train", "mobilenet_v1_025", *common)
+    assert code == 2 and "already holds a run (epoch 1 of 2)" in err and "--resume" in err
+    code, stdout, _ = run(capsys, "train", "mobilenet_v1_025", *common, "--resume", "--no-progress")
+    assert code == 0 and "after 2/2 epochs" in stdout
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["train", "mobilenet_v9"], "unknown model 'mobilenet_v9'"),
+        (["train", "mobilenet_v1_025", "--data", "cifar10:/no/such/dir"], "does not exist"),
+        (["train", "mobilenet_v1_025", "--data", "imagenet"], "unknown kind 'imagenet'"),
+        (["train", "mobilenet_v1_025", "--epochs", "0"], "epochs must be a positive integer"),
+        (
+            ["train", "mobilenet_v1_025", "--epochs", "1", "--lr", "1e12", "--bf16", "off"],
+            "training diverged in epoch 1",
+        ),
+        (["pareto", "--models", "mobilenet_v1_025,nope"], "unknown model 'nope'"),
+    ],
+)
+def test_train_and_pareto_errors_are_one_clear_line(capsys, tmp_path, argv, msg):
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("archopt: error: ") and msg in err
+
+
+def test_pareto_writes_table_and_plots(capsys, tmp_path):
+    pytest.importorskip("sklearn", reason="the embedded digits need scikit-learn")
+    pytest.importorskip("matplotlib")
+    code, stdout, _ = run(
+        capsys,
+        "pareto",
+        "--models",
+        "mobilenet_v1_025,mobilenet_v1_100:width_mult=0.35",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--x",
+        "latency",
+        "--repeats",
+        "3",
+        "--bf16",
+        "off",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 0
+    assert "front under latency:" in stdout and "front under macs:" in stdout
+    assert "mobilenet_v1_100:width_mult=0.35" in stdout
+    for name in ("pareto.csv", "pareto.json", "pareto_latency.png", "pareto_macs.png"):
+        assert (tmp_path / name).stat().st_size > 0

@@ -146,3 +146,23 @@ def test_rope_stays_fp32_when_model_is_cast(pair):
     # bf16 weights and activations: close to fp32 in the large, not bit-equal.
     err = (model(ids).float() - ref).abs().max() / ref.abs().max()
     assert err < 0.1
+
+
+def test_fast_rope_and_norm_equal_their_reference_forms():
+    from archopt.ops.norms import RMSNorm
+    from archopt.ops.rope import RotaryEmbedding, apply_rope, rotate_half
+
+    rope = RotaryEmbedding(64, 10000.0)
+    positions = torch.randint(0, 3000, (2, 37))
+    cos, signed_sin = rope(positions, torch.float32)
+    freqs = positions[..., None].float() * rope.inv_freq  # (B, T, 32)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, :, None]
+    x = torch.randn(2, 37, 5, 64)
+    reference = x * emb.cos() + rotate_half(x) * emb.sin()  # Hugging Face's form
+    assert torch.equal(apply_rope(x, cos, signed_sin), reference)
+    norm = RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 11, 64) * 3
+    reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert torch.equal(norm(x), reference)

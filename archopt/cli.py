@@ -114,6 +114,71 @@ def cmd_bench(args) -> None:
         from archopt.bench.attention import main as bench_attention
 
         bench_attention(args.rest)
+    elif args.suite == "generate":
+        from archopt.bench.generate import main as bench_generate
+
+        bench_generate(args.rest)
+
+
+def load_language_model(name: str):
+    """A registered LLM with its real weights, or a checkpoint path (HF directory, .gguf)."""
+    from pathlib import Path
+
+    from archopt.models.llama import Llama
+    from archopt.registry import create_model
+
+    if Path(name).exists():
+        return Llama.from_pretrained(name)
+    if name == "smollm2-135m":
+        return create_model(name, pretrained=True)
+    raise ValueError(
+        f"--model must be smollm2-135m or a path to an HF directory or a .gguf file, got {name!r}"
+    )
+
+
+def cmd_generate(args) -> None:
+    import time
+
+    from archopt.generate import encode_prompt, stream_text
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_language_model(args.model)
+    n_prompt = len(encode_prompt(model, args.prompt, chat=args.chat))
+    kwargs = dict(
+        cache=args.cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        seed=args.seed,
+    )  # fmt: skip
+    if args.ignore_eos:
+        kwargs["stop"] = None
+    pieces, count = [], 0
+    start = time.perf_counter()
+    if not args.json:
+        print(args.prompt if not args.chat else "", end="", flush=True)
+    for piece in stream_text(model, args.prompt, args.max_new_tokens, chat=args.chat, **kwargs):
+        pieces.append(piece)
+        if not args.json:
+            print(piece, end="", flush=True)
+    elapsed = time.perf_counter() - start
+    text = "".join(pieces)
+    count = len(model.tokenizer.encode(text)) if text else 0
+    report = {
+        "model": args.model,
+        "cache": args.cache,
+        "prompt_tokens": n_prompt,
+        "new_tokens": count,
+        "seconds": elapsed,
+        "tokens_per_s": count / elapsed if elapsed else 0.0,
+        "text": text,
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"\n\n[{count} tokens in {elapsed:.2f} s: {report['tokens_per_s']:.1f} tokens/s, "
+            f"cache {args.cache}, {torch.get_num_threads()} threads]",
+            file=sys.stderr,
+        )
 
 
 def cmd_train(args) -> None:
@@ -231,9 +296,26 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
-    sp.add_argument("suite", choices=["attention"])
+    sp.add_argument("suite", choices=["attention", "generate"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
     sp.set_defaults(func=cmd_bench)
+
+    sp = sub.add_parser("generate", help="stream a continuation from a language model")
+    sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, HF dir or .gguf")
+    sp.add_argument("--prompt", default="Lionel Messi is a")
+    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument(
+        "--cache", default="dense", help="none | dense | static | sliding:W | sink:S:W | int8[:R]"
+    )
+    sp.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    sp.add_argument("--top-k", type=int)
+    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--seed", type=int)
+    sp.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("tour", help="re-measure the lecture's claims and write a report")
     sp.add_argument("--out", default="archopt-report", help="output folder")
@@ -294,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"archopt: error: {e}", file=sys.stderr)
         return 2
     return 0

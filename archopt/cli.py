@@ -102,7 +102,14 @@ def cmd_export(args) -> None:
 def cmd_tour(args) -> None:
     from archopt.tour import run_tour
 
-    report = run_tour(args.out, threads=args.threads, repeats=args.repeats)
+    sections = args.sections.split(",") if args.sections else None
+    report = run_tour(
+        args.out,
+        threads=args.threads,
+        repeats=args.repeats,
+        quick=args.quick,
+        sections=sections,
+    )
     if args.json:
         print(json.dumps(report, indent=2, default=float))
     else:
@@ -321,6 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="archopt-report", help="output folder")
     sp.add_argument("--threads", type=int)
     sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument(
+        "--quick", action="store_true", help="a smaller, rougher version (about a minute)"
+    )
+    sp.add_argument(
+        "--sections",
+        metavar="NAME[,NAME]",
+        help="run only these: mobilenet, longformer, mobilevit, kv_cache (the summary follows)",
+    )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_tour)
 

@@ -1,17 +1,7 @@
-"""``archopt tour``: re-measure the lecture's claims on this machine and write a report.
-
-Each technique of the lecture gets a section that exists only once archopt implements it;
-the report says which are still missing. Output: ``report.md``, ``report.json`` and PNG plots
-in the output folder.
-"""
+"""Tour sections for the lecture's first technique: depthwise separable convolution."""
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,25 +11,7 @@ from archopt.measure import count_params, format_table, layer_table, measure_mod
 from archopt.optimize import optimize_for_inference
 from archopt.pareto import pareto_front
 from archopt.registry import create_model
-
-
-@dataclass
-class Section:
-    title: str
-    markdown: str
-    data: dict = field(default_factory=dict)
-    plots: list[str] = field(default_factory=list)
-
-
-def _log(msg: str, progress: bool) -> None:
-    if progress:
-        print(f"[tour {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _md_table(head: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+from archopt.tour.common import Claim, Section, _log, _md_table
 
 
 def _table1_check(rows) -> tuple[int, list[str]]:
@@ -97,7 +69,9 @@ def _table2(model) -> dict[str, tuple[float, float]]:
     return {k: (100 * macs[k] / tm, 100 * params[k] / tp) for k in ref.MOBILENET_V1_TABLE2}
 
 
-def mobilenet_section(out: Path, *, threads: int | None, repeats: int, progress: bool) -> Section:
+def mobilenet_section(
+    out: Path, *, threads: int | None, repeats: int, progress: bool, quick: bool = False
+) -> Section:
     _log("MobileNet v1: architecture table", progress)
     base = create_model("mobilenet_v1_100")
     rows = layer_table(base, (1, 3, 224, 224))
@@ -124,7 +98,8 @@ def mobilenet_section(out: Path, *, threads: int | None, repeats: int, progress:
         ],
         *[
             (f"mobilenet_v1 a=1.0 r={r}", "mobilenet_v1_100", {}, r, ref.MOBILENET_V1_TABLE7[r])
-            for r in ref.MOBILENET_V1_TABLE7
+            # Quick mode keeps one resolution: enough to show the multiplier, a third the time.
+            for r in (list(ref.MOBILENET_V1_TABLE7)[-1:] if quick else ref.MOBILENET_V1_TABLE7)
             if r != 224
         ],
     ]
@@ -236,11 +211,36 @@ def mobilenet_section(out: Path, *, threads: int | None, repeats: int, progress:
         "MACs does not halve the latency. Pareto front on (MACs, latency) alone: "
         + ", ".join(results[i]["label"] for i in front)
         + ". With both axes 'lower is better' the smallest model always wins; the front "
-        "becomes a real choice only with accuracy as a third axis, which needs training "
-        "(archopt's training loop is not implemented yet).",
+        "becomes a real choice only with accuracy as a third axis: see the trained "
+        "accuracy fronts in the MobileViT section.",
     ]
     if plot:
         md += ["", f"![MACs vs latency]({plot.name})"]
+    half = by_label.get("mobilenet_v1 a=0.5")
+    claims = [
+        Claim(
+            "Depthwise separable convolution cuts MACs about 8-9x (MobileNet vs full-conv twin)",
+            f"{mac_ratio:.2f}x fewer MACs",
+            8.0 <= mac_ratio <= 9.5,
+            "MACs ratio in [8, 9.5]",
+        ),
+        Claim(
+            "... but not latency by the same factor (depthwise convolution is memory bound)",
+            f"{lat_ratio:.2f}x faster (optimized, batch 1) vs {mac_ratio:.2f}x fewer MACs",
+            lat_ratio < mac_ratio,
+            "latency ratio < MACs ratio",
+        ),
+    ]
+    if half:
+        q = ds["macs"] / half["macs"]
+        claims.append(
+            Claim(
+                "The width multiplier alpha cuts MACs roughly by alpha^2 (alpha=0.5: about 4x)",
+                f"{q:.2f}x fewer MACs at alpha=0.5",
+                3.0 <= q <= 4.5,
+                "MACs ratio in [3, 4.5]",
+            )
+        )
     return Section(
         title="Depthwise separable convolution and MobileNet v1",
         markdown="\n".join(md),
@@ -254,6 +254,7 @@ def mobilenet_section(out: Path, *, threads: int | None, repeats: int, progress:
             "pareto_front": [results[i]["label"] for i in front],
         },
         plots=[plot.name] if plot else [],
+        claims=claims,
     )
 
 
@@ -286,211 +287,3 @@ def _plot_mobilenet(results: list[dict], path: Path) -> Path | None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def longformer_section(out: Path, *, threads: int | None, repeats: int, progress: bool) -> Section:
-    """Local attention vs dense attention: time and peak memory as the sequence grows."""
-    import math
-
-    import torch.nn.functional as F
-
-    from archopt.measure import measure_latency, measure_peak_memory, num_threads
-    from archopt.ops.attention import local_attention
-    from archopt.ops.attention.reference import band_mask
-
-    heads, dim, window = 12, 64, 256
-    lengths = [1024, 2048, 4096]
-    rows, data = [], []
-    with num_threads(threads), torch.inference_mode():
-        for n in lengths:
-            _log(f"Longformer: N={n}", progress)
-            q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
-            mask = band_mask(n, window)
-
-            def ours(q=q, k=k, v=v):
-                return local_attention(q, k, v, window=window, backend="blocked")
-
-            def dense(q=q, k=k, v=v):  # materializes the (N, N) scores, as textbook attention
-                return local_attention(q, k, v, window=window, backend="reference")
-
-            def sdpa(q=q, k=k, v=v, m=mask):  # torch's fused kernel with the band as a mask
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-
-            row = {"n": n}
-            for name, fn in (("local", ours), ("dense", dense), ("sdpa", sdpa)):
-                row[f"{name}_ms"] = measure_latency(
-                    fn, (), warmup=2, repeats=max(3, repeats // 4)
-                ).median_ms
-            row["local_peak"] = measure_peak_memory(ours).bytes
-            row["dense_peak"] = measure_peak_memory(dense).bytes
-            data.append(row)
-            rows.append(
-                [
-                    n,
-                    f"{row['local_ms']:.1f}",
-                    f"{row['dense_ms']:.1f}",
-                    f"{row['sdpa_ms']:.1f}",
-                    f"{row['sdpa_ms'] / row['local_ms']:.1f}x",
-                    f"{row['local_peak'] / 2**20:.0f}",
-                    f"{row['dense_peak'] / 2**20:.0f}",
-                ]
-            )
-
-    def slope(key: str) -> float:
-        a, b = data[0], data[-1]
-        return math.log(b[key] / a[key]) / math.log(b["n"] / a["n"])
-
-    growth = {k: slope(k) for k in ("local_ms", "dense_ms", "local_peak", "dense_peak")}
-    md = [
-        f"12 heads, d=64, one-sided window w={window} (2w+1 = {2 * window + 1} keys per "
-        "query), batch 1, fp32 forward. 'dense' is textbook masked attention (it materializes "
-        "the N x N scores); 'SDPA' is torch's fused kernel given the band as a mask. Peak "
-        "memory: bytes of tensors alive during the call (archopt.measure, method 'tensors').",
-        "",
-        _md_table(
-            [
-                "N",
-                "local ms",
-                "dense ms",
-                "SDPA+mask ms",
-                "local vs SDPA",
-                "local peak MiB",
-                "dense peak MiB",
-            ],
-            rows,
-        ),
-        "",
-        "**Claim: local attention costs O(N) instead of O(N^2).** Growth exponents from "
-        f"N={lengths[0]} to N={lengths[-1]} (1 = linear, 2 = quadratic): local time "
-        f"{growth['local_ms']:.2f}, memory {growth['local_peak']:.2f}; dense time "
-        f"{growth['dense_ms']:.2f}, memory {growth['dense_peak']:.2f}. The full sweep to "
-        "N=16384 with FlexAttention and Hugging Face is `python benchmarks/bench_attention.py`.",
-    ]
-    return Section(
-        title="Longformer local attention",
-        markdown="\n".join(md),
-        data={"results": data, "growth_exponents": growth},
-    )
-
-
-def mobilevit_section(out: Path, *, threads: int | None, repeats: int, progress: bool) -> Section:
-    """The hybrid against its parents: MobileViT vs ViT vs a pure CNN, params, MACs, latency."""
-    models = [
-        ("mobilenet_v1_100", "CNN"),
-        ("mobilevit_xxs", "hybrid"),
-        ("mobilevit_xs", "hybrid"),
-        ("mobilevit_s", "hybrid"),
-        ("vit_tiny_patch16_224", "ViT"),
-    ]
-    results = []
-    for i, (name, kind) in enumerate(models):
-        _log(f"MobileViT: measuring {name} ({i + 1}/{len(models)})", progress)
-        model = create_model(name).eval()
-        (x,) = model.example_inputs(batch=1)
-        eager = measure_model(model, tuple(x.shape), name=name, threads=threads, repeats=repeats)
-        fast = optimize_for_inference(model, x)
-        opt = measure_model(
-            fast, tuple(x.shape), name=name, threads=threads, repeats=repeats, counted_model=model
-        )
-        results.append(
-            {
-                "model": name,
-                "kind": kind,
-                "resolution": x.shape[-1],
-                "params": eager.params,
-                "macs": eager.macs,
-                "latency_ms": eager.latency_ms,
-                "latency_optimized_ms": opt.latency_ms,
-            }
-        )
-    rows = [
-        [
-            r["model"],
-            r["kind"],
-            r["resolution"],
-            f"{r['params'] / 1e6:.2f}",
-            f"{r['macs'] / 1e9:.2f}",
-            f"{r['latency_ms']:.1f}",
-            f"{r['latency_optimized_ms']:.1f}",
-            f"{r['latency_optimized_ms'] / (r['macs'] / 1e9):.1f}",
-        ]
-        for r in results
-    ]
-    by = {r["model"]: r for r in results}
-    hybrid, vit = by["mobilevit_s"], by["vit_tiny_patch16_224"]
-    md = [
-        "Batch 1. MobileViT runs at 256x256 (its native size), the others at 224x224. MACs "
-        "include the attention matmuls.",
-        "",
-        _md_table(
-            [
-                "model",
-                "kind",
-                "input",
-                "M params",
-                "GMACs",
-                "latency ms",
-                "optimized ms",
-                "ms per GMAC",
-            ],
-            rows,
-        ),
-        "",
-        "**Claim: at a small parameter budget, mixing convolutions into a ViT is the better "
-        f"trade.** At about the same size (mobilevit_s {hybrid['params'] / 1e6:.2f}M params, "
-        f"vit_tiny {vit['params'] / 1e6:.2f}M), MobileViT-S does "
-        f"{hybrid['macs'] / vit['macs']:.2f}x the MACs of ViT-Tiny and takes "
-        f"{hybrid['latency_optimized_ms'] / vit['latency_optimized_ms']:.2f}x its optimized "
-        "latency here: the hybrid is not cheaper to run; the paper's case is accuracy per "
-        "parameter, which needs training (archopt does not train yet).",
-    ]
-    return Section(
-        title="MobileViT and the ViT baseline", markdown="\n".join(md), data={"models": results}
-    )
-
-
-MISSING = [
-    ("KV caching for LLaMA decoding", "issue 5"),
-    ("Training from scratch and accuracy on the Pareto front", "issue 7"),
-]
-
-SECTIONS: list[Callable[..., Section]] = [mobilenet_section, longformer_section, mobilevit_section]
-
-
-def run_tour(
-    out_dir: str | Path = "archopt-report",
-    *,
-    threads: int | None = None,
-    repeats: int = 20,
-    progress: bool = True,
-) -> dict:
-    """Run every implemented section; write report.md, report.json and plots to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    sections = [s(out, threads=threads, repeats=repeats, progress=progress) for s in SECTIONS]
-    from archopt.measure import cpu_name
-
-    header = [
-        "# archopt tour: the lecture's claims, measured here",
-        "",
-        f"Machine: {cpu_name()}, {torch.get_num_threads() if threads is None else threads} "
-        f"threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}.",
-        "",
-    ]
-    body = []
-    for s in sections:
-        body += [f"## {s.title}", "", s.markdown, ""]
-    body += ["## Not measured yet", ""] + [f"- {t} ({where})" for t, where in MISSING]
-    report = {
-        "torch": torch.__version__,
-        "cpu": cpu_name(),
-        "threads": threads or torch.get_num_threads(),
-        "seconds": time.time() - start,
-        "sections": {s.title: s.data for s in sections},
-        "missing": [t for t, _ in MISSING],
-    }
-    (out / "report.md").write_text("\n".join(header + body) + "\n")
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    _log(f"wrote {out / 'report.md'} in {report['seconds']:.0f} s", progress)
-    return report

@@ -290,7 +290,7 @@ def run(
         "mid_position": mid,
     }
     if plot_path:
-        plot(rows, plot_path, f"{model_name}, fp32, {machine_line(threads)}")
+        plot(rows, plot_path, f"{model_name}, fp32\n{machine_line(threads)}")
     return result
 
 

@@ -354,7 +354,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--plot", help="PNG of time per token vs position")
     p.add_argument("--json", help="write the figures as JSON here")
+    p.add_argument(
+        "--cache", nargs="+", help="sweep these cache kinds (e.g. dense int8 sliding:256)"
+    )
+    p.add_argument("--weights", nargs="+", help="sweep these weight dtypes: fp32 bf16")
+    p.add_argument("--context", type=int, default=512, help="prompt length for the sweep")
     args = p.parse_args(argv)
+    if args.cache or args.weights:
+        rows = sweep(
+            args.model,
+            caches=args.cache or ["dense"],
+            weights=args.weights or ["fp32"],
+            new_tokens=args.new_tokens,
+            context=args.context,
+            rounds=args.rounds,
+            threads=args.threads,
+            plot_path=args.plot,
+        )
+        print(f"# {machine_line(args.threads)}\n" + format_sweep(rows))
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2, default=float))
+        return {"sweep": rows}
     result = run(
         args.model,
         new_tokens=args.new_tokens,
@@ -370,3 +390,103 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def sweep(
+    model_name: str = "smollm2-135m",
+    *,
+    caches: list[str],
+    weights: list[str],
+    new_tokens: int = 64,
+    context: int = 512,
+    ppl_tokens: int = 512,
+    rounds: int = 2,
+    threads: int = 2,
+    plot_path: str | None = None,
+) -> list[dict]:
+    """tokens/s, bytes and perplexity for every (weights, cache) pair: a Pareto study.
+
+    Speed is measured decoding ``new_tokens`` after a ``context``-token prompt (so caches hold
+    something); memory is weights plus the cache's bytes at that point; perplexity is on the
+    fixed reference text, fed through the cache.
+    """
+    from archopt.generate import perplexity, reference_text
+    from archopt.pareto import pareto_front, plot_front
+
+    torch.set_num_threads(threads)
+    warnings.filterwarnings("ignore")
+    unknown = sorted(set(weights) - set(WEIGHT_DTYPES))
+    if unknown:
+        raise ValueError(f"--weights must be among {sorted(WEIGHT_DTYPES)}, got {unknown}")
+    model = load_model(model_name)
+    text = torch.tensor(model.tokenizer.encode(reference_text())) if model.tokenizer else None
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=gen)
+    rows = []
+    for w in weights:
+        model.to(WEIGHT_DTYPES[w])
+        for spec in caches:
+            times = []
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                generate(model, prompt, new_tokens, cache=spec)
+                times.append(time.perf_counter() - t0)
+            kv = model.make_cache(spec, reserve=context + new_tokens)
+            if kv is not None:
+                model(prompt, cache=kv, last_only=True)
+            ppl = perplexity(model, text[:ppl_tokens], cache=spec) if text is not None else None
+            row = {
+                "name": f"{w} {spec}",
+                "weights": w,
+                "cache": spec,
+                "tokens_per_s": new_tokens / statistics.median(times),
+                "weight_bytes": weight_bytes(model),
+                "cache_bytes": kv.nbytes if kv is not None else 0,
+                "perplexity": ppl,
+            }
+            row["memory_mib"] = (row["weight_bytes"] + row["cache_bytes"]) / 2**20
+            print(f"  {row['name']}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+            rows.append(row)
+    model.to(torch.float32)
+    base = next((r["perplexity"] for r in rows if r["name"] == "fp32 dense"), None)
+    for r in rows:
+        r["perplexity_delta"] = r["perplexity"] / base - 1 if base and r["perplexity"] else None
+    front = set(pareto_front(rows, {"memory_mib": "min", "tokens_per_s": "max"}))
+    for i, r in enumerate(rows):
+        r["on_front"] = i in front
+    if plot_path:
+        labelled = [
+            {
+                **r,
+                "label": f"{r['name']} (ppl {r['perplexity']:.2f})"
+                if r["perplexity"]
+                else r["name"],
+            }
+            for r in rows
+        ]
+        plot_front(
+            labelled, "memory_mib", "tokens_per_s", plot_path, label="label",
+            title=f"{model_name}: decode speed vs memory (weights + cache at {context} tokens)",
+            xlabel="memory (MiB)", ylabel="tokens/s",
+        )  # fmt: skip
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    lines = [
+        "| weights | cache | tokens/s | weights MiB | cache MiB | perplexity | vs fp32 dense | "
+        "on front |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        ppl = f"{r['perplexity']:.3f}" if r["perplexity"] else "-"
+        delta = f"{r['perplexity_delta']:+.2%}" if r["perplexity_delta"] is not None else "-"
+        lines.append(
+            f"| {r['weights']} | {r['cache']} | {r['tokens_per_s']:.1f} | "
+            f"{r['weight_bytes'] / 2**20:.0f} | {r['cache_bytes'] / 2**20:.2f} | {ppl} | "
+            f"{delta} | {'yes' if r['on_front'] else ''} |"
+        )
+    return "\n".join(lines)

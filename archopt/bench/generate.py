@@ -359,7 +359,24 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--weights", nargs="+", help="sweep these weight dtypes: fp32 bf16")
     p.add_argument("--context", type=int, default=512, help="prompt length for the sweep")
+    p.add_argument(
+        "--long", type=int, metavar="N", help="with --cache: ms per token over an N-token run"
+    )
     args = p.parse_args(argv)
+    if args.long:
+        caches = args.cache or ["sliding:1024", "sink:4:1020"]
+        buckets = long_run(args.model, caches=caches, tokens=args.long, threads=args.threads)
+        size = 1024
+        print(f"# {machine_line(args.threads)}; ms per token, median over each {size} tokens")
+        print(
+            "| cache | "
+            + " | ".join(f"{i * size}-" for i in range(max(map(len, buckets.values()))))
+            + " |"
+        )
+        print("|---" * (1 + max(map(len, buckets.values()))) + "|")
+        for spec, row in buckets.items():
+            print(f"| {spec} | " + " | ".join(f"{t:.1f}" for t in row) + " |")
+        return {"long": buckets}
     if args.cache or args.weights:
         rows = sweep(
             args.model,
@@ -495,3 +512,35 @@ def format_sweep(rows: list[dict]) -> str:
             f"{delta} | {'yes' if r['on_front'] else ''} |"
         )
     return "\n".join(lines)
+
+
+def long_run(
+    model_name: str = "smollm2-135m",
+    *,
+    caches: list[str],
+    tokens: int = 8192,
+    bucket: int = 1024,
+    threads: int = 2,
+) -> dict[str, list[float]]:
+    """Median ms per token in each ``bucket`` of a ``tokens``-long greedy generation.
+
+    Bounded caches should stay flat however long the run; a dense cache grows with the
+    position (and stops at the model's context).
+    """
+    from archopt.generate import stream
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator())
+    out: dict[str, list[float]] = {}
+    for spec in caches:
+        times, t0 = [], time.perf_counter()
+        for _ in stream(model, prompt, tokens, cache=spec):
+            now = time.perf_counter()
+            times.append(now - t0)
+            t0 = now
+        out[spec] = [
+            statistics.median(times[i : i + bucket]) * 1e3 for i in range(0, len(times), bucket)
+        ]
+        print(f"  {spec}: " + " ".join(f"{t:.1f}" for t in out[spec]), file=sys.stderr)
+    return out

@@ -1,7 +1,8 @@
 """archopt: architectural optimizations for efficient deep learning, measured.
 
-Depthwise separable convolutions and MobileNet v1 (this release), with local attention,
-MobileViT and KV caching to follow; every claim measured as params, MACs, latency and memory.
+Depthwise separable convolutions and MobileNet v1, local attention and Longformer, MobileViT
+and ViT, LLaMA with KV caches; every claim measured as params, MACs, latency, memory,
+accuracy and tokens/s, and judged on a Pareto front.
 """
 
 from archopt import measure, models, ops

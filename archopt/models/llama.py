@@ -217,7 +217,8 @@ class Llama(nn.Module):
     def make_cache(
         self, kind: str | KVCache = "dense", *, batch: int = 1, reserve: int | None = None
     ) -> KVCache | None:
-        """A cache for this model (``none``, ``dense``, ``static``), sized to its max positions."""
+        """A cache for this model from a spec (``none``, ``dense``, ``static``, ``sliding:W``,
+        ``sink:S:W``, ``int8[:R]``; see archopt.ops.kv_cache); capacity: its max positions."""
         from archopt.ops.kv_cache import make_cache
 
         cfg = self.config

@@ -211,3 +211,12 @@ def test_bench_generate_sweep_small(tmp_path, capsys):
     assert (tmp_path / "front.png").stat().st_size > 5_000
     with pytest.raises(ValueError, match=r"--weights must be among \['bf16', 'fp32'\]"):
         bench(["--model", "llama-tiny", "--weights", "int3"])
+
+
+def test_bench_generate_long_run_buckets(capsys):
+    from archopt.bench.generate import main as bench
+
+    out = bench(["--model", "llama-tiny", "--long", "40", "--cache", "sliding:8", "sink:2:6"])
+    assert set(out["long"]) == {"sliding:8", "sink:2:6"}
+    assert all(len(v) == 1 and v[0] > 0 for v in out["long"].values())  # one 1024-token bucket
+    assert "| sliding:8 |" in capsys.readouterr().out

@@ -11,11 +11,23 @@ Batches of prompts of different lengths are left-padded; each row gets its own p
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from archopt.ops.kv_cache import KVCache
+from archopt.ops.kv_cache import KVCache, StaticCache
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_step(model, backend="inductor"):
+    """``torch.compile(model)`` for one-token steps on a static cache, built once per model."""
+    key = (backend if isinstance(backend, str) else id(backend),)
+    per_model = _COMPILED.setdefault(model, {})
+    if key not in per_model:
+        per_model[key] = torch.compile(model, backend=backend, dynamic=False)
+    return per_model[key]
 
 
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,11 +113,14 @@ def stream(
     top_p: float | None = None,
     seed: int | None = None,
     stop: int | Sequence[int] | None = None,
+    compile: bool | str = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) as it is produced.
 
     Rows that have produced a ``stop`` token yield the pad id from then on; the iterator ends
-    when every row has stopped or after ``max_new_tokens`` steps.
+    when every row has stopped or after ``max_new_tokens`` steps. ``compile`` (True or a
+    torch.compile backend name) runs the one-token steps through one compiled graph; it needs
+    the static cache, whose shapes never change, so the graph is never recompiled.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg = model.config
@@ -122,6 +137,14 @@ def stream(
             f"{capacity}-token capacity: generate fewer tokens, or use a bounded cache "
             "('sliding:W' keeps the last W tokens, 'sink:S:W' keeps the first S plus the last W)"
         )
+    step = model
+    if compile:
+        if not isinstance(kv, StaticCache):
+            raise ValueError(
+                f"compile=True needs cache='static' (fixed shapes, no recompiles), got {cache!r}"
+            )
+        step = compiled_step(model, "inductor" if compile is True else compile)
+        model.rope.reserve(kv.length + t + max_new_tokens)
     stop_ids = torch.as_tensor([stop] if isinstance(stop, int) else list(stop or []), device=device)
     generator = None
     if seed is not None:
@@ -131,8 +154,9 @@ def stream(
         positions = torch.where(mask, positions + kv.length, -1)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens, token_pos = ids, positions
-    for _ in range(max_new_tokens):
-        logits = model(tokens, positions=token_pos, cache=kv, last_only=True)[:, -1]
+    for i in range(max_new_tokens):
+        run = model if i == 0 else step  # the prompt runs eagerly: its length varies
+        logits = run(tokens, positions=token_pos, cache=kv, last_only=True)[:, -1]
         nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         nxt = torch.where(done, pad_id, nxt)
         yield nxt

@@ -286,3 +286,22 @@ def test_int8_cache_nbytes_counts_scales_and_window():
         num_layers=layers, batch=1, kv_heads=heads, head_dim=d, capacity=tokens, reserve=tokens
     )
     assert dense.nbytes / kv.nbytes > 3
+
+
+# -- compiled decode step -----------------------------------------------------------------------
+
+
+def test_compiled_decode_step_never_recompiles(model):
+    from torch._dynamo.utils import counters
+
+    ids = rand_ids(2, 7)
+    ref = generate(model, ids, 30, cache="static")
+    counters.clear()
+    # The "eager" backend traces exactly what inductor would compile, without the C++ build.
+    assert torch.equal(generate(model, ids, 30, cache="static", compile="eager"), ref)
+    assert counters["stats"]["unique_graphs"] == 1  # 29 one-token steps, one graph
+    assert not counters["recompiles"]
+    assert torch.equal(generate(model, ids, 30, cache="static", compile="eager"), ref)
+    assert counters["stats"]["unique_graphs"] == 1  # a new run reuses it too
+    with pytest.raises(ValueError, match="compile=True needs cache='static'"):
+        generate(model, ids, 3, cache="dense", compile=True)

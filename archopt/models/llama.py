@@ -195,7 +195,8 @@ class Llama(nn.Module):
         if t == 0:
             raise ValueError("input_ids is empty: expected at least one token")
         vocab = self.config.vocab_size
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        compiling = torch.compiler.is_compiling()  # no data-dependent checks inside a graph
+        if not compiling and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
             raise ValueError(f"token ids must be in [0, {vocab}), got {bad}")
         if positions is None:

@@ -172,11 +172,41 @@ class StaticCache(KVCache):
     """Preallocated to ``capacity``; every step sees all slots, so shapes never change.
 
     Empty slots carry position -1 and are masked out. Attention reads the whole capacity each
-    step: the price of fixed shapes (a compiled step that never recompiles).
+    step: the price of fixed shapes. The write cursor is a tensor and the mask is always a
+    tensor, so a compiled decode step traces no Python number that changes per token: it never
+    recompiles and never waits on the device (``length`` reads the cursor, a sync, for callers
+    outside the step).
     """
 
-    def _visible_slots(self, used: int) -> int:
-        return self.slots
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.cursor = torch.zeros((), dtype=torch.long, device=self.device)
+
+    @property
+    def length(self) -> int:
+        return int(self.cursor)
+
+    @length.setter
+    def length(self, value: int) -> None:
+        if hasattr(self, "cursor"):
+            self.cursor.fill_(value)
+
+    def update(self, layer, k, v, positions):
+        t = k.shape[2]
+        if layer == 0:
+            b = positions.shape[0]
+            if b != self.batch:
+                raise ValueError(f"cache was made for batch {self.batch}, got positions for {b}")
+            if not torch.compiler.is_compiling() and self.length + t > self.capacity:
+                super()._begin(positions)  # raises the capacity error
+            self._slots = self.cursor + torch.arange(t, device=self.device)
+            self.positions.index_copy_(1, self._slots, positions)
+            self._mask = position_mask(positions, self.positions, always_tensor=True)
+        self.keys[layer].index_copy_(2, self._slots, k)
+        self.values[layer].index_copy_(2, self._slots, v)
+        if layer == self.num_layers - 1:
+            self.cursor += t
+        return self.keys[layer], self.values[layer], self._mask
 
 
 class Int8Cache(DenseCache):
@@ -341,12 +371,18 @@ class WindowCache(KVCache):
 
 
 def position_mask(
-    q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int | None = None, sinks: int = 0
+    q_pos: torch.Tensor,
+    k_pos: torch.Tensor,
+    *,
+    window: int | None = None,
+    sinks: int = 0,
+    always_tensor: bool = False,
 ) -> torch.Tensor | None:
     """Bool mask (B, 1, T, S): query at position p sees a key at q when 0 <= q <= p, and, with
     a ``window`` W, p - W < q (the last W tokens, itself included) or q < ``sinks``.
 
-    None when everything is visible (SDPA's unmasked path is faster). Query rows that see no
+    None when everything is visible (SDPA's unmasked path is faster; checking is a host sync,
+    which ``always_tensor`` skips for compiled steps). Query rows that see no
     key (padding queries) are opened fully: their outputs are never used, and an all-False row
     would make softmax return NaN.
     """
@@ -354,7 +390,7 @@ def position_mask(
     valid = (k >= 0) & (k <= q)  # (B, T, S)
     if window is not None:
         valid &= (k > q - window) | (k < sinks)
-    if bool(valid.all()):
+    if not always_tensor and bool(valid.all()):
         return None
     valid |= ~valid.any(dim=-1, keepdim=True)
     return valid[:, None]

@@ -91,15 +91,19 @@ class RotaryEmbedding(nn.Module):
         self.cos_table = emb.cos()
         self.sin_table = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
 
+    def reserve(self, length: int) -> None:
+        """Make the table cover positions 0..length-1."""
+        if length > self.cos_table.shape[0]:
+            self._grow(length)
+
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos and signed sin, (B, T, 1, head_dim), for ``positions`` (B, T); -1 (padding) -> 0.
 
         The sin's first half is negated, as ``apply_rope`` expects.
         """
         positions = positions.clamp(min=0)
-        needed = int(positions.max()) + 1 if positions.numel() else 0
-        if needed > self.cos_table.shape[0]:
-            self._grow(needed)
+        if not torch.compiler.is_compiling():  # compiled steps: call reserve() beforehand
+            self.reserve(int(positions.max()) + 1 if positions.numel() else 0)
         cos = self.cos_table[positions].to(dtype).unsqueeze(2)
         sin = self.sin_table[positions].to(dtype).unsqueeze(2)
         return cos, sin

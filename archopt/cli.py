@@ -158,6 +158,8 @@ def cmd_generate(args) -> None:
     )  # fmt: skip
     if args.ignore_eos:
         kwargs["stop"] = None
+    if args.compile:
+        kwargs["compile"] = True
     pieces, count = [], 0
     start = time.perf_counter()
     if not args.json:
@@ -320,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float)
     sp.add_argument("--seed", type=int)
     sp.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
+    sp.add_argument(
+        "--compile", action="store_true", help="compiled one-token steps (needs --cache static)"
+    )
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_generate)

@@ -126,7 +126,7 @@ def stream(
     cfg = model.config
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     ids, mask = _as_batch(input_ids, attention_mask, pad_id)
-    device = model.output_weight.device
+    device = model.embed.weight.device
     ids, mask = ids.to(device), mask.to(device)
     b, t = ids.shape
     kv = model.make_cache(cache, batch=b, reserve=t + max_new_tokens) if cache is not None else None

@@ -201,16 +201,19 @@ def test_bench_generate_sweep_small(tmp_path, capsys):
 
     out = bench(
         ["--model", "llama-tiny", "--new-tokens", "4", "--rounds", "1", "--context", "16",
-         "--cache", "dense", "sliding:8", "--weights", "fp32", "bf16",
+         "--cache", "dense", "sliding:8", "--weights", "fp32", "bf16", "int8",
          "--plot", str(tmp_path / "front.png")]
     )  # fmt: skip
     rows = {r["name"]: r for r in out["sweep"]}
-    assert set(rows) == {"fp32 dense", "fp32 sliding:8", "bf16 dense", "bf16 sliding:8"}
+    assert set(rows) == {
+        f"{w} {c}" for w in ("fp32", "bf16", "int8") for c in ("dense", "sliding:8")
+    }
+    assert rows["int8 dense"]["weight_bytes"] < rows["fp32 dense"]["weight_bytes"]
     assert rows["bf16 dense"]["weight_bytes"] * 2 == rows["fp32 dense"]["weight_bytes"]
     assert rows["fp32 sliding:8"]["cache_bytes"] < rows["fp32 dense"]["cache_bytes"]
     assert any(r["on_front"] for r in rows.values())
     assert (tmp_path / "front.png").stat().st_size > 5_000
-    with pytest.raises(ValueError, match=r"--weights must be among \['bf16', 'fp32'\]"):
+    with pytest.raises(ValueError, match=r"--weights must be among \['bf16', 'fp32', 'int8'\]"):
         bench(["--model", "llama-tiny", "--weights", "int3"])
 
 

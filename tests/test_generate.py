@@ -305,3 +305,45 @@ def test_compiled_decode_step_never_recompiles(model):
     assert counters["stats"]["unique_graphs"] == 1  # a new run reuses it too
     with pytest.raises(ValueError, match="compile=True needs cache='static'"):
         generate(model, ids, 3, cache="dense", compile=True)
+
+
+# -- int8 weights ---------------------------------------------------------------------------
+
+
+def test_int8_linear_equals_its_dequantized_weight():
+    from archopt.ops.quant import Int8Linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 40, bias=False)
+    q = Int8Linear(dense.weight)
+    w = q.dequantized()
+    assert q.qweight.dtype == torch.int8 and q.qweight.abs().max() == 127
+    assert (w - dense.weight).abs().max() <= q.scale.max() / 2 + 1e-7  # half a step at most
+    for shape in [(1, 1, 96), (3, 5, 96), (96,)]:
+        x = torch.randn(shape)
+        ref = torch.nn.functional.linear(x, w)
+        torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_weights_model_is_close_and_compiles_once():
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from archopt.ops.quant import Int8Linear, quantize_weights
+
+    torch.manual_seed(0)
+    model = archopt.create_model("llama-tiny").eval()  # its own init, not the sharpened fixture
+    q = quantize_weights(copy.deepcopy(model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    assert isinstance(q.lm_head, Int8Linear)  # the tied projection gets its own int8 copy
+    ids = rand_ids(1, 40)
+    ref, got = model(ids), q(ids)
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.05
+    counters.clear()
+    eager = generate(q, ids[:, :6], 20, cache="static")
+    assert torch.equal(generate(q, ids[:, :6], 20, cache="static", compile="eager"), eager)
+    assert counters["stats"]["unique_graphs"] == 1
+    with pytest.raises(ValueError, match="weight quantization kind must be 'int8', got 'int4'"):
+        quantize_weights(model, "int4")

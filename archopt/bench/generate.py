@@ -9,6 +9,7 @@ the bytes one decode step must read (weights + the K/V cache at that position).
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import inspect
 import json
@@ -110,7 +111,8 @@ def memory_bandwidth(nbytes: int, repeats: int = 5) -> float:
 
 
 def weight_bytes(model: Llama) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the checkpoint tensors (parameters and int8 weight buffers; no RoPE tables)."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
 def kv_bytes_per_token(model: Llama) -> int:
@@ -365,7 +367,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--cache", nargs="+", help="sweep these cache kinds (e.g. dense int8 sliding:256)"
     )
-    p.add_argument("--weights", nargs="+", help="sweep these weight dtypes: fp32 bf16")
+    p.add_argument("--weights", nargs="+", help="sweep these weights: fp32 bf16 int8")
+    p.add_argument(
+        "--compile", action="store_true", help="sweep: compiled one-token steps for 'static'"
+    )
     p.add_argument("--context", type=int, default=512, help="prompt length for the sweep")
     p.add_argument(
         "--long", type=int, metavar="N", help="with --cache: ms per token over an N-token run"
@@ -395,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
             rounds=args.rounds,
             threads=args.threads,
             plot_path=args.plot,
+            compile=args.compile,
         )
         print(f"# {machine_line(args.threads)}\n" + format_sweep(rows))
         if args.json:
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}
 
 
 def sweep(
@@ -431,6 +437,7 @@ def sweep(
     rounds: int = 2,
     threads: int = 2,
     plot_path: str | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """tokens/s, bytes and perplexity for every (weights, cache) pair: a Pareto study.
 
@@ -451,22 +458,30 @@ def sweep(
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.config.vocab_size, (1, context), generator=gen)
     rows = []
+    base_model = model
     for w in weights:
-        model.to(WEIGHT_DTYPES[w])
+        if w == "int8":  # weight-only int8 (archopt.ops.quant), on a copy of the fp32 model
+            from archopt.ops.quant import quantize_weights
+
+            model = quantize_weights(copy.deepcopy(base_model.float()))
+        else:
+            model = base_model.to(WEIGHT_DTYPES[w])
         for spec in caches:
+            compiled = compile and spec == "static"  # fixed shapes: one graph for every step
             times = []
+            generate(model, prompt, 2, cache=spec, compile=compiled)  # warm-up (and compile)
             for _ in range(rounds):
                 t0 = time.perf_counter()
-                generate(model, prompt, new_tokens, cache=spec)
+                generate(model, prompt, new_tokens, cache=spec, compile=compiled)
                 times.append(time.perf_counter() - t0)
             kv = model.make_cache(spec, reserve=context + new_tokens)
             if kv is not None:
                 model(prompt, cache=kv, last_only=True)
             ppl = perplexity(model, text[:ppl_tokens], cache=spec) if text is not None else None
             row = {
-                "name": f"{w} {spec}",
+                "name": f"{w} {spec}" + (" compiled" if compiled else ""),
                 "weights": w,
-                "cache": spec,
+                "cache": spec + (" compiled" if compiled else ""),
                 "tokens_per_s": new_tokens / statistics.median(times),
                 "weight_bytes": weight_bytes(model),
                 "cache_bytes": kv.nbytes if kv is not None else 0,
@@ -475,7 +490,7 @@ def sweep(
             row["memory_mib"] = (row["weight_bytes"] + row["cache_bytes"]) / 2**20
             print(f"  {row['name']}: {row['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
             rows.append(row)
-    model.to(torch.float32)
+    base_model.to(torch.float32)
     base = next((r["perplexity"] for r in rows if r["name"] == "fp32 dense"), None)
     for r in rows:
         r["perplexity_delta"] = r["perplexity"] / base - 1 if base and r["perplexity"] else None

@@ -213,7 +213,9 @@ class Llama(nn.Module):
             x = layer(x, rope, positions, i, cache)
         if last_only:
             x = x[:, -1:]
-        return F.linear(self.norm(x), self.output_weight)
+        if self.lm_head is not None:  # untied, or a quantized copy of the tied embedding
+            return self.lm_head(self.norm(x))
+        return F.linear(self.norm(x), self.embed.weight)
 
     def make_cache(
         self, kind: str | KVCache = "dense", *, batch: int = 1, reserve: int | None = None

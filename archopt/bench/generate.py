@@ -469,7 +469,9 @@ def sweep(
         for spec in caches:
             compiled = compile and spec == "static"  # fixed shapes: one graph for every step
             times = []
-            generate(model, prompt, 2, cache=spec, compile=compiled)  # warm-up (and compile)
+            # Warm-up (and compile): same lengths as the timed runs, since a static cache's
+            # capacity is part of the compiled graph's shapes.
+            generate(model, prompt, new_tokens, cache=spec, compile=compiled)
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 generate(model, prompt, new_tokens, cache=spec, compile=compiled)

@@ -129,7 +129,10 @@ def stream(
     device = model.embed.weight.device
     ids, mask = ids.to(device), mask.to(device)
     b, t = ids.shape
-    kv = model.make_cache(cache, batch=b, reserve=t + max_new_tokens) if cache is not None else None
+    reserve = t + max_new_tokens
+    if compile:  # a static cache's size is a compiled shape: round it so runs share graphs
+        reserve = min(-(-reserve // 256) * 256, cfg.max_position_embeddings)
+    kv = model.make_cache(cache, batch=b, reserve=reserve) if cache is not None else None
     capacity = cfg.max_position_embeddings if kv is None else kv.capacity
     if t + max_new_tokens > capacity - (kv.length if kv is not None else 0):
         raise ValueError(

@@ -347,3 +347,14 @@ def test_int8_weights_model_is_close_and_compiles_once():
     assert counters["stats"]["unique_graphs"] == 1
     with pytest.raises(ValueError, match="weight quantization kind must be 'int8', got 'int4'"):
         quantize_weights(model, "int4")
+
+
+def test_compiled_runs_of_different_lengths_share_a_graph(model):
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    for n_prompt, n_new in [(5, 10), (9, 30), (3, 50)]:  # all within one 256-slot cache
+        ids = rand_ids(1, n_prompt)
+        ref = generate(model, ids, n_new, cache="static")
+        assert torch.equal(generate(model, ids, n_new, cache="static", compile="eager"), ref)
+    assert counters["stats"]["unique_graphs"] == 1

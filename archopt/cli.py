@@ -160,7 +160,7 @@ def cmd_generate(args) -> None:
         kwargs["stop"] = None
     if args.compile:
         kwargs["compile"] = True
-    pieces, count = [], 0
+    pieces = []
     start = time.perf_counter()
     if not args.json:
         print(args.prompt if not args.chat else "", end="", flush=True)

@@ -84,9 +84,13 @@ class KVCache:
     def slots(self) -> int:
         return self.positions.shape[1]
 
+    def _per_slot(self) -> tuple[list[torch.Tensor], ...]:
+        """The per-layer tensors indexed by slot on dim 2 (what growing copies)."""
+        return self.keys, self.values
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
+        return sum(t.numel() * t.element_size() for group in self._per_slot() for t in group)
 
     def reset(self) -> None:
         self.length = 0
@@ -160,11 +164,12 @@ class DenseCache(KVCache):
         return min(self.capacity, self._reserve or 256)
 
     def _grow(self, needed: int) -> None:
-        old_k, old_v, old_pos = self.keys, self.values, self.positions
+        old, old_pos = self._per_slot(), self.positions
         self._alloc(min(self.capacity, max(needed, 2 * self.slots)))
         n = old_pos.shape[1]
-        for new, old in zip((*self.keys, *self.values), (*old_k, *old_v)):
-            new[:, :, :n] = old
+        for new_group, old_group in zip(self._per_slot(), old):
+            for new, prev in zip(new_group, old_group):
+                new[:, :, :n] = prev
         self.positions[:, :n] = old_pos
 
 
@@ -239,24 +244,13 @@ class Int8Cache(DenseCache):
             self.recent_keys = [torch.zeros(shape, dtype=self.dtype, device=dev) for _ in self._L]
             self.recent_values = [torch.zeros_like(t) for t in self.recent_keys]
 
-    def _grow(self, needed: int) -> None:
-        old = (self.keys, self.values, self.key_scales, self.value_scales)
-        old_pos = self.positions
-        self._alloc(min(self.capacity, max(needed, 2 * self.slots)))
-        n = old_pos.shape[1]
-        for new_list, old_list in zip(
-            (self.keys, self.values, self.key_scales, self.value_scales), old
-        ):
-            for new, prev in zip(new_list, old_list):
-                new[:, :, :n] = prev
-        self.positions[:, :n] = old_pos
+    def _per_slot(self) -> tuple[list[torch.Tensor], ...]:
+        return self.keys, self.values, self.key_scales, self.value_scales
 
     @property
     def nbytes(self) -> int:
-        groups = [self.keys, self.values, self.key_scales, self.value_scales]
-        if self.recent:
-            groups += [self.recent_keys, self.recent_values]
-        return sum(t.numel() * t.element_size() for group in groups for t in group)
+        ring = (*self.recent_keys, *self.recent_values) if self.recent else ()
+        return super().nbytes + sum(t.numel() * t.element_size() for t in ring)
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -343,14 +337,11 @@ class WindowCache(KVCache):
             raise ValueError(f"cache was made for batch {self.batch}, got positions for {b}")
         slot = self._slot_of(positions)
         rows = torch.arange(b, device=positions.device)[:, None].expand(b, t)
-        if t == 1:
-            self.positions[rows, slot] = positions
-            self.positions[:, self._trash] = -1
-            key_pos = self.positions
-        else:
-            key_pos = torch.cat([self.positions, positions], dim=1)
-            self.positions[rows, slot] = positions
-            self.positions[:, self._trash] = -1
+        # A chunk also attends the slots it is about to overwrite: their positions, first.
+        before = torch.cat([self.positions, positions], dim=1) if t > 1 else None
+        self.positions[rows, slot] = positions
+        self.positions[:, self._trash] = -1
+        key_pos = self.positions if before is None else before
         self._step = (rows, slot)
         self._mask = position_mask(positions, key_pos, window=self.window, sinks=self.sinks)
 

@@ -166,3 +166,16 @@ def test_fast_rope_and_norm_equal_their_reference_forms():
     x = torch.randn(3, 11, 64) * 3
     reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
     assert torch.equal(norm(x), reference)
+
+
+def test_state_dict_maps_to_hf_and_back(pair):
+    from archopt.loading.llama import llama_state_dict_from_hf, llama_state_dict_to_hf
+
+    hf, ours = pair
+    to_hf = llama_state_dict_to_hf(ours.state_dict(), ours.config)
+    reference = hf.state_dict()
+    for k, v in to_hf.items():
+        assert torch.equal(v, reference[k]), k
+    back = llama_state_dict_from_hf(to_hf, ours.config)
+    assert back.keys() == ours.state_dict().keys()
+    assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())

@@ -63,24 +63,10 @@ def hf_twin(model: Llama):
     )
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(hf_cfg)
-    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    sd = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight}
-    sd["lm_head.weight"] = model.output_weight
-    for i, layer in enumerate(model.layers):
-        p = f"model.layers.{i}."
-        wq, wk, wv = layer.attn.qkv.weight.split([q, kv, kv])
-        gate, up = layer.mlp.gate_up.weight.split(cfg.intermediate_size)
-        sd |= {
-            p + "input_layernorm.weight": layer.attn_norm.weight,
-            p + "post_attention_layernorm.weight": layer.mlp_norm.weight,
-            p + "self_attn.q_proj.weight": wq,
-            p + "self_attn.k_proj.weight": wk,
-            p + "self_attn.v_proj.weight": wv,
-            p + "self_attn.o_proj.weight": layer.attn.out.weight,
-            p + "mlp.gate_proj.weight": gate,
-            p + "mlp.up_proj.weight": up,
-            p + "mlp.down_proj.weight": layer.mlp.down.weight,
-        }
+    from archopt.loading.llama import llama_state_dict_to_hf
+
+    sd = llama_state_dict_to_hf(model.state_dict(), cfg)
+    sd.setdefault("lm_head.weight", model.embed.weight)  # tied: HF still names its head
     hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, assign=True, strict=False)
     if cfg.tie_word_embeddings:
         hf.tie_weights()

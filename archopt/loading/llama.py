@@ -81,6 +81,30 @@ def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> d
     return out
 
 
+def llama_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict:
+    """Our state dict in HF ``LlamaForCausalLM`` names: the inverse of the map above."""
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm.weight"]}
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        p, hf = f"layers.{i}.", f"model.layers.{i}."
+        wq, wk, wv = sd[p + "attn.qkv.weight"].split([q, kv, kv])
+        gate, up = sd[p + "mlp.gate_up.weight"].split(cfg.intermediate_size)
+        out |= {
+            hf + "input_layernorm.weight": sd[p + "attn_norm.weight"],
+            hf + "post_attention_layernorm.weight": sd[p + "mlp_norm.weight"],
+            hf + "self_attn.q_proj.weight": wq,
+            hf + "self_attn.k_proj.weight": wk,
+            hf + "self_attn.v_proj.weight": wv,
+            hf + "self_attn.o_proj.weight": sd[p + "attn.out.weight"],
+            hf + "mlp.gate_proj.weight": gate,
+            hf + "mlp.up_proj.weight": up,
+            hf + "mlp.down_proj.weight": sd[p + "mlp.down.weight"],
+        }
+    return out
+
+
 def build_llama(cfg: LlamaConfig, state_dict: dict, dtype: torch.dtype | None = None) -> Llama:
     """A model with ``state_dict`` copied in, checked strictly (shapes and names)."""
     with torch.device("meta"):

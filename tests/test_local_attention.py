@@ -54,8 +54,8 @@ def padding_mask(b, n, kind):
 
 @pytest.fixture(params=["default", "tiny"])
 def chunk_bytes(request, monkeypatch):
-    """Tiny chunks force the long-sequence path (one sequence per chunk, edge chunks separate,
-    keys and values read as views) even on short test inputs."""
+    """Tiny chunks (one block each) make every chunk boundary fall inside a sequence, so the
+    key bias, padded edge chunks and head-crossing runs are exercised block by block."""
     if request.param == "tiny":
         monkeypatch.setattr(blocked, "CHUNK_BYTES", 1)
     return request.param
@@ -173,6 +173,24 @@ def test_any_block_size_is_exact(block):
             q, k, v, dilations=dil, scale=0.5, block=block, **kwargs
         )
         ref = local_attention(q, k, v, dilation=list(dil), scale=0.5, backend="reference", **kwargs)
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dilations", [(1, 1, 1, 1), (2, 2, 2, 2), (3, 3, 3, 3), (1, 1, 2, 2)])
+@pytest.mark.parametrize("pad", ["none", "random", "leading"])
+def test_runs_across_heads_are_exact(dilations, pad, chunk_bytes):
+    """N a multiple of dil * block: the residue classes of consecutive heads are processed as
+    one strided sequence, so chunks cross from one head (and batch row) into the next."""
+    q, k, v = make_qkv(3, 4, 48, 4)
+    for causal, window in itertools.product([False, True], [1, 5, 30]):
+        pad_mask = padding_mask(3, 48, pad)
+        kwargs = dict(window=window, key_padding_mask=pad_mask, global_mask=None, causal=causal)
+        out = blocked.local_attention_blocked(
+            q, k, v, dilations=dilations, scale=0.5, block=8, **kwargs
+        )
+        ref = local_attention(
+            q, k, v, dilation=list(dilations), scale=0.5, backend="reference", **kwargs
+        )
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
 
 

@@ -16,15 +16,21 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
   (n, blk, d) @ (n, d, span) and one (n, blk, span) @ (n, span, dv). The work is
   (blk + 2w) / (2w + 1) times the band's: 1.12x for w=256, blk=64. The exact band is a
   precomputed (blk, span) additive bias.
-- Edges. Chunks that cannot be plain views (blocks whose span leaves the sequence: the first
-  ceil(w/blk) and the last few; chunks made of several short sequences) gather their rows with
-  one ``index_select`` per tensor, from a map of a "virtual layout" in which sequence s owns
-  rows [s*rows, s*rows + length_s) followed by at least w rows of padding. Padding rows point
-  at some real row and are neutralised by an additive -1e30 key bias (which padded and global
-  keys get too) or, as queries, discarded.
+- Edges. Every chunk reads its queries, keys and values as strided views, even where a span
+  leaves its sequence: the rows there belong to the neighbouring residue class or head, are
+  finite, and get an additive -1e30 *key bias* (as do padded and global keys), built once per
+  sequence length (or per batch row and residue class when there is a padding mask) and added
+  only to the blocks that need it. Only spans that leave the tensor itself (the first blocks
+  of the first sequence, the last of the last) are small zero-padded copies.
+- Runs. When N is a multiple of dilation * blk, residue class r of consecutive (batch row,
+  head) pairs is one strided sequence of rows, so a chunk can run from one head into the next
+  and short sequences or large dilations still give full-size matmuls: the number of chunks,
+  and so the per-op overhead, does not grow with B*H*dilation.
 - Chunks. Blocks are processed a chunk (about ``CHUNK_BYTES`` of scores) at a time with
-  buffers reused across chunks, softmax in place; under autograd fresh tensors are used instead
-  so every intermediate can be saved for the backward pass.
+  buffers reused across chunks, softmax in place, each chunk's output written straight into
+  the result (dilation 1) or copied into its strided rows; under autograd fresh tensors are
+  used instead so every intermediate can be saved for the backward pass. Peak memory is the
+  output plus about ``CHUNK_BYTES``.
 - Global tokens. The scores of every query against the global keys are extra columns
   concatenated to its band scores, so one fp32 softmax normalises both parts exactly; global
   keys are removed from the band part (key bias), so a global key inside the window is counted
@@ -36,6 +42,7 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -47,10 +54,10 @@ from archopt.ops.attention.reference import masked_softmax_attention
 # Added to masked scores. Finite so that a row with no valid key stays finite (it is zeroed
 # afterwards) and so that two such biases can be added without overflowing fp32.
 NEG = -1e30
-# Bytes of scores per chunk. Measured on 2 cores (N=16384, w=256): 12-24 MB is fastest, 3 MB
-# (the L2 size) about 1.3x slower, from per-op overheads and the smaller batched matmuls, and
-# 96 MB slower again as the scores start to leave the caches. The chunk buffers are reused, so
-# this is a constant, not a per-N, amount of memory.
+# Bytes of scores per chunk: the memory above the output, a constant, not a per-N amount.
+# Measured on 2 cores (N=16384, w=256, fp32, forward): 16 MB is fastest; 8, 4 and 2 MB take
+# 1.05x, 1.12x and 1.14x as long (per-op overheads), for a peak of the output plus 16, 9, 5 and
+# 3 MiB (benchmarks/RESULTS.md).
 CHUNK_BYTES = 16 * 2**20
 
 
@@ -191,32 +198,46 @@ def _rows(src: Tensor, start: int, n: int, step: int) -> Tensor:
     return src[start : start + step * (n - 1) + 1 : step]
 
 
-def _chunks(n_seq: int, nb: int, T: int, c: int, first_full: int, per_chunk: int):
-    """Chunks of query blocks (t0, t1), block t = s*T + b being block b of sequence s.
+def _seq_rows(src: Tensor, base: int, dil: int, p0: int, n: int) -> Tensor:
+    """Rows ``base + dil * p`` for p in [p0, p0 + n) of ``src`` (rows, e).
 
-    Short sequences (at least 4 fit in a chunk): whole sequences, padding blocks included, per
-    chunk, gathered. Otherwise the blocks of one sequence, with the blocks whose span may leave
-    the sequence (the first c, the last from ``first_full``) in chunks of their own, so that
-    every other chunk reads its queries, keys and values as views of the inputs. (Measured:
-    the threshold 4 is 1.2-1.35x faster than 1 at N=2048-8192 and as fast for short ones.)
+    A strided view when all of them exist; otherwise (only at the very start or end of the
+    tensor) a copy with zero rows where they do not. Rows that exist but lie outside the
+    sequence are read as they are: the key bias masks them and query rows there are discarded.
     """
-    if per_chunk >= 4 * T:
-        step = per_chunk // T
-        for s0 in range(0, n_seq, step):
-            yield s0 * T, min(n_seq, s0 + step) * T
-        return
-    lo, hi = min(c, nb), max(min(c, nb), first_full)
-    for s in range(n_seq):
-        for a, b in ((0, lo), (lo, hi), (hi, nb)):
-            for b0 in range(a, b, per_chunk):
-                yield s * T + b0, s * T + min(b, b0 + per_chunk)
+    first = base + dil * p0
+    lo = max(0, -(first // dil))  # first i with first + dil * i >= 0
+    hi = min(n, (src.shape[0] - 1 - first) // dil + 1)  # last i with a row, plus one
+    if lo == 0 and hi == n:
+        return _rows(src, first, n, dil)
+    if hi <= lo:
+        return src.new_zeros(n, src.shape[1])
+    return F.pad(_rows(src, first + dil * lo, hi - lo, dil), (0, 0, lo, n - hi))
 
 
-def _gather(src: Tensor, idx: Tensor, buf: Tensor | None) -> Tensor:
-    """``src[idx]`` into the reused ``buf``, or a fresh tensor when autograd needs one."""
-    if buf is None:
-        return src.index_select(0, idx)
-    return torch.index_select(src, 0, idx, out=buf[: idx.shape[0]])
+def _split(total: int, per_chunk: int, head: int, tail: int):
+    """[0, total) as ranges of at most ``per_chunk``, of near-equal sizes, with the first
+    ``head`` and the last ``tail`` entries in ranges of their own."""
+    head = min(head, total)
+    tail = min(tail, total - head)
+    lo, hi = head, total - tail
+    n = -(-(hi - lo) // per_chunk)
+    cuts = [0, *(lo + j * (hi - lo) // n for j in range(n)), hi, total]
+    for a, b in itertools.pairwise(cuts):
+        for a2 in range(a, b, per_chunk):  # head and tail may be longer than a chunk
+            yield a2, min(b, a2 + per_chunk)
+
+
+def _runs(flags: list[bool]) -> list[tuple[int, int]]:
+    """Maximal runs [a, b) of True in ``flags``."""
+    runs, a = [], None
+    for i, f in enumerate([*flags, False]):
+        if f and a is None:
+            a = i
+        elif not f and a is not None:
+            runs.append((a, i))
+            a = None
+    return runs
 
 
 def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, result, pieces):
@@ -230,46 +251,34 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
     B, H, N, D = q.shape
     dv = v.shape[-1]
     dev = q.device
-    # Sequences: s = (b*len(heads) + i)*dil + r is residue class r of head heads[i], row b.
-    seqs = [(b, h, r) for b in range(B) for h in heads for r in range(dil)]
-    S = len(seqs)
-    lengths = [-(-(N - r) // dil) for _, _, r in seqs]
-    qkv_base = [(b * H + h) * N + r for b, h, r in seqs]  # first row in (B*H*N, e)
-    mask_base = [b * N + r for b, _, r in seqs]  # first entry in (B*N,)
-    M = max(lengths)
+    M = -(-N // dil)  # the longest sequence (residue class 0)
     w = min(window, M - 1)  # keys further away than the sequence is long do not exist
     blk = block or choose_block(w)
-    nb = -(-M // blk)  # query blocks per sequence
-    c = -(-w // blk)  # blocks of padding after each sequence: at least w rows
-    T = nb + c  # blocks per sequence in the virtual layout
-    rows = T * blk
     span = blk + (w if causal else 2 * w)
-    # Virtual layout: sequence s owns rows [s*rows, s*rows + lengths[s]), all else is padding.
-    # Query block t = s*T + b covers rows [t*blk, (t+1)*blk) and sees the ``span`` key rows
-    # from t*blk - w on; from block ``first_full`` on, spans pass the end of the sequence.
-    first_full = max(0, (M + w - span) // blk + 1)
     q_all, k_all, v_all = q.view(-1, D), k.view(-1, D), v.view(-1, dv)
-
-    # Where each virtual row lives, for chunks that are not plain views: virtual rows
-    # [-w, S*rows + span) as ``vrow + w``; padding points at row 0 of q/k/v (masked or
-    # discarded) and at the extra last entry of the (B*N + 1,) per-position tensors.
-    vrow = torch.arange(-w, S * rows + span, device=dev)
-    s_of = vrow.div(rows, rounding_mode="floor").clamp(0, S - 1)
-    m_of = vrow - s_of * rows
-    real = (vrow >= 0) & (vrow < S * rows) & (m_of < torch.tensor(lengths, device=dev)[s_of])
-    qkv_idx = torch.where(real, torch.tensor(qkv_base, device=dev)[s_of] + dil * m_of, 0)
-    mask_idx = torch.where(real, torch.tensor(mask_base, device=dev)[s_of] + dil * m_of, B * N)
-
-    key_bias = torch.zeros(B * N + 1, dtype=q.dtype, device=dev)
-    key_bias[-1] = NEG
-    valid_all = None
-    if key_valid is not None:
-        valid_all = key_valid.reshape(-1)
-        key_bias[:-1].masked_fill_(~valid_all, NEG)
     r_ = torch.arange(blk, device=dev)[:, None]
     t_ = torch.arange(span, device=dev)[None, :]
     band = (t_ >= r_) & (t_ <= r_ + (w if causal else 2 * w))  # key row t in query row r's band
     band_bias = torch.zeros(blk, span, dtype=q.dtype, device=dev).masked_fill_(~band, NEG)
+
+    # Key bias of a sequence: NEG on the positions it does not own (before 0, from its length
+    # on) and on masked keys, over the positions [-w, (nb - 1) * blk + span) its blocks read;
+    # ``unfold`` gives every block's (span,) slice. It depends on the batch row and residue
+    # class only through the mask, and on the length otherwise, so it is built once per kind.
+    key_bias: dict[tuple[int, ...], tuple[Tensor, list[bool]]] = {}
+
+    def bias_of(b: int, r: int, length: int) -> tuple[Tensor, list[bool]]:
+        key = (length,) if key_valid is None else (b, r)
+        if key not in key_bias:
+            nb = -(-length // blk)
+            kb = torch.full(((nb - 1) * blk + span,), NEG, dtype=q.dtype, device=dev)
+            if key_valid is None:
+                kb[w : w + length] = 0
+            else:
+                kb[w : w + length].masked_fill_(key_valid[b, r::dil], 0)
+            per_block = kb.unfold(0, span, blk)  # (nb, span)
+            key_bias[key] = per_block, (per_block != 0).any(-1).tolist()
+        return key_bias[key]
 
     g = 0
     if gk is not None:
@@ -277,117 +286,103 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
         g = gk_k.shape[2]
         gk_kt = gk_k.reshape(B * H, g, D).transpose(1, 2)  # (B*H, d, G)
         gk_v = gk_v.reshape(B * H, g, dv)
-        visible = F.pad(visible.reshape(-1), (0, 1))  # (B*N + 1,)
-        g_of_seq = torch.tensor([b * H + h for b, h, _ in seqs], device=dev)
+        visible = F.pad(visible, (0, dil * blk))  # (B, N + dil*blk): query rows past the end
         slots = torch.arange(g, device=dev)
 
     per_chunk = max(1, CHUNK_BYTES // (blk * (span + g) * q.element_size()))
-    chunks = list(_chunks(S, nb, T, c, first_full, per_chunk))
+    # Runs of sequences processed as one: when every sequence is a whole number of blocks,
+    # residue class r of consecutive (batch row, head) pairs f, f+1, ... is one strided
+    # sequence of rows f*N + r + dil*p, so chunks can cross from one head into the next (the
+    # key bias masks what a block reads of its neighbours) and short sequences still make big
+    # matmuls. With global tokens each sequence stays on its own (one set of global keys).
+    pairs = [b * H + h for b in range(B) for h in heads]
+    runs = [[pairs[0], 1]]
+    for f in pairs[1:]:
+        if not g and N % (dil * blk) == 0 and f == runs[-1][0] + runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([f, 1])
     reuse = result is not None
-    bufs = dict.fromkeys(("band", "scores", "out", "q", "k", "v", "bias"))
     if reuse:
-        n_max = max(t1 - t0 for t0, t1 in chunks)
-        n_keys_max = (n_max - 1) * blk + span
-        bufs.update(
-            band=q.new_empty(n_max, blk, span),
-            scores=q.new_empty(n_max, blk, span + g) if g else None,
-            out=q.new_empty(n_max, blk, dv),
-            q=q.new_empty(n_max * blk, D),
-            k=q.new_empty(n_keys_max, D),
-            v=q.new_empty(n_keys_max, dv),
-            bias=q.new_empty(n_keys_max),
-        )
+        n_max = min(per_chunk, max(count for _, count in runs) * -(-M // blk))
+        buf_band = q.new_empty(n_max, blk, span)
+        buf_scores = q.new_empty(n_max, blk, span + g) if g else None
+        buf_out = None  # allocated when some chunk cannot write into the result directly
 
-    for t0, t1 in chunks:
-        n = t1 - t0
-        n_keys = (n - 1) * blk + span
-        s, b0 = divmod(t0, T)
-        one_seq = t1 <= (s + 1) * T
-        # Rows of the inputs themselves (views) when the chunk lies inside one sequence.
-        whole_q = one_seq and (b0 + n) * blk <= lengths[s]
-        whole_k = one_seq and b0 * blk >= w and b0 * blk - w + n_keys <= lengths[s]
-        q0, k0 = t0 * blk + w, t0 * blk  # first query row, first key row in the index tensors
-        if whole_q:
-            qc = _rows(q_all, qkv_base[s] + dil * b0 * blk, n * blk, dil)
-        else:
-            qc = _gather(q_all, qkv_idx[q0 : q0 + n * blk], bufs["q"])
-        qc = qc.view(n, blk, D)
-        if whole_k:
-            first = qkv_base[s] + dil * (b0 * blk - w)
-            k_rows, v_rows = _rows(k_all, first, n_keys, dil), _rows(v_all, first, n_keys, dil)
-        else:
-            k_rows = _gather(k_all, qkv_idx[k0 : k0 + n_keys], bufs["k"])
-            v_rows = _gather(v_all, qkv_idx[k0 : k0 + n_keys], bufs["v"])
-        k_win = k_rows.unfold(0, span, blk)  # (n, d, span): K^T of every block, a view
-        v_win = v_rows.unfold(0, span, blk).transpose(1, 2)  # (n, span, dv)
+    for (f0, count), r in itertools.product(runs, range(dil)):
+        # Sequence i of the run is (b, h) = divmod(f0 + i, H), residue class r: its positions
+        # 0 .. length-1 are rows base + dil*(i*nb*blk + p) of q/k/v (i = 0 only, or whole blocks).
+        base, length = f0 * N + r, -(-(N - r) // dil)
+        if length == 0:  # N < dil: this residue class is empty
+            continue
+        nb = -(-length // blk)
+        # Chunks that read rows before the start or past the end of the tensor are padded
+        # copies (see _seq_rows): keep them to the few blocks that need it.
+        head = -(-w // blk) if base < dil * w else 0
+        tail = nb - max(0, (length + w - span) // blk + 1) if f0 + count == B * H else 0
+        for b0, b1 in _split(count * nb, per_chunk, head, tail):
+            n = b1 - b0
+            n_keys = (n - 1) * blk + span
+            rows = min(n * blk, count * length - b0 * blk)  # query rows that are positions
+            qc = _seq_rows(q_all, base, dil, b0 * blk, n * blk)  # (n*blk, d)
+            k_rows = _seq_rows(k_all, base, dil, b0 * blk - w, n_keys)
+            v_rows = _seq_rows(v_all, base, dil, b0 * blk - w, n_keys)
+            k_win = k_rows.unfold(0, span, blk)  # (n, d, span): K^T of every block, a view
+            v_win = v_rows.unfold(0, span, blk).transpose(1, 2)  # (n, span, dv)
+            qb = qc.view(n, blk, D)
 
-        # Band scores (n, blk, span), always a contiguous matmul output: with a strided output
-        # baddbmm falls back to one small matmul per block.
-        if reuse:
-            band_scores = bufs["band"][:n].baddbmm_(qc, k_win, beta=0, alpha=scale)
-            band_scores.add_(band_bias)
-        else:
-            band_scores = torch.baddbmm(band_bias, qc, k_win, alpha=scale)
-        # Key bias only where some key of the chunk is padding, masked or global.
-        if not whole_k or (
-            valid_all is not None
-            and not bool(_rows(valid_all, mask_base[s] + dil * (b0 * blk - w), n_keys, dil).all())
-        ):
-            bias = _gather(key_bias, mask_idx[k0 : k0 + n_keys], bufs["bias"])
-            band_scores.add_(bias.unfold(0, span, blk)[:, None, :])  # (n, 1, span)
-
-        scores = band_scores
-        if gk is not None:
-            if one_seq:  # the global keys of one sequence: a single small matmul
-                gi = int(g_of_seq[s])
-                g_scores = (qc.reshape(n * blk, D) @ gk_kt[gi]).view(n, blk, g)
+            # Band scores (n, blk, span), always a contiguous matmul output: with a strided
+            # output baddbmm falls back to one small matmul per block.
+            if reuse:
+                band_scores = buf_band[:n].baddbmm_(qb, k_win, beta=0, alpha=scale)
+                band_scores.add_(band_bias)
             else:
-                gsel = g_of_seq[torch.arange(t0, t1, device=dev) // T]
-                g_scores = torch.bmm(qc, gk_kt[gsel])  # (n, blk, G)
-            seen = visible[mask_idx[q0 : q0 + n * blk]].view(n, blk, 1)
-            g_scores.masked_fill_(slots >= seen, NEG)
-            # band and global columns side by side: one softmax normalises both exactly
-            cat_out = {"out": bufs["scores"][:n]} if reuse else {}
-            scores = torch.cat([band_scores, g_scores], dim=-1, **cat_out)
+                band_scores = torch.baddbmm(band_bias, qb, k_win, alpha=scale)
+            # Key bias only on the blocks that read a masked key or leave their sequence.
+            for i in range(b0 // nb, (b1 - 1) // nb + 1):
+                b, h = divmod(f0 + i, H)
+                per_block, needs_bias = bias_of(b, r, length)
+                lo, hi = max(b0, i * nb) - i * nb, min(b1, (i + 1) * nb) - i * nb
+                at = i * nb - b0  # block i*nb of the run is block ``at`` of the chunk
+                for a, e in _runs(needs_bias[lo:hi]):
+                    band_scores[at + lo + a : at + lo + e].add_(per_block[lo + a : lo + e, None, :])
 
-        direct = reuse and whole_q and dil == 1  # the chunk's rows are rows of the result
-        if reuse:
-            # Softmax in place: the kernel reads each row before writing it.
-            probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-            if direct:
-                dst = result[qkv_base[s] + b0 * blk :][: n * blk].view(n, blk, dv)
+            scores = band_scores
+            if g:  # one sequence (b, h) per run
+                gi = b * H + h
+                g_scores = (qc @ gk_kt[gi]).view(n, blk, g)
+                seen = _rows(visible[b], r + dil * b0 * blk, n * blk, dil).view(n, blk, 1)
+                g_scores.masked_fill_(slots >= seen, NEG)
+                # band and global columns side by side: one softmax normalises both exactly
+                cat_out = {"out": buf_scores[:n]} if reuse else {}
+                scores = torch.cat([band_scores, g_scores], dim=-1, **cat_out)
+
+            # the chunk's rows are rows of the result: write them in place
+            direct = reuse and dil == 1 and rows == n * blk
+            if reuse:
+                # Softmax in place: the kernel reads each row before writing it.
+                probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+                if direct:
+                    dst = result[base + b0 * blk :][:rows].view(n, blk, dv)
+                else:
+                    buf_out = q.new_empty(n_max, blk, dv) if buf_out is None else buf_out
+                    dst = buf_out[:n]
+                out = torch.bmm(probs[..., :span], v_win, out=dst)
             else:
-                dst = bufs["out"][:n]
-            out = torch.bmm(probs[..., :span], v_win, out=dst)
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.bmm(probs[..., :span], v_win)  # (n, blk, dv)
-        if gk is not None:
-            p_g = probs[..., span:]  # (n, blk, G)
-            if one_seq:
-                flat, p_g = out.view(n * blk, dv), p_g.reshape(n * blk, g)
+                probs = torch.softmax(scores, dim=-1)
+                out = torch.bmm(probs[..., :span], v_win)  # (n, blk, dv)
+            if g:
+                flat, p_g = out.view(n * blk, dv), probs[..., span:].reshape(n * blk, g)
                 if reuse:
                     flat.addmm_(p_g, gk_v[gi])
                 else:
-                    out = torch.addmm(flat, p_g, gk_v[gi]).view(n, blk, dv)
-            elif reuse:
-                out.baddbmm_(p_g, gk_v[gsel])
-            else:
-                out = torch.baddbmm(out, p_g, gk_v[gsel])
+                    out = torch.addmm(flat, p_g, gk_v[gi])
 
-        # keep the rows of real queries
-        if direct:
-            continue
-        out = out.view(n * blk, dv)
-        is_real = real[q0 : q0 + n * blk]
-        if whole_q:  # with dilation: every dil-th row of the result
+            if direct:
+                continue
+            out = out.reshape(n * blk, dv)[:rows]
             if reuse:
-                _rows(result, qkv_base[s] + dil * b0 * blk, n * blk, dil).copy_(out)
+                _rows(result, base + dil * b0 * blk, rows, dil).copy_(out)
             else:
-                pieces.append((qkv_idx[q0 : q0 + n * blk], out))
-        else:
-            idx = qkv_idx[q0 : q0 + n * blk][is_real]
-            if reuse:
-                result.index_copy_(0, idx, out[is_real])
-            else:
-                pieces.append((idx, out[is_real]))
+                first = base + dil * b0 * blk
+                pieces.append((torch.arange(first, first + dil * rows, dil, device=dev), out))

@@ -345,8 +345,58 @@ def test_int8_weights_model_is_close_and_compiles_once():
     eager = generate(q, ids[:, :6], 20, cache="static")
     assert torch.equal(generate(q, ids[:, :6], 20, cache="static", compile="eager"), eager)
     assert counters["stats"]["unique_graphs"] == 1
-    with pytest.raises(ValueError, match="weight quantization kind must be 'int8', got 'int4'"):
-        quantize_weights(model, "int4")
+    with pytest.raises(ValueError, match=r"kind must be one of \('int8', 'int4'\), got 'int3'"):
+        quantize_weights(model, "int3")
+
+
+@pytest.mark.parametrize("kind,group_size", [("int8", 32), ("int4", 32), ("int4", 16)])
+def test_grouped_linears_equal_their_dequantized_weight(kind, group_size):
+    from archopt.ops.quant import Int4Linear, Int8Linear
+
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(96, 40, bias=False)
+    dense.weight.data[3, :32] = 0.7  # a constant block: every value exact
+    q = (Int8Linear if kind == "int8" else Int4Linear)(dense.weight, group_size=group_size)
+    w = q.dequantized()
+    step = q.scale.max()
+    assert (w - dense.weight).abs().max() <= step / 2 + 1e-6  # half a step at most
+    assert torch.equal(w[3, :32], dense.weight[3, :32])
+    for shape in [(1, 1, 96), (3, 5, 96), (96,)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(q(x), torch.nn.functional.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_linear_shape_errors():
+    from archopt.ops.quant import Int4Linear, Int8Linear
+
+    w = torch.randn(8, 40)
+    with pytest.raises(ValueError, match=r"even divisor of in_features \(40\), got 32"):
+        Int4Linear(w)
+    with pytest.raises(ValueError, match=r"even divisor of in_features \(40\), got 3"):
+        Int8Linear(w, group_size=3)
+    with pytest.raises(ValueError, match=r"packed must be 2-D uint8, got torch\.int8"):
+        Int4Linear.from_packed(torch.zeros(8, 20, dtype=torch.int8), torch.ones(8, 1), w[:, :1])
+
+
+def test_int4_weights_model_is_close_and_compiles_once():
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from archopt.ops.quant import Int4Linear, quantize_weights
+
+    torch.manual_seed(0)
+    model = archopt.create_model("llama-tiny").eval()
+    q = quantize_weights(copy.deepcopy(model), "int4", group_size=8)  # 344 = 8 * 43
+    assert isinstance(q.lm_head, Int4Linear) and q.lm_head.in_features // q.lm_head.groups == 8
+    ids = rand_ids(1, 40)
+    ref, got = model(ids), q(ids)
+    err = (got - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.2
+    counters.clear()
+    eager = generate(q, ids[:, :6], 20, cache="static")
+    assert torch.equal(generate(q, ids[:, :6], 20, cache="static", compile="eager"), eager)
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_compiled_runs_of_different_lengths_share_a_graph(model):

@@ -337,6 +337,47 @@ def test_q8_0_gguf_equals_what_transformers_loads(tmp_path):
     assert (_logits(ours, ids) - _logits(hf, ids)).abs().max() < 0.05
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+def test_keep_quantized_holds_the_blocks_bit_for_bit(tmp_path, qtype, tied):
+    from archopt.generate import generate
+    from archopt.ops.quant import Int4Linear, Int8Linear
+
+    path = _write_hf_llama(tmp_path / "q.gguf", _hf_llama(tied, 2), qtype)
+    ref = load_gguf_llama(path)
+    kept = load_gguf_llama(path, keep_quantized=True)
+    kind = Int8Linear if qtype == Q.Q8_0 else Int4Linear
+    assert kept.config.extra["gguf_weights"] == {qtype.name: 4 * kept.config.num_layers + 1}
+    assert not any(isinstance(m, torch.nn.Linear) for m in kept.modules())
+    modules = dict(ref.named_modules())
+    for name, m in kept.named_modules():
+        if isinstance(m, Int4Linear | Int8Linear):
+            assert isinstance(m, kind), name
+            w = ref.embed.weight if name == "lm_head" and tied else modules[name].weight
+            assert torch.equal(m.dequantized(), w), name  # ggml's dequantization, bit for bit
+    ids = torch.randint(0, 96, (1, 12))
+    torch.testing.assert_close(_logits(kept, ids), _logits(ref, ids), rtol=0, atol=0)
+    # one-token steps take the fused multiply-and-sum over the packed bytes
+    with torch.no_grad():
+        cache = ref.make_cache("dense")
+        ref(ids, cache=cache)
+        step_ref = ref(ids[:, -1:], cache=cache)
+        cache = kept.make_cache("dense")
+        kept(ids, cache=cache)
+        step = kept(ids[:, -1:], cache=cache)
+    torch.testing.assert_close(step, step_ref, rtol=0, atol=1e-5)
+    assert torch.equal(generate(kept, ids, 8), generate(ref, ids, 8))
+
+
+def test_keep_quantized_leaves_other_types_dequantized(tmp_path):
+    path = _write_hf_llama(tmp_path / "f32.gguf", _hf_llama(False, 2))
+    kept = load_gguf_llama(path, keep_quantized=True)
+    assert kept.config.extra["gguf_weights"] == {"dequantized": 4 * kept.config.num_layers + 1}
+    assert isinstance(kept.lm_head, torch.nn.Linear)
+    with pytest.raises(ValueError, match=r"keep_quantized needs a \.gguf file"):
+        load_llama(tmp_path, keep_quantized=True)
+
+
 def test_dtype_argument(tmp_path):
     path = _write_hf_llama(tmp_path / "tiny.gguf", _hf_llama(True))
     model = load_gguf_llama(path, dtype=torch.bfloat16)

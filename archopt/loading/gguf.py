@@ -543,9 +543,16 @@ def _rope_freqs(gf: GGUFFile, cfg: LlamaConfig) -> torch.Tensor | None:
 
 
 def load_gguf_llama(
-    path: str | Path, *, dtype: torch.dtype | None = None, tokenizer: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer: bool = True,
+    keep_quantized: bool = False,
 ) -> Llama:
     """A ``Llama`` from a GGUF file (dequantized to fp32, or ``dtype``), with its tokenizer.
+
+    ``keep_quantized=True``: the linear layers stored as Q4_0, Q4_1 or Q8_0 keep their blocks
+    (see ``keep_quantized_linears``) instead of being dequantized.
 
     A ``rope_freqs`` tensor (how convert_hf_to_gguf stores Llama 3.1's llama3 rope scaling)
     divides the rotary inverse frequencies, as llama.cpp does: it becomes the config's
@@ -573,8 +580,93 @@ def load_gguf_llama(
     with _one_thread():  # the q/k/v and gate/up concatenations too
         sd = llama_state_dict_from_hf(gguf_llama_hf_state_dict(gf, cfg), cfg)
     model = build_llama(cfg, sd, dtype)
+    if keep_quantized:
+        keep_quantized_linears(model, gf)
     model.tokenizer = tok
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Keeping the blocks: Q4_0 / Q4_1 as Int4Linear, Q8_0 as Int8Linear (blocks of 32)
+
+
+def _quantized_linear(data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int):
+    """The module that holds ``data`` (rows, bytes) as it is, or None for types kept as fp32.
+
+    Its ``dequantized()`` equals ggml's dequantization bit for bit: Q8_0 is d * q; Q4_1 is
+    d * q + m; Q4_0 is d * (q - 8), held as d * q + (-8 d), which is exact (both products fit
+    in fp32's mantissa, and so does their sum).
+    """
+    from archopt.ops.quant import Int4Linear, Int8Linear
+
+    if qtype not in (QType.Q8_0, QType.Q4_0, QType.Q4_1):
+        return None
+    rows, groups = data.shape[0], in_features // 32
+    blocks = data.reshape(rows * groups, GGML_QUANT_SIZES[qtype][1])
+    d = _half(blocks, 0).view(rows, groups)
+    if qtype == QType.Q8_0:
+        q = blocks[:, 2:].contiguous().view(torch.int8).view(rows, in_features)
+        return Int8Linear.from_quantized(q, d)
+    if qtype == QType.Q4_0:
+        return Int4Linear.from_packed(blocks[:, 2:].reshape(rows, in_features // 2), d, -8 * d)
+    m = _half(blocks, 2).view(rows, groups)
+    return Int4Linear.from_packed(blocks[:, 4:].reshape(rows, in_features // 2), d, m)
+
+
+def _concat(modules: list):
+    """One module for the row-wise concatenation (fused q/k/v, gate/up), when they agree."""
+    first = modules[0]
+    if any(m is None or type(m) is not type(first) or m.groups != first.groups for m in modules):
+        return None
+    if len(modules) == 1:
+        return first
+    names = [name for name, _ in first.named_buffers()]
+    cat = {name: torch.cat([m.get_buffer(name) for m in modules]) for name in names}
+    if "minimum" in cat:
+        return type(first).from_packed(cat["qweight"], cat["scale"], cat["minimum"])
+    return type(first).from_quantized(cat["qweight"], cat["scale"])
+
+
+def keep_quantized_linears(model: Llama, gf: GGUFFile) -> dict[str, int]:
+    """Replace, in place, ``model``'s linear layers with ones holding ``gf``'s blocks.
+
+    Layers whose tensors are of another type (F32, F16, Q5_x, ...), or whose fused parts mix
+    types, stay as they are. A tied output projection gets the token embedding's blocks (the
+    embedding lookup itself stays dequantized: it reads one row per token). Returns how many
+    layers were kept per type and how many stayed dequantized; ``model.config.extra
+    ["gguf_weights"]`` records the same.
+    """
+    cfg = model.config
+    counts: Counter = Counter()
+
+    def piece(name: str, heads: int | None = None):
+        t = gf.tensors[name]
+        data = t.data if heads is None else unpermute_qk(t.data, heads)
+        return _quantized_linear(data, t.type, t.shape[1]), t.type.name
+
+    def replace(owner, attr: str, parts: list[tuple[str, int | None]]) -> None:
+        made = [piece(name, heads) for name, heads in parts]
+        module = _concat([m for m, _ in made])
+        kind = made[0][1] if module is not None and len({k for _, k in made}) == 1 else None
+        if module is None or kind is None:
+            counts["dequantized"] += 1
+            return
+        setattr(owner, attr, module)
+        counts[kind] += 1
+
+    for i, layer in enumerate(model.layers):
+        b = f"blk.{i}."
+        replace(layer.attn, "qkv", [
+            (b + "attn_q.weight", cfg.num_heads), (b + "attn_k.weight", cfg.num_kv_heads),
+            (b + "attn_v.weight", None),
+        ])  # fmt: skip
+        replace(layer.attn, "out", [(b + "attn_output.weight", None)])
+        replace(layer.mlp, "gate_up", [(b + "ffn_gate.weight", None), (b + "ffn_up.weight", None)])
+        replace(layer.mlp, "down", [(b + "ffn_down.weight", None)])
+    head = "output.weight" if "output.weight" in gf.tensors else "token_embd.weight"
+    replace(model, "lm_head", [(head, None)])
+    cfg.extra["gguf_weights"] = dict(counts)
+    return dict(counts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -147,14 +147,25 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_llama(
-    path: str | Path, *, dtype: torch.dtype | None = None, tokenizer: bool = True
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer: bool = True,
+    keep_quantized: bool = False,
 ) -> Llama:
-    """A ``Llama`` from a Hugging Face directory or a ``.gguf`` file, with its tokenizer."""
+    """A ``Llama`` from a Hugging Face directory or a ``.gguf`` file, with its tokenizer.
+
+    ``keep_quantized`` (GGUF only): Q4_0/Q4_1/Q8_0 linear layers keep their blocks.
+    """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from archopt.loading.gguf import load_gguf_llama
 
-        return load_gguf_llama(path, dtype=dtype, tokenizer=tokenizer)
+        return load_gguf_llama(
+            path, dtype=dtype, tokenizer=tokenizer, keep_quantized=keep_quantized
+        )
+    if keep_quantized:
+        raise ValueError(f"keep_quantized needs a .gguf file, got {path}")
     if not path.is_dir():
         raise FileNotFoundError(f"expected a Hugging Face model directory or a .gguf file: {path}")
     config_file = path / "config.json"
@@ -186,5 +197,9 @@ def smollm2_path() -> Path:
     raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}")
 
 
-def load_smollm2(*, dtype: torch.dtype | None = None, tokenizer: bool = True) -> Llama:
-    return load_llama(smollm2_path(), dtype=dtype, tokenizer=tokenizer)
+def load_smollm2(
+    *, dtype: torch.dtype | None = None, tokenizer: bool = True, keep_quantized: bool = False
+) -> Llama:
+    return load_llama(
+        smollm2_path(), dtype=dtype, tokenizer=tokenizer, keep_quantized=keep_quantized
+    )

@@ -213,8 +213,10 @@ def test_bench_generate_sweep_small(tmp_path, capsys):
     assert rows["fp32 sliding:8"]["cache_bytes"] < rows["fp32 dense"]["cache_bytes"]
     assert any(r["on_front"] for r in rows.values())
     assert (tmp_path / "front.png").stat().st_size > 5_000
-    with pytest.raises(ValueError, match=r"--weights must be among \['bf16', 'fp32', 'int8'\]"):
+    with pytest.raises(ValueError, match=r"--weights must be among \['bf16', 'fp32', 'gguf'"):
         bench(["--model", "llama-tiny", "--weights", "int3"])
+    with pytest.raises(ValueError, match=r"--weights gguf needs a \.gguf model, got 'llama-tiny'"):
+        bench(["--model", "llama-tiny", "--weights", "gguf"])
 
 
 def test_bench_generate_long_run_buckets(capsys):

@@ -353,7 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--cache", nargs="+", help="sweep these cache kinds (e.g. dense int8 sliding:256)"
     )
-    p.add_argument("--weights", nargs="+", help="sweep these weights: fp32 bf16 int8")
+    p.add_argument(
+        "--weights", nargs="+", help="sweep these weights: fp32 bf16 int8 int4 gguf (the file's)"
+    )
     p.add_argument(
         "--compile", action="store_true", help="sweep: compiled one-token steps for 'static'"
     )
@@ -409,7 +411,66 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": None}
+WEIGHT_DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": None,  # weight-only int8 per channel (archopt.ops.quant), from the fp32 weights
+    "int4": None,  # weight-only int4, groups of 32
+    "gguf": None,  # the GGUF file's own blocks (Q4_1/Q8_0 for SmolLM2), kept quantized
+}
+
+
+def _gguf_path(model_name: str) -> Path | None:
+    if model_name == "smollm2-135m":
+        from archopt.loading.llama import smollm2_path
+
+        return smollm2_path()
+    path = Path(model_name)
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def _weights(kind: str, base_model: Llama, model_name: str) -> Llama:
+    """``base_model`` (fp32) in the weight format ``kind``."""
+    if kind in ("int8", "int4"):
+        from archopt.ops.quant import quantize_weights
+
+        return quantize_weights(copy.deepcopy(base_model.float()), kind)
+    if kind == "gguf":
+        path = _gguf_path(model_name)
+        if path is None:
+            raise ValueError(f"--weights gguf needs a .gguf model, got {model_name!r}")
+        model = Llama.from_pretrained(path, keep_quantized=True, tokenizer=False)
+        model.tokenizer = base_model.tokenizer
+        return model
+    return base_model.to(WEIGHT_DTYPES[kind])
+
+
+def llama_cpp_tokens_per_s(
+    path: Path, prompt: list[int], new_tokens: int, *, rounds: int, threads: int
+) -> dict | None:
+    """llama.cpp (llama-cpp-python) greedy decoding on the same GGUF and prompt, timed as the
+    sweep times ours (prompt evaluation included); None when llama_cpp does not import."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+        n_threads_batch=threads, n_batch=512, verbose=False,
+    )  # fmt: skip
+    times = []
+    for _ in range(rounds + 1):  # the first is a warm-up
+        llm.reset()
+        t0 = time.perf_counter()
+        for i, _tok in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
+            if i + 1 == new_tokens:
+                break
+        times.append(time.perf_counter() - t0)
+    return {
+        "version": llama_cpp.__version__,
+        "tokens_per_s": new_tokens / statistics.median(times[1:]),
+        "weight_bytes": path.stat().st_size,
+    }
 
 
 def sweep(
@@ -446,12 +507,7 @@ def sweep(
     rows = []
     base_model = model
     for w in weights:
-        if w == "int8":  # weight-only int8 (archopt.ops.quant), on a copy of the fp32 model
-            from archopt.ops.quant import quantize_weights
-
-            model = quantize_weights(copy.deepcopy(base_model.float()))
-        else:
-            model = base_model.to(WEIGHT_DTYPES[w])
+        model = _weights(w, base_model, model_name)
         for spec in caches:
             compiled = compile and spec == "static"  # fixed shapes: one graph for every step
             times = []
@@ -490,6 +546,21 @@ def sweep(
     front = set(pareto_front(rows, objectives))
     for i, r in enumerate(rows):
         r["on_front"] = i in front
+    path = _gguf_path(model_name)
+    cpp = path and llama_cpp_tokens_per_s(
+        path, prompt[0].tolist(), new_tokens, rounds=rounds, threads=threads
+    )
+    if cpp:  # the anchor, on the same file and prompt: a row of the table, not of the front
+        cfg = base_model.config
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * 2 * (context + new_tokens)
+        print(f"  llama.cpp: {cpp['tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+        rows.append({
+            "name": f"llama.cpp {cpp['version']} (llama-cpp-python)",
+            "weights": "llama.cpp, the GGUF file", "cache": "its own (fp16)",
+            "tokens_per_s": cpp["tokens_per_s"], "weight_bytes": cpp["weight_bytes"],
+            "cache_bytes": kv, "memory_mib": (cpp["weight_bytes"] + kv) / 2**20,
+            "perplexity": None, "perplexity_delta": None, "on_front": False, "anchor": True,
+        })  # fmt: skip
     if plot_path:
         labelled = [
             {
@@ -499,6 +570,7 @@ def sweep(
                 else r["name"],
             }
             for r in rows
+            if not r.get("anchor")
         ]
         plot_front(
             labelled, "memory_mib", "tokens_per_s", plot_path, label="label",

@@ -226,3 +226,35 @@ def test_bench_generate_long_run_buckets(capsys):
     assert set(out["long"]) == {"sliding:8", "sink:2:6"}
     assert all(len(v) == 1 and v[0] > 0 for v in out["long"].values())  # one 1024-token bucket
     assert "| sliding:8 |" in capsys.readouterr().out
+
+
+def test_llama_cpp_anchor_runs_in_a_child_and_reports_failures(tmp_path, monkeypatch):
+    """The llama.cpp anchor's plumbing, with a stand-in ``llama_cpp`` module on the path."""
+    import sys
+
+    from archopt.bench.generate import llama_cpp_tokens_per_s
+
+    pkg = tmp_path / "llama_cpp"
+    pkg.mkdir()
+    init = pkg / "__init__.py"
+    init.write_text(
+        "__version__ = 'stand-in'\n"
+        "class Llama:\n"
+        "    def __init__(self, path, **kw):\n"
+        "        if path.endswith('bad.gguf'):\n"
+        "            raise RuntimeError('cannot load ' + path)\n"
+        "    def reset(self):\n"
+        "        pass\n"
+        "    def generate(self, prompt, **kw):\n"
+        "        while True:\n"
+        "            yield 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path) + ":" + ":".join(sys.path))
+    for name in ("good.gguf", "bad.gguf"):
+        (tmp_path / name).write_bytes(b"GGUF")
+    ok = llama_cpp_tokens_per_s(tmp_path / "good.gguf", [1, 2, 3], 5, rounds=1, threads=1)
+    assert ok["version"] == "stand-in" and ok["tokens_per_s"] > 0 and ok["weight_bytes"] == 4
+    bad = llama_cpp_tokens_per_s(tmp_path / "bad.gguf", [1, 2, 3], 5, rounds=1, threads=1)
+    expected = f"llama.cpp exited with 1: RuntimeError: cannot load {tmp_path / 'bad.gguf'}"
+    assert bad == {"error": expected}

@@ -12,6 +12,7 @@ projections). Run:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import warnings
@@ -20,8 +21,8 @@ import torch
 
 from archopt.bench.common import interleaved, machine_line, matmul_gflops
 from archopt.measure import measure_peak_memory
+from archopt.ops.attention import blocked, local_attention
 from archopt.ops.attention import flex as flex_backend
-from archopt.ops.attention import local_attention
 from archopt.ops.attention.reference import band_mask
 
 
@@ -42,13 +43,14 @@ def op_contenders(n, args, dilation, n_global):
 
         return forward_backward
 
-    fns = {
-        "ours": step(
-            lambda: local_attention(
-                q, k, v, window=w, dilation=dilation, global_mask=glob, backend="blocked"
-            )
+    def ours():
+        return local_attention(
+            q, k, v, window=w, dilation=dilation, global_mask=glob, backend="blocked"
         )
-    }
+
+    fns = {"ours": step(ours)}
+    for mib in args.chunk_mib or []:  # the memory / speed trade of the score chunk
+        fns[f"ours, {mib:g} MiB chunks"] = step(functools.partial(_with_chunk, mib, ours))
     # FlexAttention has no CPU backward (NotImplementedError in torch 2.14): forward only.
     if flex_backend.available() and not args.backward:
         compiled = flex_backend.can_compile()
@@ -89,6 +91,15 @@ def op_contenders(n, args, dilation, n_global):
             lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         )
     return fns
+
+
+def _with_chunk(mib: float, fn):
+    saved = blocked.CHUNK_BYTES
+    blocked.CHUNK_BYTES = int(mib * 2**20)
+    try:
+        return fn()
+    finally:
+        blocked.CHUNK_BYTES = saved
 
 
 def module_contenders(n, args):
@@ -141,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--variants", action="store_true", help="also dilation 2, 4 and 16 globals")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument(
+        "--chunk-mib", type=float, nargs="+", help="also ours with these score-chunk sizes"
+    )
     p.add_argument("--json")
     p.add_argument("--plot")
     args = p.parse_args(argv)
@@ -184,11 +198,32 @@ def main(argv: list[str] | None = None) -> None:
                     results.append(
                         {"n": n, "variant": label, "contender": name, "peak_mib": mem, **s}
                     )
+    print("\n" + summary(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
     if args.plot:
         plot(results, args.plot)
+
+
+def summary(results) -> str:
+    """The issue's goals, read off the rows: ours vs Flex, dilated vs undilated, memory."""
+    at = {(r["n"], r["variant"], r["contender"]): r for r in results}
+    lines = ["| N | Flex / ours | d=2 / d=1 | d=4 / d=1 | ours peak MiB | Flex peak MiB |"]
+    lines.append("|---|---|---|---|---|---|")
+    for n in sorted({r["n"] for r in results}):
+        ours, flex = at.get((n, "w", "ours")), at.get((n, "w", "flex (compiled)"))
+
+        def ratio(a, b):
+            return f"{a['median_ms'] / b['median_ms']:.2f}x" if a and b else "-"
+
+        d2, d4 = at.get((n, "dilation 2", "ours")), at.get((n, "dilation 4", "ours"))
+        mem = lambda r: f"{r['peak_mib']:.0f}" if r else "-"  # noqa: E731
+        lines.append(
+            f"| {n} | {ratio(flex, ours)} | {ratio(d2, ours)} | {ratio(d4, ours)} | "
+            f"{mem(ours)} | {mem(flex)} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(results, path):
@@ -198,7 +233,9 @@ def plot(results, path):
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
-    names = sorted({r["contender"] for r in results if r["variant"] == "w"})
+    names = sorted(
+        {r["contender"] for r in results if r["variant"] == "w" and "chunks" not in r["contender"]}
+    )
     for name in names:
         rows = sorted(
             (r for r in results if r["contender"] == name and r["variant"] == "w"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import random
 import statistics
 import sys
 import time
@@ -41,13 +42,21 @@ def interleaved(
     warmup: int = 5,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
-    """Time each contender in turn, ``rounds`` x ``per_round`` calls, so drift hits all alike."""
+    """Time each contender in turn, ``rounds`` x ``per_round`` calls, so drift hits all alike.
+
+    The order is shuffled (seeded) from round to round: a call right after another
+    contender's can pay for its leftovers (measured: our attention 1.45x slower right after a
+    compiled FlexAttention call), and that must not always land on the same contender, as it
+    does with a fixed or merely rotated order.
+    """
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in contenders}
+    names, rng = list(contenders), random.Random(0)
     for r in range(rounds):
-        for name, fn in contenders.items():
+        for name in rng.sample(names, len(names)):
+            fn = contenders[name]
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 fn()

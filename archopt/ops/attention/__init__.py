@@ -6,8 +6,13 @@
 - ``"reference"`` (reference.py): dense masked attention from the definition, O(N^2); the oracle.
 - ``"blocked"`` (blocked.py): the exact CPU fast path, O(N*w) memory, plain autograd.
 - ``"flex"`` (flex.py): the same mask through ``torch.nn.attention.flex_attention``, to compare.
-- ``"auto"``: ``blocked`` for now. The environment variable ``ARCHOPT_ATTENTION_BACKEND``
-  overrides ``"auto"`` (tests use it to run a whole model on one backend).
+- ``"triton"`` (triton_band.py): FlashAttention-2 style Triton kernels, forward and backward,
+  for CUDA tensors (fp16/bf16/fp32, head dims 16-128, dv == d). CPU tensors only under
+  ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests). Triton is imported lazily,
+  so nothing here needs it unless this backend is asked for.
+- ``"auto"``: ``triton`` for CUDA inputs it can take when triton is installed, else
+  ``blocked``. The environment variable ``ARCHOPT_ATTENTION_BACKEND`` overrides ``"auto"``
+  (tests use it to run a whole model on one backend).
 
 The window is one-sided, as in the paper and its TVM kernel: query i attends key j when
 ``|i - j| <= w * dilation`` and ``(i - j) % dilation == 0``. (HuggingFace's
@@ -27,7 +32,7 @@ from archopt.ops.attention import flex
 from archopt.ops.attention.blocked import local_attention_blocked
 from archopt.ops.attention.reference import band_mask, dense_mask, local_attention_reference
 
-BACKENDS = ("auto", "reference", "blocked", "flex")
+BACKENDS = ("auto", "reference", "blocked", "flex", "triton")
 ENV_BACKEND = "ARCHOPT_ATTENTION_BACKEND"
 
 __all__ = ["BACKENDS", "ENV_BACKEND", "band_mask", "dense_mask", "local_attention"]
@@ -60,7 +65,7 @@ def local_attention(
     - ``scale``: default 1/sqrt(d). Softmax runs in fp32 for fp16/bf16 inputs.
     """
     dilations = _check_inputs(q, k, v, window, dilation, global_mask, key_padding_mask)
-    name = _resolve_backend(backend, q)
+    name = _resolve_backend(backend, q, v)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     if q.shape[2] == 0:
@@ -77,10 +82,21 @@ def local_attention(
         return local_attention_reference(q, k, v, **kwargs)
     if name == "flex":
         return flex.local_attention_flex(q, k, v, **kwargs)
+    if name == "triton":
+        return _triton_module().local_attention_triton(q, k, v, **kwargs)
     return local_attention_blocked(q, k, v, **kwargs)
 
 
-def _resolve_backend(backend: str, q: Tensor) -> str:
+def _triton_module():
+    """archopt.ops.attention.triton_band, or None when triton is not installed."""
+    try:
+        from archopt.ops.attention import triton_band
+    except ImportError:
+        return None
+    return triton_band
+
+
+def _resolve_backend(backend: str, q: Tensor, v: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -90,9 +106,26 @@ def _resolve_backend(backend: str, q: Tensor) -> str:
                 raise ValueError(f"{ENV_BACKEND} must be one of {BACKENDS}, got {env!r}")
             backend = env
     if backend == "auto":
-        # A Triton kernel (triton.py) will take CUDA inputs here; until then every device
-        # runs the blocked path, which is plain PyTorch and therefore works on CUDA too.
+        # CUDA inputs the Triton kernels take go to them; everything else (CPU, no triton,
+        # a head dim or dtype the kernels do not take) runs the blocked path, which is plain
+        # PyTorch and therefore works on every device.
+        if q.is_cuda:
+            module = _triton_module()
+            if module is not None and not module.interpreting():
+                try:
+                    module.check_supported(q, v)
+                except ValueError:
+                    return "blocked"
+                return "triton"
         return "blocked"
+    if backend == "triton":
+        module = _triton_module()
+        if module is None:
+            raise ValueError(
+                "backend 'triton' needs the triton package, which is not installed; "
+                "use 'blocked' or 'reference'"
+            )
+        module.check_supported(q, v)
     if backend == "flex" and not flex.available():
         raise ValueError(
             "backend 'flex' needs torch.nn.attention.flex_attention, which does not work in "

@@ -286,7 +286,7 @@ def table(rows: list[Row], args, peak: float) -> str:
     return "\n".join(lines)
 
 
-class _Stopped(Exception):
+class _Stopped(BaseException):  # not caught by the per-contender `except Exception`
     pass
 
 

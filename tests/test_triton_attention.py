@@ -28,6 +28,8 @@ pytest.importorskip("triton")
 import archopt.ops.attention as attention
 from archopt.ops.attention import local_attention, triton_band
 
+from .test_local_attention import padding_mask as _padding_mask
+
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRETING = triton_band.interpreting()
 interp = pytest.mark.skipif(
@@ -49,16 +51,7 @@ def globals_mask(n, counts, device="cpu"):
 
 
 def padding_mask(b, n, kind, device="cpu"):
-    mask = torch.zeros(b, n, dtype=torch.bool)
-    if kind == "trailing":
-        mask[0, n - n // 3 :] = True
-    elif kind == "leading":
-        mask[-1, : n // 4 + 1] = True
-    elif kind == "internal":
-        mask[:, n // 3 : n // 3 + max(1, n // 5)] = True
-    elif kind == "random":
-        mask = torch.rand(b, n) < 0.3
-    return mask.to(device)
+    return _padding_mask(b, n, kind).to(device)
 
 
 def compare(q, k, v, atol, grad_atol=None, ref_dtype=None, **kwargs):

@@ -630,9 +630,10 @@ def _concat(modules: list):
 def keep_quantized_linears(model: Llama, gf: GGUFFile) -> dict[str, int]:
     """Replace, in place, ``model``'s linear layers with ones holding ``gf``'s blocks.
 
-    Layers whose tensors are of another type (F32, F16, Q5_x, ...), or whose fused parts mix
-    types, stay as they are. A tied output projection gets the token embedding's blocks (the
-    embedding lookup itself stays dequantized: it reads one row per token). Returns how many
+    Layers whose tensors are of another type (F32, F16, Q5_x, ...), or whose fused parts cannot
+    share one module (int8 with int4 blocks), stay as they are. A tied output projection gets
+    the token embedding's blocks (the embedding lookup itself stays dequantized: it reads one
+    row per token). Returns how many
     layers were kept per type and how many stayed dequantized; ``model.config.extra
     ["gguf_weights"]`` records the same.
     """
@@ -647,12 +648,11 @@ def keep_quantized_linears(model: Llama, gf: GGUFFile) -> dict[str, int]:
     def replace(owner, attr: str, parts: list[tuple[str, int | None]]) -> None:
         made = [piece(name, heads) for name, heads in parts]
         module = _concat([m for m, _ in made])
-        kind = made[0][1] if module is not None and len({k for _, k in made}) == 1 else None
-        if module is None or kind is None:
+        if module is None:
             counts["dequantized"] += 1
             return
         setattr(owner, attr, module)
-        counts[kind] += 1
+        counts["+".join(sorted({kind for _, kind in made}))] += 1  # Q4_0 and Q4_1 fuse exactly
 
     for i, layer in enumerate(model.layers):
         b = f"blk.{i}."

@@ -334,7 +334,7 @@ def test_int8_weights_model_is_close_and_compiles_once():
 
     torch.manual_seed(0)
     model = archopt.create_model("llama-tiny").eval()  # its own init, not the sharpened fixture
-    q = quantize_weights(copy.deepcopy(model))
+    q = quantize_weights(copy.deepcopy(model), kernel=False)  # the exact modules
     assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
     assert isinstance(q.lm_head, Int8Linear)  # the tied projection gets its own int8 copy
     ids = rand_ids(1, 40)
@@ -396,6 +396,117 @@ def test_int4_weights_model_is_close_and_compiles_once():
     counters.clear()
     eager = generate(q, ids[:, :6], 20, cache="static")
     assert torch.equal(generate(q, ids[:, :6], 20, cache="static", compile="eager"), eager)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+# -- torch's CPU int4 kernel ------------------------------------------------------------------
+
+needs_int4_kernel = pytest.mark.skipif(
+    not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="this torch has no CPU int4 kernel"
+)
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("out_features", [48, 64, 144])  # partial, whole and mixed 64-row blocks
+def test_packed_values_read_back_exactly(out_features):
+    from archopt.ops.quant import PackedInt4Linear
+
+    torch.manual_seed(out_features)
+    q = torch.randint(0, 16, (out_features, 96))
+    ones = torch.ones(out_features, 3)
+    packed = PackedInt4Linear._pack(q, ones, ones, 96)
+    assert torch.equal(packed.values().long(), q)
+
+
+def _bf16(t):
+    return t.to(torch.bfloat16).float()
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize(
+    "kind,group_size", [("int4", 32), ("int4", 64), ("int8", None), ("int8", 32)]
+)
+def test_packed_linear_is_the_kernel_on_its_weights(kind, group_size):
+    from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear
+
+    torch.manual_seed(0)
+    w = torch.randn(80, 192)
+    if kind == "int4":
+        exact = Int4Linear(w, group_size=group_size)
+        packed = PackedInt4Linear.from_int4(exact)
+        n, g = exact.out_features, exact.groups
+        p = exact.qweight.view(n, g, -1)
+        q = torch.cat([p & 15, p >> 4], -1).view(n, g, -1).float()
+        s, m = exact.scale[..., None], exact.minimum[..., None]
+        ref_w = ((q - 8) * _bf16(s) + _bf16(m + 8 * s)).view(n, -1)  # w = s (q - 8) + zero
+    else:
+        exact = Int8Linear(w, group_size=group_size)
+        packed = PackedInt4Linear.from_int8(exact)
+        scale = exact.scale.repeat_interleave(192 // exact.groups, dim=1)
+        ref_w = exact.qweight.float() * _bf16(scale)  # the two planes add up exactly
+        assert packed.planes == 2
+    assert torch.equal(packed.dequantized(), ref_w)
+    # bf16 scales: each weight within 2^-8 of its own size (plus a rounding of the zero)
+    assert (ref_w - exact.dequantized()).abs().max() <= 2**-8 * w.abs().max()
+    for shape in [(1, 1, 192), (3, 5, 192), (192,)]:
+        x = torch.randn(shape)
+        ref = torch.nn.functional.linear(_bf16(x), ref_w)
+        got = packed(x)
+        assert got.dtype == x.dtype and got.shape == ref.shape
+        assert (got - ref).abs().max() <= 2**-7 * ref.abs().max()  # bf16 outputs
+
+
+@needs_int4_kernel
+def test_pack_for_cpu_takes_what_the_kernel_takes():
+    from archopt.ops.quant import (
+        Int4Linear,
+        Int8Linear,
+        PackedInt4Linear,
+        pack_for_cpu,
+        quantize_weights,
+    )
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        Int4Linear(torch.randn(64, 96), group_size=32),
+        Int8Linear(torch.randn(40, 64)),  # 40 rows: not a multiple of 16
+        Int4Linear(torch.randn(32, 64), group_size=16),  # groups of 16: too small
+        torch.nn.Linear(32, 32),
+    )
+    assert pack_for_cpu(model) == {"packed": 1, "kept": 2}
+    assert isinstance(model[0], PackedInt4Linear) and isinstance(model[1], Int8Linear)
+    with pytest.raises(ValueError, match=r"1: .*out_features must be a multiple of 16, got 40"):
+        pack_for_cpu(model, strict=True)
+    with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128, 256\)"):
+        PackedInt4Linear.from_int4(model[2])
+    with pytest.raises(ValueError, match=r"expected a CPU input, got one on meta"):
+        model[0](torch.empty(1, 96, device="meta"))
+    with pytest.raises(ValueError, match=r"kernel must be 'auto', True or False, got 'yes'"):
+        quantize_weights(model, "int8", kernel="yes")
+
+
+@needs_int4_kernel
+@pytest.mark.parametrize("kind", ["int4", "int8"])
+def test_packed_weights_model_is_close_and_compiles_once(kind):
+    import copy
+
+    from torch._dynamo.utils import counters
+
+    from archopt.ops.quant import PackedInt4Linear, quantize_weights
+
+    torch.manual_seed(0)
+    model = archopt.create_model("llama-tiny", intermediate_size=320).eval()  # 320 = 32 * 10
+    exact = quantize_weights(copy.deepcopy(model), kind, kernel=False)
+    fast = quantize_weights(copy.deepcopy(model), kind, kernel=True)
+    linears = [m for m in fast.modules() if isinstance(m, PackedInt4Linear)]
+    assert len(linears) == 4 * 4 + 1  # every layer's four and the output projection
+    ids = rand_ids(1, 40)
+    with torch.no_grad():
+        ref, got = exact(ids), fast(ids)
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()  # bf16 activations and scales
+    counters.clear()
+    eager = generate(fast, ids[:, :6], 20, cache="static")
+    assert torch.equal(generate(fast, ids[:, :6], 20, cache="static", compile="eager"), eager)
     assert counters["stats"]["unique_graphs"] == 1
 
 

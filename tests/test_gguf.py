@@ -345,7 +345,7 @@ def test_keep_quantized_holds_the_blocks_bit_for_bit(tmp_path, qtype, tied):
 
     path = _write_hf_llama(tmp_path / "q.gguf", _hf_llama(tied, 2), qtype)
     ref = load_gguf_llama(path)
-    kept = load_gguf_llama(path, keep_quantized=True)
+    kept = load_gguf_llama(path, keep_quantized=True, kernel=False)
     kind = Int8Linear if qtype == Q.Q8_0 else Int4Linear
     assert kept.config.extra["gguf_weights"] == {qtype.name: 4 * kept.config.num_layers + 1}
     assert not any(isinstance(m, torch.nn.Linear) for m in kept.modules())
@@ -367,6 +367,30 @@ def test_keep_quantized_holds_the_blocks_bit_for_bit(tmp_path, qtype, tied):
         step = kept(ids[:, -1:], cache=cache)
     torch.testing.assert_close(step, step_ref, rtol=0, atol=1e-5)
     assert torch.equal(generate(kept, ids, 8), generate(ref, ids, 8))
+
+
+@pytest.mark.skipif(not hasattr(torch, "_weight_int4pack_mm_for_cpu"), reason="no int4 kernel")
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+def test_keep_quantized_packs_the_blocks_for_the_cpu_kernel(tmp_path, qtype):
+    from archopt.ops.quant import PackedInt4Linear
+
+    path = _write_hf_llama(tmp_path / "q.gguf", _hf_llama(True, 2), qtype)
+    exact = load_gguf_llama(path, keep_quantized=True, kernel=False)
+    fast = load_gguf_llama(path, keep_quantized=True)  # kernel="auto"
+    n = 4 * fast.config.num_layers + 1
+    assert fast.config.extra["cpu_kernel"] == {"packed": n, "kept": 0}
+    modules = dict(exact.named_modules())
+    for name, m in fast.named_modules():
+        if isinstance(m, PackedInt4Linear):
+            assert m.planes == (2 if qtype == Q.Q8_0 else 1), name
+            w = modules[name].dequantized()  # the file's weights, bit for bit
+            # the same 4- or 8-bit values; only the scales (and zeros) are rounded to bf16
+            assert (m.dequantized() - w).abs().max() <= 2**-7 * w.abs().max(), name
+    ids = torch.randint(0, 96, (1, 12))
+    ref, got = _logits(exact, ids), _logits(fast, ids)
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+    with pytest.raises(ValueError, match=r"kernel must be 'auto', True or False, got 'on'"):
+        load_gguf_llama(path, keep_quantized=True, kernel="on")
 
 
 def test_keep_quantized_leaves_other_types_dequantized(tmp_path):

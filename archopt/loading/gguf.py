@@ -548,11 +548,16 @@ def load_gguf_llama(
     dtype: torch.dtype | None = None,
     tokenizer: bool = True,
     keep_quantized: bool = False,
+    kernel: bool | str = "auto",
 ) -> Llama:
     """A ``Llama`` from a GGUF file (dequantized to fp32, or ``dtype``), with its tokenizer.
 
     ``keep_quantized=True``: the linear layers stored as Q4_0, Q4_1 or Q8_0 keep their blocks
-    (see ``keep_quantized_linears``) instead of being dequantized.
+    (see ``keep_quantized_linears``) instead of being dequantized. ``kernel`` (with
+    ``keep_quantized``): ``"auto"`` re-encodes them for torch's CPU int4 kernel where it takes
+    the shape (``archopt.ops.quant.pack_for_cpu``: the same 4- and 8-bit values, scales rounded
+    to bf16, bf16 activations), ``True`` requires it for every layer, ``False`` keeps the
+    blocks bit for bit with exact fp32 products.
 
     A ``rope_freqs`` tensor (how convert_hf_to_gguf stores Llama 3.1's llama3 rope scaling)
     divides the rotary inverse frequencies, as llama.cpp does: it becomes the config's
@@ -561,6 +566,8 @@ def load_gguf_llama(
     Without transformers the model loads with ``tokenizer = None`` and the reason in
     ``config.extra["tokenizer_missing"]``, for whoever needs a tokenizer to report.
     """
+    if kernel not in ("auto", True, False):
+        raise ValueError(f"kernel must be 'auto', True or False, got {kernel!r}")
     gf = read_gguf(path)
     cfg = llama_config_from_gguf(gf)
     freqs = _rope_freqs(gf, cfg)
@@ -582,6 +589,10 @@ def load_gguf_llama(
     model = build_llama(cfg, sd, dtype)
     if keep_quantized:
         keep_quantized_linears(model, gf)
+        if kernel:
+            from archopt.ops.quant import pack_for_cpu
+
+            cfg.extra["cpu_kernel"] = pack_for_cpu(model, strict=kernel is True)
     model.tokenizer = tok
     return model
 

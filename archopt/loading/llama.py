@@ -152,17 +152,19 @@ def load_llama(
     dtype: torch.dtype | None = None,
     tokenizer: bool = True,
     keep_quantized: bool = False,
+    kernel: bool | str = "auto",
 ) -> Llama:
     """A ``Llama`` from a Hugging Face directory or a ``.gguf`` file, with its tokenizer.
 
-    ``keep_quantized`` (GGUF only): Q4_0/Q4_1/Q8_0 linear layers keep their blocks.
+    ``keep_quantized`` (GGUF only): Q4_0/Q4_1/Q8_0 linear layers keep their blocks, packed for
+    torch's CPU int4 kernel unless ``kernel=False`` (see ``load_gguf_llama``).
     """
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         from archopt.loading.gguf import load_gguf_llama
 
         return load_gguf_llama(
-            path, dtype=dtype, tokenizer=tokenizer, keep_quantized=keep_quantized
+            path, dtype=dtype, tokenizer=tokenizer, keep_quantized=keep_quantized, kernel=kernel
         )
     if keep_quantized:
         raise ValueError(f"keep_quantized needs a .gguf file, got {path}")
@@ -198,8 +200,16 @@ def smollm2_path() -> Path:
 
 
 def load_smollm2(
-    *, dtype: torch.dtype | None = None, tokenizer: bool = True, keep_quantized: bool = False
+    *,
+    dtype: torch.dtype | None = None,
+    tokenizer: bool = True,
+    keep_quantized: bool = False,
+    kernel: bool | str = "auto",
 ) -> Llama:
     return load_llama(
-        smollm2_path(), dtype=dtype, tokenizer=tokenizer, keep_quantized=keep_quantized
+        smollm2_path(),
+        dtype=dtype,
+        tokenizer=tokenizer,
+        keep_quantized=keep_quantized,
+        kernel=kernel,
     )

@@ -7,13 +7,23 @@
   (``from_packed``), two weights per byte in Q4_1's order (byte j of a block holds
   element j in its low nibble and element j + group_size/2 in its high one).
 
-For one row of input (the decode step) the product is written as dequantize-multiply-sum in
-one expression; inside a compiled step inductor fuses it into one pass over the packed bytes.
-Measured on the 2-core machine (one thread, SmolLM2 shapes, compiled): per-channel int8 reads
-the 49152 x 576 output projection in 2.0 ms, grouped int8 in 2.8 ms, int4 in 3.1 ms, fp32 in
-6.5-8 ms; torch's own ``_weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu`` took 21 and
-46 ms there for a single row, so they are not used. For several rows (a prompt) the weight is
-dequantized once and multiplied normally.
+Both are exact, portable references: ``dequantized()`` is the weight they multiply by, and the
+product runs on any device. For one row of input (the decode step) it is written as
+dequantize-multiply-sum in one expression, which inductor fuses into one pass over the packed
+bytes; for several rows the weight is dequantized once and multiplied normally.
+
+``PackedInt4Linear`` is the fast path on the CPU: the same weights re-encoded for torch's CPU
+int4 kernel (``torch._weight_int4pack_mm_for_cpu``: bf16 activations, a bf16 scale and zero per
+group, w = scale * (q - 8) + zero). An int4 weight is one 4-bit plane; an int8 weight is two,
+exactly (q + 128 = 16 a + b, so w = d q = 16 d (a - 8) + 8 d + d (b - 8)), multiplied in one
+call with the input repeated. Measured on the 2-core machine (2 threads, SmolLM2 shapes, 84
+distinct weights so nothing stays in cache): 3072 x 576 in 66 us against 350 us for fp32,
+153 us for torch's int8 kernel with bf16 activations (663 us with fp32 ones) and 470 us for the
+inductor-fused Int4Linear; with fp16 activations torch's int4 kernel takes a slow path (2.5 ms).
+``pack_for_cpu`` (or ``quantize_weights(..., kernel="auto")``) swaps it in where the kernel
+takes the shape: out_features a multiple of 16, groups of 32, 64, 128 or 256. The price is bf16
+rounding of activations, scales and outputs; its perplexity cost is measured in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -172,13 +182,164 @@ class Int4Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int4 groups of {gs}"
 
 
-def quantize_weights(model: nn.Module, kind: str = "int8", group_size: int | None = None):
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes
+
+
+def cpu_kernel_problem(out_features: int, in_features: int, group_size: int) -> str | None:
+    """Why torch's CPU int4 kernel cannot take this shape, or None when it can."""
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return f"torch {torch.__version__} has no CPU int4 kernel (_weight_int4pack_mm_for_cpu)"
+    if out_features % 16:
+        return f"out_features must be a multiple of 16, got {out_features}"
+    if group_size not in KERNEL_GROUP_SIZES or in_features % group_size:
+        return (
+            f"group_size must be one of {KERNEL_GROUP_SIZES} and divide in_features "
+            f"({in_features}), got {group_size}"
+        )
+    return None
+
+
+class PackedInt4Linear(nn.Module):
+    """``y = x @ w.T`` by torch's CPU int4 kernel, w the sum of one or two 4-bit planes.
+
+    Plane p holds q_p in 0..15 with ``scale`` and ``zero`` per group: w_p = scale (q_p - 8) +
+    zero. ``qweight`` is uint8 (out, planes * in / 2) in the kernel's layout, the planes side by
+    side along the input; ``scales_zeros`` is bf16 (planes * in / group_size, out, 2). Build it
+    with ``from_int4`` or ``from_int8`` (or ``pack_for_cpu`` on a model).
+    """
+
+    def __init__(self, qweight, scales_zeros, *, in_features: int, group_size: int) -> None:
+        super().__init__()
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales_zeros", scales_zeros)
+        self.out_features, self.in_features, self.group_size = (
+            qweight.shape[0],
+            in_features,
+            group_size,
+        )
+        self.planes = qweight.shape[1] * 2 // in_features
+
+    @classmethod
+    def _pack(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, in_features: int):
+        """From values q (out, planes * in) in 0..15 and per-group scale and zero (out, groups)."""
+        out_f, group_size = q.shape[0], q.shape[1] // scale.shape[1]
+        problem = cpu_kernel_problem(out_f, in_features, group_size)
+        if problem is not None:
+            raise ValueError(f"PackedInt4Linear: {problem}")
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.int().contiguous(), 1)
+        sz = torch.stack([scale.T, zero.T], dim=-1).to(torch.bfloat16).contiguous()
+        return cls(packed, sz, in_features=in_features, group_size=group_size)
+
+    @classmethod
+    def from_int4(cls, m: Int4Linear) -> PackedInt4Linear:
+        """One plane: q - 8 scaled by d, plus m + 8 d (Q4_1's w = d q + m)."""
+        n, g = m.out_features, m.groups
+        p = m.qweight.view(n, g, -1)
+        q = torch.cat([p & 15, p >> 4], dim=-1).view(n, m.in_features)  # Q4_1 order, undone
+        return cls._pack(q, m.scale, m.minimum + 8 * m.scale, m.in_features)
+
+    @classmethod
+    def from_int8(cls, m: Int8Linear) -> PackedInt4Linear:
+        """Two planes: q + 128 = 16 a + b, w = 16 d (a - 8) + 8 d  +  d (b - 8) + 0."""
+        n, k = m.out_features, m.in_features
+        d = m.scale
+        if m.groups == 1:  # one scale per channel, repeated over the largest group that fits
+            gs = next((g for g in reversed(KERNEL_GROUP_SIZES) if k % g == 0), k)
+            d = d.expand(n, k // gs)
+        d = d.to(torch.bfloat16).float()  # 16 d and 8 d stay exact in bf16
+        u = m.qweight.int() + 128
+        q = torch.cat([u >> 4, u & 15], dim=1)
+        return cls._pack(q, torch.cat([16 * d, d], 1), torch.cat([8 * d, 0 * d], 1), k)
+
+    def values(self) -> torch.Tensor:
+        """The 4-bit values q (out, planes * in), read back through the kernel itself (scale 1,
+        zero 8, one-hot rows), since its byte layout depends on the CPU's vector width."""
+        n, k = self.out_features, self.qweight.shape[1] * 2
+        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(k // self.group_size, n, 2)
+        eye = torch.eye(k, dtype=torch.bfloat16)
+        cols = [
+            torch._weight_int4pack_mm_for_cpu(
+                rows, self.qweight, self.group_size, unit.contiguous()
+            )
+            for rows in eye.split(256)
+        ]  # (k, n): small integers, exact in bf16
+        return torch.cat(cols).T.to(torch.uint8)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the kernel multiplies by (its bf16 scales and zeros, planes summed)."""
+        n, k, gs = self.out_features, self.in_features, self.group_size
+        q = self.values().float().view(n, -1, gs)  # (out, planes * groups, gs)
+        s, z = self.scales_zeros.float().permute(2, 1, 0)[..., None]  # (out, planes*groups, 1)
+        w = (q - 8) * s + z
+        return w.view(n, self.planes, k).sum(1).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":
+            raise ValueError(
+                f"PackedInt4Linear runs torch's CPU kernel: expected a CPU input, "
+                f"got one on {x.device}"
+            )
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, in)
+        if self.planes > 1:
+            rows = rows.repeat(1, self.planes)  # (M, planes * in): the planes add up
+        y = torch._weight_int4pack_mm_for_cpu(
+            rows, self.qweight, self.group_size, self.scales_zeros
+        )
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = "int4" if self.planes == 1 else "int8 as two int4 planes"
+        return (
+            f"in={self.in_features}, out={self.out_features}, {kind}, groups of "
+            f"{self.group_size}, torch's CPU kernel (bf16 activations)"
+        )
+
+
+def pack_for_cpu(model: nn.Module, *, strict: bool = False) -> dict[str, int]:
+    """Replace, in place, every Int4Linear and Int8Linear whose shape torch's CPU int4 kernel
+    takes with a ``PackedInt4Linear``; ``strict``: a shape it cannot take is a ValueError
+    naming the constraint. Returns how many were packed and how many were left as they are."""
+    counts = {"packed": 0, "kept": 0}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, Int4Linear | Int8Linear):
+                continue
+            gs = child.in_features // child.groups
+            if isinstance(child, Int8Linear) and child.groups == 1:
+                gs = next((g for g in KERNEL_GROUP_SIZES[::-1] if child.in_features % g == 0), gs)
+            problem = cpu_kernel_problem(child.out_features, child.in_features, gs)
+            if problem is not None:
+                if strict:
+                    raise ValueError(f"{name}.{child_name}: cannot use the CPU kernel: {problem}")
+                counts["kept"] += 1
+                continue
+            packed = (
+                PackedInt4Linear.from_int4
+                if isinstance(child, Int4Linear)
+                else PackedInt4Linear.from_int8
+            )(child)
+            setattr(module, child_name, packed)
+            counts["packed"] += 1
+    return counts
+
+
+def quantize_weights(
+    model: nn.Module,
+    kind: str = "int8",
+    group_size: int | None = None,
+    *,
+    kernel: bool | str = "auto",
+):
     """Replace every ``nn.Linear`` (and a tied output projection) with a quantized one, in place.
 
     ``kind``: ``"int8"`` (per channel, or per ``group_size`` block) or ``"int4"`` (blocks of
     ``group_size``, default 32). Embedding lookups stay in full precision: they read one row
-    per token.
+    per token. ``kernel``: ``"auto"`` packs the layers torch's CPU int4 kernel takes for it
+    (``pack_for_cpu``), ``True`` requires it for every layer, ``False`` keeps the exact
+    portable modules.
     """
+    if kernel not in ("auto", True, False):
+        raise ValueError(f"kernel must be 'auto', True or False, got {kernel!r}")
     if kind not in WEIGHT_KINDS:
         raise ValueError(f"weight quantization kind must be one of {WEIGHT_KINDS}, got {kind!r}")
 
@@ -195,4 +356,6 @@ def quantize_weights(model: nn.Module, kind: str = "int8", group_size: int | Non
                 setattr(module, child_name, make(child.weight))
     if getattr(model, "lm_head", "absent") is None and hasattr(model, "embed"):
         model.lm_head = make(model.embed.weight)  # tied: the projection gets its own copy
+    if kernel:
+        pack_for_cpu(model, strict=kernel is True)
     return model

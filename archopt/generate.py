@@ -22,11 +22,21 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def compiled_step(model, backend="inductor"):
-    """``torch.compile(model)`` for one-token steps on a static cache, built once per model."""
+    """``torch.compile(model)`` for one-token steps on a static cache, built once per model.
+
+    ``backend="inductor-cpp"``: inductor with its C++ wrapper, which calls the step's few
+    hundred kernels from C++ instead of Python. On SmolLM2-135M with int4 weights (2 threads)
+    that took a step from 14.8 to 11.2 ms, and the first compile from 27 to 69 s (inductor
+    caches it on disk for later processes).
+    """
     key = (backend if isinstance(backend, str) else id(backend),)
     per_model = _COMPILED.setdefault(model, {})
     if key not in per_model:
-        per_model[key] = torch.compile(model, backend=backend, dynamic=False)
+        if backend == "inductor-cpp":
+            step = torch.compile(model, dynamic=False, options={"cpp_wrapper": True})
+        else:
+            step = torch.compile(model, backend=backend, dynamic=False)
+        per_model[key] = step
     return per_model[key]
 
 
@@ -118,9 +128,10 @@ def stream(
     """Yield the next token of every row (B,) as it is produced.
 
     Rows that have produced a ``stop`` token yield the pad id from then on; the iterator ends
-    when every row has stopped or after ``max_new_tokens`` steps. ``compile`` (True or a
-    torch.compile backend name) runs the one-token steps through one compiled graph; it needs
-    the static cache, whose shapes never change, so the graph is never recompiled.
+    when every row has stopped or after ``max_new_tokens`` steps. ``compile`` (True, a
+    torch.compile backend name, or ``"inductor-cpp"``: see ``compiled_step``) runs the
+    one-token steps through one compiled graph; it needs the static cache, whose shapes never
+    change, so the graph is never recompiled.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg = model.config

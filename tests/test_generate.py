@@ -519,3 +519,17 @@ def test_compiled_runs_of_different_lengths_share_a_graph(model):
         ref = generate(model, ids, n_new, cache="static")
         assert torch.equal(generate(model, ids, n_new, cache="static", compile="eager"), ref)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@needs_int4_kernel
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [True, "inductor-cpp"])
+def test_packed_weights_through_inductor_give_the_eager_tokens(backend):
+    from archopt.ops.quant import quantize_weights
+
+    torch.manual_seed(0)
+    model = archopt.create_model("llama-tiny", intermediate_size=320).eval()
+    fast = quantize_weights(model, "int4", kernel=True)
+    ids = rand_ids(1, 6)
+    eager = generate(fast, ids, 12, cache="static")
+    assert torch.equal(generate(fast, ids, 12, cache="static", compile=backend), eager)

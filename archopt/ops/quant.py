@@ -16,10 +16,13 @@ bytes; for several rows the weight is dequantized once and multiplied normally.
 int4 kernel (``torch._weight_int4pack_mm_for_cpu``: bf16 activations, a bf16 scale and zero per
 group, w = scale * (q - 8) + zero). An int4 weight is one 4-bit plane; an int8 weight is two,
 exactly (q + 128 = 16 a + b, so w = d q = 16 d (a - 8) + 8 d + d (b - 8)), multiplied in one
-call with the input repeated. Measured on the 2-core machine (2 threads, SmolLM2 shapes, 84
-distinct weights so nothing stays in cache): 3072 x 576 in 66 us against 350 us for fp32,
-153 us for torch's int8 kernel with bf16 activations (663 us with fp32 ones) and 470 us for the
-inductor-fused Int4Linear; with fp16 activations torch's int4 kernel takes a slow path (2.5 ms).
+call with the input repeated. benchmarks/bench_quant_linear.py (2 threads, SmolLM2 shapes, one
+row, ~150 MB of distinct weights, each product feeding the next as in a decode step) measured
+3072 x 576 in 111 us (int4) and 189 us (int8) against 376 us for fp32 and 260 / 213 us for the
+inductor-fused Int4Linear / Int8Linear, whose fusion with the consumer's reduction can serialize
+it (576 x 1536: 109 us against 1202 us; the 49152 x 576 output projection 1.6 ms against 57 ms).
+torch's int8 kernel (``_weight_int8pack_mm``) is as fast only with bf16 activations; with fp32
+ones it takes a slow path (720 us), and so does the int4 kernel with fp16 or fp32 ones.
 ``pack_for_cpu`` (or ``quantize_weights(..., kernel="auto")``) swaps it in where the kernel
 takes the shape: out_features a multiple of 16, groups of 32, 64, 128 or 256. The price is bf16
 rounding of activations, scales and outputs; its perplexity cost is measured in

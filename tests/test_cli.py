@@ -210,7 +210,9 @@ def test_bench_generate_sweep_small(tmp_path, capsys):
     rows = {r["name"]: r for r in out["sweep"]}
     assert set(rows) == {
         f"{w} {c}" for w in ("fp32", "bf16", "int8") for c in ("dense", "sliding:8")
-    }
+    } | {"HF generate fp32"}  # the fp32 anchor, a row of the table but not of the front
+    assert rows["HF generate fp32"]["anchor"] and not rows["HF generate fp32"]["on_front"]
+    assert rows["HF generate fp32"]["tokens_per_s"] > 0
     assert rows["int8 dense"]["weight_bytes"] < rows["fp32 dense"]["weight_bytes"]
     assert rows["bf16 dense"]["weight_bytes"] * 2 == rows["fp32 dense"]["weight_bytes"]
     assert rows["fp32 sliding:8"]["cache_bytes"] < rows["fp32 dense"]["cache_bytes"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import importlib.util
 import inspect
 import json
 import statistics
@@ -393,6 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
             threads=args.threads,
             plot_path=args.plot,
             compile=args.compile,
+            hf=not args.no_hf,
         )
         print(f"# {machine_line(args.threads)}\n" + format_sweep(rows))
         if args.json:
@@ -509,6 +511,7 @@ def sweep(
     threads: int = 2,
     plot_path: str | None = None,
     compile: bool | str = False,
+    hf: bool = True,
 ) -> list[dict]:
     """tokens/s, bytes and perplexity for every (weights, cache) pair: a Pareto study.
 
@@ -575,6 +578,27 @@ def sweep(
     front = set(pareto_front(rows, objectives))
     for i, r in enumerate(rows):
         r["on_front"] = i in front
+    if hf and importlib.util.find_spec("transformers"):  # the fp32 anchor, same weights
+        twin = hf_twin(base_model)
+        mask = torch.ones_like(prompt)
+        times = []
+        for _ in range(rounds + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                twin.generate(
+                    prompt, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                    min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0,
+                )  # fmt: skip
+            times.append(time.perf_counter() - t0)
+        tps = new_tokens / statistics.median(times[1:])
+        print(f"  HF generate fp32: {tps:.1f} tokens/s", file=sys.stderr)
+        rows.append({
+            "name": "HF generate fp32", "weights": "HF generate, fp32", "cache": "its dynamic",
+            "tokens_per_s": tps, "weight_bytes": weight_bytes(base_model), "cache_bytes": 0,
+            "memory_mib": weight_bytes(base_model) / 2**20, "perplexity": None,
+            "perplexity_delta": None, "on_front": False, "anchor": True,
+        })  # fmt: skip
+        del twin
     path = _gguf_path(model_name)
     cpp = path and llama_cpp_tokens_per_s(
         path, prompt[0].tolist(), new_tokens, rounds=rounds, threads=threads
@@ -591,6 +615,7 @@ def sweep(
             "tokens_per_s": cpp["tokens_per_s"], "weight_bytes": cpp["weight_bytes"],
             "cache_bytes": kv, "memory_mib": (cpp["weight_bytes"] + kv) / 2**20,
             "perplexity": None, "perplexity_delta": None, "on_front": False, "anchor": True,
+            "llama_cpp": True,
         })  # fmt: skip
     if plot_path:
         labelled = [
@@ -612,7 +637,7 @@ def sweep(
 
 
 def format_sweep(rows: list[dict]) -> str:
-    anchor = next((r["tokens_per_s"] for r in rows if r.get("anchor")), None)
+    anchor = next((r["tokens_per_s"] for r in rows if r.get("llama_cpp")), None)
     lines = [
         "| weights | cache | tokens/s | vs llama.cpp | weights MiB | cache MiB | perplexity | "
         "vs fp32 | on front (memory, tokens/s, perplexity) |",

@@ -52,12 +52,16 @@ def padding_mask(b, n, kind):
     return mask
 
 
-@pytest.fixture(params=["default", "tiny"])
+@pytest.fixture(params=["default", "tiny", "band", "band-tiny"])
 def chunk_bytes(request, monkeypatch):
-    """Tiny chunks (one block each) make every chunk boundary fall inside a sequence, so the
-    key bias, padded edge chunks and head-crossing runs are exercised block by block."""
-    if request.param == "tiny":
+    """Tiny chunks (one block, or one (batch, head) pair, each) make every chunk boundary fall
+    inside a sequence, so the key bias, padded edge chunks and head-crossing runs are exercised
+    block by block. "band": sequences shorter than a span take the band path too (by default
+    they run as dense attention per residue class), so it sees these small shapes."""
+    if "tiny" in request.param:
         monkeypatch.setattr(blocked, "CHUNK_BYTES", 1)
+    if "band" in request.param:
+        monkeypatch.setattr(blocked, "SHORT_SEQUENCES", False)
     return request.param
 
 
@@ -258,7 +262,7 @@ def test_dtypes(dtype, atol):
     ],
     ids=["band", "dilated-causal", "global-pad", "global-pad-causal"],
 )
-def test_gradcheck_float64(kwargs):
+def test_gradcheck_float64(kwargs, chunk_bytes):
     kwargs = dict(kwargs)
     q, k, v = make_qkv(2, 2, 9, 3, dv=2, dtype=torch.float64, requires_grad=True)
     if kwargs.pop("glob", False):

@@ -59,6 +59,9 @@ NEG = -1e30
 # 1.05x, 1.12x and 1.14x as long (per-op overheads), for a peak of the output plus 16, 9, 5 and
 # 3 MiB (benchmarks/RESULTS.md).
 CHUNK_BYTES = 16 * 2**20
+# Sequences at most half a block's key span run as dense masked attention (``_short``); the
+# tests also run with this off, so the band path sees their small shapes too.
+SHORT_SEQUENCES = True
 
 
 def choose_block(window: int) -> int:
@@ -240,6 +243,69 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
+def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, result, pieces):
+    """``_band`` for sequences at most half a block's key span (N <= about dil * (w + blk/2)).
+
+    A block there would read span > length keys, most of them outside its sequence (at N=1024,
+    w=256, dilation 4: 574 keys for 256), so each residue class is instead one dense masked
+    attention over its own rows, L x L scores with L <= span, in chunks of (batch, head) pairs.
+    """
+    B, H, N, D = q.shape
+    dv = v.shape[-1]
+    dev = q.device
+    nh = len(heads)
+    hs = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
+    g = 0
+    if gk is not None:
+        gk_k, gk_v, visible = gk
+        g = gk_k.shape[2]
+        gk_kt = gk_k[:, hs].reshape(B * nh, g, D).transpose(1, 2)  # (pairs, d, G)
+        gk_v = gk_v[:, hs].reshape(B * nh, g, dv)
+        slots = torch.arange(g, device=dev)
+    for r in range(dil):
+        L = -(-(N - r) // dil)  # positions r, r + dil, ... of the sequence
+        if L == 0:
+            continue
+        qr = q[:, hs, r::dil].reshape(B * nh, L, D)  # (pairs, L, d)
+        kr = k[:, hs, r::dil].reshape(B * nh, L, D)
+        vr = v[:, hs, r::dil].reshape(B * nh, L, dv)
+        i = torch.arange(L, device=dev)
+        rel = i[:, None] - i[None, :]  # query minus key position, in the sequence
+        band = (rel <= w) & (rel >= (0 if causal else -w))
+        bias = torch.zeros(L, L, dtype=q.dtype, device=dev).masked_fill_(~band, NEG)
+        key_bias = None
+        if key_valid is not None:  # (pairs, 1, L), the batch row's mask for every head
+            kb = torch.zeros(B, L, dtype=q.dtype, device=dev).masked_fill_(
+                ~key_valid[:, r::dil], NEG
+            )
+            key_bias = kb.repeat_interleave(nh, dim=0)[:, None, :]
+        if g:
+            seen = visible[:, r::dil].repeat_interleave(nh, dim=0)[..., None]  # (pairs, L, 1)
+        per = max(1, CHUNK_BYTES // (L * (L + g) * q.element_size()))
+        outs = []
+        for p0 in range(0, B * nh, per):
+            p1 = min(B * nh, p0 + per)
+            scores = torch.baddbmm(bias, qr[p0:p1], kr[p0:p1].transpose(1, 2), alpha=scale)
+            if key_bias is not None:
+                scores = scores + key_bias[p0:p1]
+            if g:
+                g_scores = (qr[p0:p1] @ gk_kt[p0:p1]).masked_fill(slots >= seen[p0:p1], NEG)
+                scores = torch.cat([scores, g_scores], dim=-1)
+            probs = torch.softmax(scores, dim=-1)
+            out = probs[..., :L] @ vr[p0:p1]  # (n, L, dv)
+            if g:
+                out = out + probs[..., L:] @ gk_v[p0:p1]
+            outs.append(out)
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        if result is not None:
+            result.view(B, H, N, dv)[:, hs, r::dil] = out.view(B, nh, L, dv)
+        else:
+            h_idx = torch.as_tensor(heads, device=dev)
+            rows = (torch.arange(B, device=dev)[:, None, None] * H + h_idx[None, :, None]) * N
+            rows = rows + r + dil * i[None, None, :]  # (B, nh, L), in out's row order
+            pieces.append((rows.reshape(-1), out.reshape(-1, dv)))
+
+
 def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, result, pieces):
     """Band attention (plus global columns) for the heads ``heads``, all with dilation ``dil``.
 
@@ -255,6 +321,12 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
     w = min(window, M - 1)  # keys further away than the sequence is long do not exist
     blk = block or choose_block(w)
     span = blk + (w if causal else 2 * w)
+    # A block would read more than twice the keys its sequence holds: dense per sequence is
+    # less work. (Near 1x the band path's reused buffers win: at N=1024, w=256, dilation 2,
+    # where span = 1.1 M, dense took 1.4x as long.)
+    if span >= 2 * M and SHORT_SEQUENCES:
+        _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, result, pieces)
+        return
     q_all, k_all, v_all = q.view(-1, D), k.view(-1, D), v.view(-1, dv)
     r_ = torch.arange(blk, device=dev)[:, None]
     t_ = torch.arange(span, device=dev)[None, :]

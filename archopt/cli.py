@@ -127,17 +127,35 @@ def cmd_bench(args) -> None:
         bench_generate(args.rest)
 
 
-def load_language_model(name: str):
-    """A registered LLM with its real weights, or a checkpoint path (HF directory, .gguf)."""
+def load_language_model(name: str, weights: str = "fp32"):
+    """A registered LLM with its real weights, or a checkpoint path (HF directory, .gguf).
+
+    ``weights``: ``fp32``; ``int8`` / ``int4`` (``quantize_weights``); ``gguf``: the file's own
+    Q4_0/Q4_1/Q8_0 blocks, kept quantized (both on torch's CPU int4 kernel where it applies).
+    """
     from pathlib import Path
 
     from archopt.models.llama import Llama
+    from archopt.ops.quant import quantize_weights
     from archopt.registry import create_model
 
+    if weights not in ("fp32", "int8", "int4", "gguf"):
+        raise ValueError(f"--weights must be fp32, int8, int4 or gguf, got {weights!r}")
+    if weights == "gguf":
+        from archopt.loading.llama import smollm2_path
+
+        path = smollm2_path() if name == "smollm2-135m" else Path(name)
+        if path.suffix != ".gguf" or not path.is_file():
+            raise ValueError(f"--weights gguf needs a .gguf model, got {name!r}")
+        return Llama.from_pretrained(path, keep_quantized=True)
     if Path(name).exists():
-        return Llama.from_pretrained(name)
-    if name == "smollm2-135m":
-        return create_model(name, pretrained=True)
+        model = Llama.from_pretrained(name)
+    elif name == "smollm2-135m":
+        model = create_model(name, pretrained=True)
+    else:
+        model = None
+    if model is not None:
+        return model if weights == "fp32" else quantize_weights(model, weights)
     raise ValueError(
         f"--model must be smollm2-135m or a path to an HF directory or a .gguf file, got {name!r}"
     )
@@ -150,7 +168,7 @@ def cmd_generate(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_language_model(args.model)
+    model = load_language_model(args.model, args.weights)
     n_prompt = len(encode_prompt(model, args.prompt, chat=args.chat))
     kwargs = dict(
         cache=args.cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -159,7 +177,7 @@ def cmd_generate(args) -> None:
     if args.ignore_eos:
         kwargs["stop"] = None
     if args.compile:
-        kwargs["compile"] = True
+        kwargs["compile"] = args.compile
     pieces = []
     start = time.perf_counter()
     if not args.json:
@@ -173,6 +191,7 @@ def cmd_generate(args) -> None:
     count = len(model.tokenizer.encode(text)) if text else 0
     report = {
         "model": args.model,
+        "weights": args.weights,
         "cache": args.cache,
         "prompt_tokens": n_prompt,
         "new_tokens": count,
@@ -323,7 +342,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int)
     sp.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     sp.add_argument(
-        "--compile", action="store_true", help="compiled one-token steps (needs --cache static)"
+        "--compile",
+        nargs="?",
+        const="inductor",
+        choices=["inductor", "inductor-cpp"],
+        help="compiled one-token steps (needs --cache static; inductor-cpp: C++ wrapper)",
+    )
+    sp.add_argument(
+        "--weights",
+        default="fp32",
+        choices=["fp32", "int8", "int4", "gguf"],
+        help="int8/int4: quantized here; gguf: the file's own blocks",
     )
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")

@@ -170,6 +170,23 @@ def test_generate_json_on_the_real_model(capsys):
     assert out["text"].strip() and out["prompt_tokens"] == 7
 
 
+def test_generate_with_the_gguf_blocks_kept(capsys, tmp_path):
+    from archopt.loading.llama import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    code, out, _ = run(
+        capsys, "generate", "--max-new-tokens", "6", "--weights", "gguf", "--cache", "static",
+        "--json",
+    )  # fmt: skip
+    out = json.loads(out)
+    assert code == 0 and out["weights"] == "gguf" and out["text"].strip()
+    assert main(["generate", "--model", str(tmp_path), "--weights", "gguf"]) == 2
+    assert "--weights gguf needs a .gguf model" in capsys.readouterr().err
+
+
 def test_generate_without_the_model_package_says_how_to_install(capsys, monkeypatch):
     import importlib.metadata
 

@@ -481,6 +481,10 @@ def test_pack_for_cpu_takes_what_the_kernel_takes():
         PackedInt4Linear.from_int4(model[2])
     with pytest.raises(ValueError, match=r"expected a CPU input, got one on meta"):
         model[0](torch.empty(1, 96, device="meta"))
+    elsewhere = torch.nn.Sequential(Int4Linear(torch.randn(64, 96), group_size=32).to("meta"))
+    assert pack_for_cpu(elsewhere) == {"packed": 0, "kept": 1}  # auto: left as it is
+    with pytest.raises(ValueError, match=r"weights must be on the CPU, got meta"):
+        pack_for_cpu(elsewhere, strict=True)
     with pytest.raises(ValueError, match=r"kernel must be 'auto', True or False, got 'yes'"):
         quantize_weights(model, "int8", kernel="yes")
 

@@ -311,6 +311,8 @@ def pack_for_cpu(model: nn.Module, *, strict: bool = False) -> dict[str, int]:
             if isinstance(child, Int8Linear) and child.groups == 1:
                 gs = next((g for g in KERNEL_GROUP_SIZES[::-1] if child.in_features % g == 0), gs)
             problem = cpu_kernel_problem(child.out_features, child.in_features, gs)
+            if child.qweight.device.type != "cpu":
+                problem = f"its weights must be on the CPU, got {child.qweight.device}"
             if problem is not None:
                 if strict:
                     raise ValueError(f"{name}.{child_name}: cannot use the CPU kernel: {problem}")

@@ -280,3 +280,12 @@ def test_llama_cpp_anchor_runs_in_a_child_and_reports_failures(tmp_path, monkeyp
     bad = llama_cpp_tokens_per_s(tmp_path / "bad.gguf", [1, 2, 3], 5, rounds=1, threads=1)
     expected = f"llama.cpp exited with 1: RuntimeError: cannot load {tmp_path / 'bad.gguf'}"
     assert bad == {"error": expected}
+
+
+def test_bench_attention_dilation_alone(capsys):
+    from archopt.bench.attention import main as bench
+
+    bench(["--dilation-alone", "--lengths", "96", "--rounds", "1", "--heads", "2", "--window", "8"])
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("| 96 |"))
+    assert row.count("x |") == 2  # the two ratios

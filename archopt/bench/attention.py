@@ -159,11 +159,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--chunk-mib", type=float, nargs="+", help="also ours with these score-chunk sizes"
     )
+    p.add_argument(
+        "--dilation-alone",
+        action="store_true",
+        help="only ours at dilation 1, 2 and 4, interleaved: the dilation cost without "
+        "other contenders' leftovers",
+    )
     p.add_argument("--json")
     p.add_argument("--plot")
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    if args.dilation_alone:
+        print(dilation_alone(args))
+        return
     rate = matmul_gflops()
     print(f"# {machine_line(args.threads)}; fp32 matmul 2048^3: {rate:.0f} GFLOP/s")
     what = "forward + backward" if args.backward else "forward"
@@ -208,6 +217,30 @@ def main(argv: list[str] | None = None) -> None:
             json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
     if args.plot:
         plot(results, args.plot)
+
+
+def dilation_alone(args) -> str:
+    """Ours at dilation 1, 2 and 4 on the same inputs, nothing else in the rounds."""
+    from archopt.ops.attention import local_attention
+
+    lines = [f"# {machine_line(args.threads)}; ours only, forward, fp32, w={args.window}"]
+    lines += [
+        "| N | d=1 ms | d=2 ms | d=4 ms | d=2 / d=1 | d=4 / d=1 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in args.lengths:
+        qkv = [torch.randn(1, args.heads, n, args.head_dim) for _ in range(3)]
+        fns = {
+            d: (lambda d=d, qkv=qkv: local_attention(*qkv, window=args.window, dilation=d))
+            for d in (1, 2, 4)
+        }
+        with torch.inference_mode():
+            t = {d: s["median_ms"] for d, s in interleaved(fns, rounds=args.rounds).items()}
+        lines.append(
+            f"| {n} | {t[1]:.1f} | {t[2]:.1f} | {t[4]:.1f} | {t[2] / t[1]:.2f}x | "
+            f"{t[4] / t[1]:.2f}x |"
+        )
+    return "\n".join(lines)
 
 
 def summary(results) -> str:

@@ -286,6 +286,8 @@ def cmd_pareto(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from archopt.generate import COMPILE_MODES
+
     p = argparse.ArgumentParser(prog="archopt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -345,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile",
         nargs="?",
         const="inductor",
-        choices=["inductor", "inductor-cpp"],
+        choices=COMPILE_MODES,
         help="compiled one-token steps (needs --cache static; inductor-cpp: C++ wrapper)",
     )
     sp.add_argument(

@@ -21,6 +21,10 @@ from archopt.ops.kv_cache import KVCache, StaticCache
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+# Modes a command line offers for compiled steps; "inductor-cpp" adds inductor's C++ wrapper.
+COMPILE_MODES = ("inductor", "inductor-cpp")
+
+
 def compiled_step(model, backend="inductor"):
     """``torch.compile(model)`` for one-token steps on a static cache, built once per model.
 

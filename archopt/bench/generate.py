@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from archopt.bench.common import machine_line
-from archopt.generate import generate
+from archopt.generate import COMPILE_MODES, generate
 from archopt.measure import measure_peak_memory
 from archopt.models.llama import Llama
 
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--compile",
         nargs="?",
         const="inductor",
-        choices=["inductor", "inductor-cpp"],
+        choices=COMPILE_MODES,
         help="sweep: compiled one-token steps for 'static' (inductor-cpp: its C++ wrapper)",
     )
     p.add_argument("--context", type=int, default=512, help="prompt length for the sweep")
@@ -592,10 +592,11 @@ def sweep(
             times.append(time.perf_counter() - t0)
         tps = new_tokens / statistics.median(times[1:])
         print(f"  HF generate fp32: {tps:.1f} tokens/s", file=sys.stderr)
+        fp32_bytes = weight_bytes(base_model)
         rows.append({
             "name": "HF generate fp32", "weights": "HF generate, fp32", "cache": "its dynamic",
-            "tokens_per_s": tps, "weight_bytes": weight_bytes(base_model), "cache_bytes": 0,
-            "memory_mib": weight_bytes(base_model) / 2**20, "perplexity": None,
+            "tokens_per_s": tps, "weight_bytes": fp32_bytes, "cache_bytes": 0,
+            "memory_mib": fp32_bytes / 2**20, "perplexity": None,
             "perplexity_delta": None, "on_front": False, "anchor": True,
         })  # fmt: skip
         del twin

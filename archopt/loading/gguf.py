@@ -566,8 +566,9 @@ def load_gguf_llama(
     Without transformers the model loads with ``tokenizer = None`` and the reason in
     ``config.extra["tokenizer_missing"]``, for whoever needs a tokenizer to report.
     """
-    if kernel not in ("auto", True, False):
-        raise ValueError(f"kernel must be 'auto', True or False, got {kernel!r}")
+    from archopt.ops.quant import check_kernel_arg, pack_for_cpu
+
+    check_kernel_arg(kernel)
     gf = read_gguf(path)
     cfg = llama_config_from_gguf(gf)
     freqs = _rope_freqs(gf, cfg)
@@ -590,8 +591,6 @@ def load_gguf_llama(
     if keep_quantized:
         keep_quantized_linears(model, gf)
         if kernel:
-            from archopt.ops.quant import pack_for_cpu
-
             cfg.extra["cpu_kernel"] = pack_for_cpu(model, strict=kernel is True)
     model.tokenizer = tok
     return model

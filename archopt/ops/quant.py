@@ -188,6 +188,20 @@ class Int4Linear(nn.Module):
 KERNEL_GROUP_SIZES = (32, 64, 128, 256)  # what torch's CPU int4 kernel takes
 
 
+def check_kernel_arg(kernel) -> None:
+    if kernel not in ("auto", True, False):
+        raise ValueError(f"kernel must be 'auto', True or False, got {kernel!r}")
+
+
+def _kernel_group_size(m: Int4Linear | Int8Linear) -> int:
+    """The group size ``m`` packs with: its own, or for per-channel int8 the largest group the
+    kernel takes that divides in_features (the channel's scale repeated over its groups)."""
+    gs = m.in_features // m.groups
+    if isinstance(m, Int8Linear) and m.groups == 1:
+        gs = next((g for g in reversed(KERNEL_GROUP_SIZES) if gs % g == 0), gs)
+    return gs
+
+
 def cpu_kernel_problem(out_features: int, in_features: int, group_size: int) -> str | None:
     """Why torch's CPU int4 kernel cannot take this shape, or None when it can."""
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
@@ -245,25 +259,21 @@ class PackedInt4Linear(nn.Module):
     def from_int8(cls, m: Int8Linear) -> PackedInt4Linear:
         """Two planes: q + 128 = 16 a + b, w = 16 d (a - 8) + 8 d  +  d (b - 8) + 0."""
         n, k = m.out_features, m.in_features
-        d = m.scale
-        if m.groups == 1:  # one scale per channel, repeated over the largest group that fits
-            gs = next((g for g in reversed(KERNEL_GROUP_SIZES) if k % g == 0), k)
-            d = d.expand(n, k // gs)
+        d = m.scale.expand(n, k // _kernel_group_size(m))  # per channel: repeated per group
         d = d.to(torch.bfloat16).float()  # 16 d and 8 d stay exact in bf16
         u = m.qweight.int() + 128
         q = torch.cat([u >> 4, u & 15], dim=1)
-        return cls._pack(q, torch.cat([16 * d, d], 1), torch.cat([8 * d, 0 * d], 1), k)
+        zero = torch.cat([8 * d, torch.zeros_like(d)], 1)
+        return cls._pack(q, torch.cat([16 * d, d], 1), zero, k)
 
     def values(self) -> torch.Tensor:
         """The 4-bit values q (out, planes * in), read back through the kernel itself (scale 1,
         zero 8, one-hot rows), since its byte layout depends on the CPU's vector width."""
         n, k = self.out_features, self.qweight.shape[1] * 2
-        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).expand(k // self.group_size, n, 2)
+        unit = torch.tensor([1.0, 8.0], dtype=torch.bfloat16).repeat(k // self.group_size, n, 1)
         eye = torch.eye(k, dtype=torch.bfloat16)
         cols = [
-            torch._weight_int4pack_mm_for_cpu(
-                rows, self.qweight, self.group_size, unit.contiguous()
-            )
+            torch._weight_int4pack_mm_for_cpu(rows, self.qweight, self.group_size, unit)
             for rows in eye.split(256)
         ]  # (k, n): small integers, exact in bf16
         return torch.cat(cols).T.to(torch.uint8)
@@ -307,12 +317,11 @@ def pack_for_cpu(model: nn.Module, *, strict: bool = False) -> dict[str, int]:
         for child_name, child in list(module.named_children()):
             if not isinstance(child, Int4Linear | Int8Linear):
                 continue
-            gs = child.in_features // child.groups
-            if isinstance(child, Int8Linear) and child.groups == 1:
-                gs = next((g for g in KERNEL_GROUP_SIZES[::-1] if child.in_features % g == 0), gs)
-            problem = cpu_kernel_problem(child.out_features, child.in_features, gs)
             if child.qweight.device.type != "cpu":
                 problem = f"its weights must be on the CPU, got {child.qweight.device}"
+            else:
+                gs = _kernel_group_size(child)
+                problem = cpu_kernel_problem(child.out_features, child.in_features, gs)
             if problem is not None:
                 if strict:
                     raise ValueError(f"{name}.{child_name}: cannot use the CPU kernel: {problem}")
@@ -343,8 +352,7 @@ def quantize_weights(
     (``pack_for_cpu``), ``True`` requires it for every layer, ``False`` keeps the exact
     portable modules.
     """
-    if kernel not in ("auto", True, False):
-        raise ValueError(f"kernel must be 'auto', True or False, got {kernel!r}")
+    check_kernel_arg(kernel)
     if kind not in WEIGHT_KINDS:
         raise ValueError(f"weight quantization kind must be one of {WEIGHT_KINDS}, got {kind!r}")
 

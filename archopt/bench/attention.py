@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hf-max", type=int, default=16384, help="skip the HF module above this N")
     p.add_argument("--variants", action="store_true", help="also dilation 2, 4 and 16 globals")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--min-round-ms",
+        type=float,
+        default=250.0,
+        help="calls per contender per round: at least this many ms (0: one call)",
+    )
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument(
         "--chunk-mib", type=float, nargs="+", help="also ours with these score-chunk sizes"
@@ -194,7 +200,9 @@ def main(argv: list[str] | None = None) -> None:
                 if label == "w" and n <= args.hf_max and not args.backward:
                     fns.update(module_contenders(n, args))
                 print(f"N={n} {label}", file=sys.stderr, flush=True)
-                stats = interleaved(fns, rounds=args.rounds, per_round=1, warmup=1)
+                stats = interleaved(
+                    fns, rounds=args.rounds, per_round=1, warmup=1, min_round_ms=args.min_round_ms
+                )
                 # QK^T and PV over the band; a backward pass does twice the forward's matmuls.
                 band_flops = 4 * args.heads * n * (2 * args.window + 1) * args.head_dim
                 band_flops *= 3 if args.backward else 1

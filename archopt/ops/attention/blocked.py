@@ -218,6 +218,44 @@ def _seq_rows(src: Tensor, base: int, dil: int, p0: int, n: int) -> Tensor:
     return F.pad(_rows(src, first + dil * lo, hi - lo, dil), (0, 0, lo, n - hi))
 
 
+def _outside_band(scores: Tensor) -> Tensor:
+    """The scores outside the band of a contiguous (n, blk, span) block of band scores, as a
+    view (n, blk - 1, blk): query row r's band is keys [r, r + span - blk], and what lies right
+    of row r's band and left of row r + 1's is one run of exactly blk consecutive elements."""
+    n, blk, span = scores.shape
+    return scores.as_strided(
+        (n, blk - 1, blk),
+        (blk * span, span + 1, 1),
+        scores.storage_offset() + span - blk + 1,
+    )
+
+
+def _mask_edges(scores: Tensor, b0: int, nb: int, length: int, w: int) -> None:
+    """Set to NEG, in the (n, blk, span) band scores of blocks b0 .. b0 + n - 1 of a run of
+    sequences of ``length`` positions (``nb`` blocks each), the keys outside their sequence.
+
+    Block j of a sequence reads positions j*blk - w + t for t < span: those below 0 (the first
+    blocks) and from ``length`` on (the last ones). The blocks with the same j are every nb-th
+    block of the chunk, one strided view, so this writes only masked columns, a few calls.
+    """
+    n, blk, span = scores.shape
+    head = range(min(nb, -(-w // blk)))
+    tail = range(max(head.stop, (length + w - span) // blk + 1), nb)
+    for j in itertools.chain(head, tail):
+        lo = w - j * blk  # columns [0, lo) lie before the sequence
+        hi = length + w - j * blk  # columns [hi, span) lie past its end
+        if lo <= 0 and hi >= span:
+            continue
+        first = (j - b0) % nb  # the chunk's first block with position j
+        if first >= n:
+            continue
+        blocks = scores[first::nb]
+        if lo > 0:
+            blocks[..., :lo].fill_(NEG)
+        if hi < span:
+            blocks[..., max(hi, 0) :].fill_(NEG)
+
+
 def _split(total: int, per_chunk: int, head: int, tail: int):
     """[0, total) as ranges of at most ``per_chunk``, of near-equal sizes, with the first
     ``head`` and the last ``tail`` entries in ranges of their own."""
@@ -333,14 +371,14 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
     band = (t_ >= r_) & (t_ <= r_ + (w if causal else 2 * w))  # key row t in query row r's band
     band_bias = torch.zeros(blk, span, dtype=q.dtype, device=dev).masked_fill_(~band, NEG)
 
-    # Key bias of a sequence: NEG on the positions it does not own (before 0, from its length
-    # on) and on masked keys, over the positions [-w, (nb - 1) * blk + span) its blocks read;
-    # ``unfold`` gives every block's (span,) slice. It depends on the batch row and residue
-    # class only through the mask, and on the length otherwise, so it is built once per kind.
+    # Key bias of a sequence when some keys are masked: NEG on those and on the positions it
+    # does not own (before 0, from its length on), over the positions [-w, (nb - 1) * blk +
+    # span) its blocks read; ``unfold`` gives every block's (span,) slice. Built once per
+    # (batch row, residue class). Without a mask, ``_mask_edges`` does the edges alone.
     key_bias: dict[tuple[int, ...], tuple[Tensor, list[bool]]] = {}
 
     def bias_of(b: int, r: int, length: int) -> tuple[Tensor, list[bool]]:
-        key = (length,) if key_valid is None else (b, r)
+        key = (b, r)
         if key not in key_bias:
             nb = -(-length // blk)
             kb = torch.full(((nb - 1) * blk + span,), NEG, dtype=q.dtype, device=dev)
@@ -381,80 +419,90 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
         buf_scores = q.new_empty(n_max, blk, span + g) if g else None
         buf_out = None  # allocated when some chunk cannot write into the result directly
 
-    for (f0, count), r in itertools.product(runs, range(dil)):
-        # Sequence i of the run is (b, h) = divmod(f0 + i, H), residue class r: its positions
-        # 0 .. length-1 are rows base + dil*(i*nb*blk + p) of q/k/v (i = 0 only, or whole blocks).
-        base, length = f0 * N + r, -(-(N - r) // dil)
-        if length == 0:  # N < dil: this residue class is empty
-            continue
-        nb = -(-length // blk)
-        # Chunks that read rows before the start or past the end of the tensor are padded
-        # copies (see _seq_rows): keep them to the few blocks that need it.
-        head = -(-w // blk) if base < dil * w else 0
-        tail = nb - max(0, (length + w - span) // blk + 1) if f0 + count == B * H else 0
-        for b0, b1 in _split(count * nb, per_chunk, head, tail):
-            n = b1 - b0
-            n_keys = (n - 1) * blk + span
-            rows = min(n * blk, count * length - b0 * blk)  # query rows that are positions
-            qc = _seq_rows(q_all, base, dil, b0 * blk, n * blk)  # (n*blk, d)
-            k_rows = _seq_rows(k_all, base, dil, b0 * blk - w, n_keys)
-            v_rows = _seq_rows(v_all, base, dil, b0 * blk - w, n_keys)
-            k_win = k_rows.unfold(0, span, blk)  # (n, d, span): K^T of every block, a view
-            v_win = v_rows.unfold(0, span, blk).transpose(1, 2)  # (n, span, dv)
-            qb = qc.view(n, blk, D)
-
-            # Band scores (n, blk, span), always a contiguous matmul output: with a strided
-            # output baddbmm falls back to one small matmul per block.
-            if reuse:
-                band_scores = buf_band[:n].baddbmm_(qb, k_win, beta=0, alpha=scale)
-                band_scores.add_(band_bias)
-            else:
-                band_scores = torch.baddbmm(band_bias, qb, k_win, alpha=scale)
-            # Key bias only on the blocks that read a masked key or leave their sequence.
-            for i in range(b0 // nb, (b1 - 1) // nb + 1):
-                b, h = divmod(f0 + i, H)
-                per_block, needs_bias = bias_of(b, r, length)
-                lo, hi = max(b0, i * nb) - i * nb, min(b1, (i + 1) * nb) - i * nb
-                at = i * nb - b0  # block i*nb of the run is block ``at`` of the chunk
-                for a, e in _runs(needs_bias[lo:hi]):
-                    band_scores[at + lo + a : at + lo + e].add_(per_block[lo + a : lo + e, None, :])
-
-            scores = band_scores
-            if g:  # one sequence (b, h) per run
-                gi = b * H + h
-                g_scores = (qc @ gk_kt[gi]).view(n, blk, g)
-                seen = _rows(visible[b], r + dil * b0 * blk, n * blk, dil).view(n, blk, 1)
-                g_scores.masked_fill_(slots >= seen, NEG)
-                # band and global columns side by side: one softmax normalises both exactly
-                cat_out = {"out": buf_scores[:n]} if reuse else {}
-                scores = torch.cat([band_scores, g_scores], dim=-1, **cat_out)
-
-            # the chunk's rows are rows of the result: write them in place
-            direct = reuse and dil == 1 and rows == n * blk
-            if reuse:
-                # Softmax in place: the kernel reads each row before writing it.
-                probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-                if direct:
-                    dst = result[base + b0 * blk :][:rows].view(n, blk, dv)
-                else:
-                    buf_out = q.new_empty(n_max, blk, dv) if buf_out is None else buf_out
-                    dst = buf_out[:n]
-                out = torch.bmm(probs[..., :span], v_win, out=dst)
-            else:
-                probs = torch.softmax(scores, dim=-1)
-                out = torch.bmm(probs[..., :span], v_win)  # (n, blk, dv)
-            if g:
-                flat, p_g = out.view(n * blk, dv), probs[..., span:].reshape(n * blk, g)
-                if reuse:
-                    flat.addmm_(p_g, gk_v[gi])
-                else:
-                    out = torch.addmm(flat, p_g, gk_v[gi])
-
-            if direct:
+    tasks = []
+    for f0, count in runs:
+        classes = []
+        for r in range(dil):
+            # Sequence i of the run is (b, h) = divmod(f0 + i, H), residue class r: positions
+            # 0 .. length-1 are rows base + dil*(i*nb*blk + p) of q/k/v (i = 0 only, or whole
+            # blocks).
+            base, length = f0 * N + r, -(-(N - r) // dil)
+            if length == 0:  # N < dil: this residue class is empty
                 continue
-            out = out.reshape(n * blk, dv)[:rows]
-            if reuse:
-                _rows(result, base + dil * b0 * blk, rows, dil).copy_(out)
+            nb = -(-length // blk)
+            # Chunks that read rows before the start or past the end of the tensor are padded
+            # copies (see _seq_rows): keep them to the few blocks that need it.
+            head = -(-w // blk) if base < dil * w else 0
+            tail = nb - max(0, (length + w - span) // blk + 1) if f0 + count == B * H else 0
+            splits = _split(count * nb, per_chunk, head, tail)
+            classes.append([(f0, count, r, base, length, nb, b0, b1) for b0, b1 in splits])
+        # the residue classes chunk by chunk: together they read whole stretches of rows
+        tasks += [t for group in itertools.zip_longest(*classes) for t in group if t]
+    for f0, count, r, base, length, nb, b0, b1 in tasks:
+        n = b1 - b0
+        n_keys = (n - 1) * blk + span
+        rows = min(n * blk, count * length - b0 * blk)  # query rows that are positions
+        qc = _seq_rows(q_all, base, dil, b0 * blk, n * blk)  # (n*blk, d)
+        k_rows = _seq_rows(k_all, base, dil, b0 * blk - w, n_keys)
+        v_rows = _seq_rows(v_all, base, dil, b0 * blk - w, n_keys)
+        k_win = k_rows.unfold(0, span, blk)  # (n, d, span): K^T of every block, a view
+        v_win = v_rows.unfold(0, span, blk).transpose(1, 2)  # (n, span, dv)
+        qb = qc.view(n, blk, D)
+
+        # Band scores (n, blk, span), always a contiguous matmul output: with a strided
+        # output baddbmm falls back to one small matmul per block.
+        if reuse:
+            band_scores = buf_band[:n].baddbmm_(qb, k_win, beta=0, alpha=scale)
+            _outside_band(band_scores).fill_(NEG)
+        else:
+            band_scores = torch.baddbmm(band_bias, qb, k_win, alpha=scale)
+        if key_valid is None:  # the only keys to mask are those outside the sequence
+            _mask_edges(band_scores, b0, nb, length, w)
+        # Key bias only on the blocks that read a masked key or leave their sequence.
+        for i in () if key_valid is None else range(b0 // nb, (b1 - 1) // nb + 1):
+            b, h = divmod(f0 + i, H)
+            per_block, needs_bias = bias_of(b, r, length)
+            lo, hi = max(b0, i * nb) - i * nb, min(b1, (i + 1) * nb) - i * nb
+            at = i * nb - b0  # block i*nb of the run is block ``at`` of the chunk
+            for a, e in _runs(needs_bias[lo:hi]):
+                band_scores[at + lo + a : at + lo + e].add_(per_block[lo + a : lo + e, None, :])
+
+        scores = band_scores
+        if g:  # one sequence (b, h) per run
+            gi = b * H + h
+            g_scores = (qc @ gk_kt[gi]).view(n, blk, g)
+            seen = _rows(visible[b], r + dil * b0 * blk, n * blk, dil).view(n, blk, 1)
+            g_scores.masked_fill_(slots >= seen, NEG)
+            # band and global columns side by side: one softmax normalises both exactly
+            cat_out = {"out": buf_scores[:n]} if reuse else {}
+            scores = torch.cat([band_scores, g_scores], dim=-1, **cat_out)
+
+        # the chunk's rows are rows of the result: write them in place
+        direct = reuse and dil == 1 and rows == n * blk
+        if reuse:
+            # Softmax in place: the kernel reads each row before writing it.
+            probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            if direct:
+                dst = result[base + b0 * blk :][:rows].view(n, blk, dv)
             else:
-                first = base + dil * b0 * blk
-                pieces.append((torch.arange(first, first + dil * rows, dil, device=dev), out))
+                buf_out = q.new_empty(n_max, blk, dv) if buf_out is None else buf_out
+                dst = buf_out[:n]
+            out = torch.bmm(probs[..., :span], v_win, out=dst)
+        else:
+            probs = torch.softmax(scores, dim=-1)
+            out = torch.bmm(probs[..., :span], v_win)  # (n, blk, dv)
+        if g:
+            flat, p_g = out.view(n * blk, dv), probs[..., span:].reshape(n * blk, g)
+            if reuse:
+                flat.addmm_(p_g, gk_v[gi])
+            else:
+                out = torch.addmm(flat, p_g, gk_v[gi])
+
+        if direct:
+            continue
+        out = out.reshape(n * blk, dv)[:rows]
+        if reuse:
+            _rows(result, base + dil * b0 * blk, rows, dil).copy_(out)
+        else:
+            first = base + dil * b0 * blk
+            pieces.append((torch.arange(first, first + dil * rows, dil, device=dev), out))

@@ -81,11 +81,18 @@ def test_bench_attention_small(capsys):
         "0",
         "--chunk-mib",
         "0.25",
+        "--spare-mib",
+        "0.5",
     )
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith("| 300 |")]
     names = {line.split("|")[3].strip() for line in rows}
-    assert {"ours", "ours, 0.25 MiB chunks", "dense SDPA + band mask"} <= names
+    assert {
+        "ours",
+        "ours, 0.25 MiB chunks",
+        "ours, 0.5 MiB spare",
+        "dense SDPA + band mask",
+    } <= names
     assert "| N | Flex / ours | d=2 / d=1 | d=4 / d=1 |" in out  # the goals' summary
 
 

@@ -52,14 +52,18 @@ def padding_mask(b, n, kind):
     return mask
 
 
-@pytest.fixture(params=["default", "tiny", "band", "band-tiny"])
+@pytest.fixture(params=["default", "tiny", "band", "band-tiny", "no-spare"])
 def chunk_bytes(request, monkeypatch):
     """Tiny chunks (one block, or one (batch, head) pair, each) make every chunk boundary fall
     inside a sequence, so the key bias, padded edge chunks and head-crossing runs are exercised
     block by block. "band": sequences shorter than a span take the band path too (by default
-    they run as dense attention per residue class), so it sees these small shapes."""
+    they run as dense attention per residue class), so it sees these small shapes. "no-spare":
+    a spare buffer of one block, so chunks take their scores from the unwritten rows of the
+    output wherever those hold more, and are cut to what fits there."""
     if "tiny" in request.param:
         monkeypatch.setattr(blocked, "CHUNK_BYTES", 1)
+    if "no-spare" in request.param:
+        monkeypatch.setattr(blocked, "SPARE_BYTES", 1)
     if "band" in request.param:
         monkeypatch.setattr(blocked, "SHORT_SEQUENCES", False)
     return request.param
@@ -429,3 +433,25 @@ def test_blocked_memory_grows_linearly():
     # output + chunk buffers, about 26 MiB
     scores_n2 = h * 4096 * 4096 * 4
     assert peaks[4096] < scores_n2 / 5
+
+
+@pytest.mark.parametrize(
+    "n,dilation,causal",
+    [(4096, 1, False), (4096, 1, True), (4001, 3, False), (4096, [1, 2, 1, 4], False)],
+)
+def test_blocked_memory_is_the_output_plus_the_spare_buffer(n, dilation, causal, monkeypatch):
+    """Chunks keep their scores in the rows of the result not written yet: the memory above
+    the output is ``SPARE_BYTES`` (what the last chunks use) plus the zero-padded copies of
+    the rows the edge chunks read (under 150 KiB here), not a chunk of scores (16 MiB)."""
+    monkeypatch.setattr(blocked, "SPARE_BYTES", 256 * 2**10)
+    h, d, w = 4, 32, 64
+    q, k, v = make_qkv(1, h, n, d)
+    with torch.no_grad():
+        peak = measure_peak_memory(
+            lambda: local_attention(
+                q, k, v, window=w, dilation=dilation, causal=causal, backend="blocked"
+            ),
+            method="tensors",
+        ).bytes
+    output = q.numel() * q.element_size()
+    assert output <= peak <= output + blocked.SPARE_BYTES + 256 * 2**10, (peak - output) / 2**10

@@ -53,8 +53,15 @@ def op_contenders(n, args, dilation, n_global):
         fns["ours, dilation 1"] = step(
             lambda: local_attention(q, k, v, window=w, global_mask=glob, backend="blocked")
         )
-    for mib in args.chunk_mib or []:  # the memory / speed trade of the score chunk
-        fns[f"ours, {mib:g} MiB chunks"] = step(functools.partial(_with_chunk, mib, ours))
+    # the memory / speed trades: smaller score chunks, a smaller spare buffer
+    for mib in args.chunk_mib or []:
+        fns[f"ours, {mib:g} MiB chunks"] = step(
+            functools.partial(_with_setting, "CHUNK_BYTES", mib, ours)
+        )
+    for mib in args.spare_mib or []:
+        fns[f"ours, {mib:g} MiB spare"] = step(
+            functools.partial(_with_setting, "SPARE_BYTES", mib, ours)
+        )
     # FlexAttention has no CPU backward (NotImplementedError in torch 2.14): forward only.
     if flex_backend.available() and not args.backward:
         compiled = flex_backend.can_compile()
@@ -97,13 +104,13 @@ def op_contenders(n, args, dilation, n_global):
     return fns
 
 
-def _with_chunk(mib: float, fn):
-    saved = blocked.CHUNK_BYTES
-    blocked.CHUNK_BYTES = int(mib * 2**20)
+def _with_setting(name: str, mib: float, fn):
+    saved = getattr(blocked, name)
+    setattr(blocked, name, int(mib * 2**20))
     try:
         return fn()
     finally:
-        blocked.CHUNK_BYTES = saved
+        setattr(blocked, name, saved)
 
 
 def module_contenders(n, args):
@@ -166,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
         "--chunk-mib", type=float, nargs="+", help="also ours with these score-chunk sizes"
     )
     p.add_argument(
+        "--spare-mib",
+        type=float,
+        nargs="+",
+        help="also ours with these spare-buffer sizes (peak memory: the output plus that)",
+    )
+    p.add_argument(
         "--dilation-alone",
         action="store_true",
         help="only ours at dilation 1, 2 and 4, interleaved: the dilation cost without "
@@ -213,13 +226,13 @@ def main(argv: list[str] | None = None) -> None:
                     print(
                         f"| {n} | {label} | {name} | {s['median_ms']:.1f} | "
                         f"{s['p10_ms']:.1f}-{s['p90_ms']:.1f} | {s['median_ms'] / base:.2f}x | "
-                        f"{gflops:.0f} | {mem:.0f} |",
+                        f"{gflops:.0f} | {mem:.1f} |",
                         flush=True,
                     )
                     results.append(
                         {"n": n, "variant": label, "contender": name, "peak_mib": mem, **s}
                     )
-    print("\n" + summary(results))
+    print("\n" + summary(results, lambda n: 4 * args.heads * n * args.head_dim))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
@@ -251,13 +264,23 @@ def dilation_alone(args) -> str:
     return "\n".join(lines)
 
 
-def summary(results) -> str:
-    """The issue's goals, read off the rows: ours vs Flex, dilated vs undilated, memory."""
+def summary(results, output_bytes) -> str:
+    """The issue's goals, read off the rows: ours vs Flex, dilated vs undilated, memory.
+
+    ``output_bytes(n)``: the size of the attention output, the floor of peak memory."""
     at = {(r["n"], r["variant"], r["contender"]): r for r in results}
-    lines = ["| N | Flex / ours | d=2 / d=1 | d=4 / d=1 | ours peak MiB | Flex peak MiB |"]
-    lines.append("|---|---|---|---|---|---|")
+    lines = [
+        "| N | Flex / ours | d=2 / d=1 | d=4 / d=1 | output MiB | ours peak MiB "
+        "| ours, smallest spare: peak MiB, time | Flex peak MiB |"
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|")
     for n in sorted({r["n"] for r in results}):
         ours, flex = at.get((n, "w", "ours")), at.get((n, "w", "flex (compiled)"))
+        spares = [r for r in results if r["n"] == n and r["variant"] == "w"]
+        spares = [
+            r for r in spares if r["contender"].startswith("ours, ") and "spare" in r["contender"]
+        ]
+        low = min(spares, key=lambda r: r["peak_mib"], default=None)
 
         def ratio(a, b):
             return f"{a['median_ms'] / b['median_ms']:.2f}x" if a and b else "-"
@@ -265,10 +288,11 @@ def summary(results) -> str:
         # dilated against undilated measured in the same rounds (ours, dilation 1)
         d2, d4 = at.get((n, "dilation 2", "ours")), at.get((n, "dilation 4", "ours"))
         u2, u4 = (at.get((n, f"dilation {d}", "ours, dilation 1")) for d in (2, 4))
-        mem = lambda r: f"{r['peak_mib']:.0f}" if r else "-"  # noqa: E731
+        mem = lambda r: f"{r['peak_mib']:.1f}" if r else "-"  # noqa: E731
+        low_cell = f"{mem(low)}, {ratio(low, ours)}" if low else "-"
         lines.append(
             f"| {n} | {ratio(flex, ours)} | {ratio(d2, u2)} | {ratio(d4, u4)} | "
-            f"{mem(ours)} | {mem(flex)} |"
+            f"{output_bytes(n) / 2**20:.1f} | {mem(ours)} | {low_cell} | {mem(flex)} |"
         )
     return "\n".join(lines)
 

@@ -26,11 +26,12 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
   head) pairs is one strided sequence of rows, so a chunk can run from one head into the next
   and short sequences or large dilations still give full-size matmuls: the number of chunks,
   and so the per-op overhead, does not grow with B*H*dilation.
-- Chunks. Blocks are processed a chunk (about ``CHUNK_BYTES`` of scores) at a time with
-  buffers reused across chunks, softmax in place, each chunk's output written straight into
-  the result (dilation 1) or copied into its strided rows; under autograd fresh tensors are
-  used instead so every intermediate can be saved for the backward pass. Peak memory is the
-  output plus about ``CHUNK_BYTES``.
+- Chunks. Blocks are processed a chunk (about ``CHUNK_BYTES`` of scores) at a time, softmax
+  in place, each chunk's output written straight into the result (dilation 1) or copied into
+  its strided rows. A chunk's scores live in the rows of the result not written yet, where
+  they fit (``_Workspace``), else in one spare buffer of ``SPARE_BYTES``: peak memory is the
+  output plus ``SPARE_BYTES``. Under autograd fresh tensors are used instead so every
+  intermediate can be saved for the backward pass.
 - Global tokens. The scores of every query against the global keys are extra columns
   concatenated to its band scores, so one fp32 softmax normalises both parts exactly; global
   keys are removed from the band part (key bias), so a global key inside the window is counted
@@ -54,11 +55,15 @@ from archopt.ops.attention.reference import masked_softmax_attention
 # Added to masked scores. Finite so that a row with no valid key stays finite (it is zeroed
 # afterwards) and so that two such biases can be added without overflowing fp32.
 NEG = -1e30
-# Bytes of scores per chunk: the memory above the output, a constant, not a per-N amount.
-# Measured on 2 cores (N=16384, w=256, fp32, forward): 16 MB is fastest; 8, 4 and 2 MB take
-# 1.05x, 1.12x and 1.14x as long (per-op overheads), for a peak of the output plus 16, 9, 5 and
-# 3 MiB (benchmarks/RESULTS.md).
+# Bytes of scores per chunk, at most. Measured on 2 cores (N=16384, w=256, fp32, forward):
+# 16 MB is fastest; 8, 4 and 2 MB take 1.05x, 1.12x and 1.14x as long (per-op overheads).
+# ``_short`` keeps its chunks in buffers of this size.
 CHUNK_BYTES = 16 * 2**20
+# The buffer a chunk uses when the rows of the result not yet written hold fewer blocks
+# (``_Workspace``): peak memory is the output plus this. Smaller saves memory and costs time,
+# the last chunks being smaller: measured on 2 cores (w=256, fp32, forward), 2 MiB took 1.01-
+# 1.06x as long as 16 MiB at N=16384 and 1.12-1.3x at N=2048 (benchmarks/RESULTS.md).
+SPARE_BYTES = 16 * 2**20
 # Sequences at most half a block's key span run as dense masked attention (``_short``); the
 # tests also run with this off, so the band path sees their small shapes too.
 SHORT_SEQUENCES = True
@@ -120,12 +125,13 @@ def local_attention_blocked(
         groups.setdefault(d, []).append(h)
     reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
     result = q.new_empty(B * H * N, dv) if reuse else None
+    ws = _Workspace(result) if reuse else None
     pieces: list[tuple[Tensor, Tensor]] = []  # under autograd: (output rows, values)
     keep = None  # (B, H, N): queries with at least one key; only needed when keys are masked
     if band_valid is not None:
         keep = torch.empty(B, H, N, dtype=torch.bool, device=q.device)
     for d, heads in groups.items():
-        _band(q, k, v, heads, d, window, causal, scale, band_valid, gk, block, result, pieces)
+        _band(q, k, v, heads, d, window, causal, scale, band_valid, gk, block, ws, pieces)
         if keep is not None:
             count = _band_counts(band_valid, window, d, causal)
             if gk is not None:
@@ -218,6 +224,55 @@ def _seq_rows(src: Tensor, base: int, dil: int, p0: int, n: int) -> Tensor:
     return F.pad(_rows(src, first + dil * lo, hi - lo, dil), (0, 0, lo, n - hi))
 
 
+class _Workspace:
+    """Room for a chunk's scores, taken from the rows of the result not written yet.
+
+    The result is written chunk by chunk, in increasing row order within each group of heads
+    (``frontier``: no row at or past it has been written). A chunk's scores and output rows
+    live past the rows the chunk itself writes, so the memory above the output is only what
+    is left for the last chunks: when the unwritten rows hold fewer blocks than ``SPARE_BYTES``
+    would, the chunk uses a buffer of that size instead. Peak memory: the output, the floor,
+    plus ``SPARE_BYTES``. Those last chunks are smaller (each output row needs span / dv
+    times its size in scores), which is what a small ``SPARE_BYTES`` costs in time.
+    """
+
+    def __init__(self, result: Tensor):
+        self.result = result
+        self.flat = result.view(-1)
+        self.frontier = 0
+        self.spare: Tensor | None = None
+
+    def take(
+        self, n: int, blk: int, per_block: int, first: int, step: int, rows: int
+    ) -> tuple[int, Tensor]:
+        """(m, buffer of at least m * per_block elements) for the first m <= n blocks of a
+        chunk that writes the result rows first, first + step, ... (``rows`` of them at most,
+        ``blk`` per block)."""
+
+        def end(m: int) -> int:  # one past the last row the first m blocks write
+            return first + step * (min(m * blk, rows) - 1) + 1
+
+        width, total = self.result.shape[1], self.flat.numel()
+        m = n
+        while m > 0:
+            start = max(self.frontier, end(m)) * width
+            room = (total - start) // per_block
+            if room >= m:
+                break
+            m = min(m - 1, room)
+        spare_blocks = max(1, SPARE_BYTES // (per_block * self.flat.element_size()))
+        if m < min(n, spare_blocks):
+            m = min(n, spare_blocks)
+            if self.spare is None or self.spare.numel() < m * per_block:
+                self.spare = self.flat.new_empty(spare_blocks * per_block)
+            buf = self.spare
+        else:
+            # at the very end: the same memory chunk after chunk, while it fits
+            buf = self.flat[total - m * per_block :]
+        self.frontier = max(self.frontier, end(m))
+        return m, buf
+
+
 def _outside_band(scores: Tensor) -> Tensor:
     """The scores outside the band of a contiguous (n, blk, span) block of band scores, as a
     view (n, blk - 1, blk): query row r's band is keys [r, r + span - blk], and what lies right
@@ -281,7 +336,7 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, result, pieces):
+def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, ws, pieces):
     """``_band`` for sequences at most half a block's key span (N <= about dil * (w + blk/2)).
 
     A block there would read span > length keys, most of them outside its sequence (at N=1024,
@@ -335,8 +390,9 @@ def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, result, pieces)
                 out = out + probs[..., L:] @ gk_v[p0:p1]
             outs.append(out)
         out = torch.cat(outs) if len(outs) > 1 else outs[0]
-        if result is not None:
-            result.view(B, H, N, dv)[:, hs, r::dil] = out.view(B, nh, L, dv)
+        if ws is not None:
+            ws.result.view(B, H, N, dv)[:, hs, r::dil] = out.view(B, nh, L, dv)
+            ws.frontier = max(ws.frontier, ((B - 1) * H + heads[-1] + 1) * N)
         else:
             h_idx = torch.as_tensor(heads, device=dev)
             rows = (torch.arange(B, device=dev)[:, None, None] * H + h_idx[None, :, None]) * N
@@ -344,10 +400,10 @@ def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, result, pieces)
             pieces.append((rows.reshape(-1), out.reshape(-1, dv)))
 
 
-def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, result, pieces):
+def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, pieces):
     """Band attention (plus global columns) for the heads ``heads``, all with dilation ``dil``.
 
-    Writes the rows of those heads into ``result`` (B*H*N, dv), or, under autograd (``result``
+    Writes the rows of those heads into ``ws.result`` (B*H*N, dv), or, under autograd (``ws``
     None), appends (row indices, values) to ``pieces``. ``key_valid`` (B, N) bool or None;
     ``gk`` None or (global K (B, H, G, d) times ``scale``, global V (B, H, G, dv), number of
     global keys visible to each query (B, N)).
@@ -363,13 +419,12 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
     # less work. (Near 1x the band path's reused buffers win: at N=1024, w=256, dilation 2,
     # where span = 1.1 M, dense took 1.4x as long.)
     if span >= 2 * M and SHORT_SEQUENCES:
-        _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, result, pieces)
+        _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, ws, pieces)
         return
     q_all, k_all, v_all = q.view(-1, D), k.view(-1, D), v.view(-1, dv)
-    r_ = torch.arange(blk, device=dev)[:, None]
-    t_ = torch.arange(span, device=dev)[None, :]
-    band = (t_ >= r_) & (t_ <= r_ + (w if causal else 2 * w))  # key row t in query row r's band
-    band_bias = torch.zeros(blk, span, dtype=q.dtype, device=dev).masked_fill_(~band, NEG)
+    if ws is None:  # under autograd, the band mask is an additive bias (blk, span)
+        band_bias = torch.zeros(1, blk, span, dtype=q.dtype, device=dev)
+        _outside_band(band_bias).fill_(NEG)
 
     # Key bias of a sequence when some keys are masked: NEG on those and on the positions it
     # does not own (before 0, from its length on), over the positions [-w, (nb - 1) * blk +
@@ -412,12 +467,11 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
             runs[-1][1] += 1
         else:
             runs.append([f, 1])
-    reuse = result is not None
+    reuse = ws is not None
     if reuse:
-        n_max = min(per_chunk, max(count for _, count in runs) * -(-M // blk))
-        buf_band = q.new_empty(n_max, blk, span)
-        buf_scores = q.new_empty(n_max, blk, span + g) if g else None
-        buf_out = None  # allocated when some chunk cannot write into the result directly
+        result = ws.result
+        # a block's scores, its scores with the global columns, its output rows
+        block_elems = blk * (span + (span + g if g else 0) + dv)
 
     tasks = []
     for f0, count in runs:
@@ -438,7 +492,20 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
             classes.append([(f0, count, r, base, length, nb, b0, b1) for b0, b1 in splits])
         # the residue classes chunk by chunk: together they read whole stretches of rows
         tasks += [t for group in itertools.zip_longest(*classes) for t in group if t]
-    for f0, count, r, base, length, nb, b0, b1 in tasks:
+    tasks.reverse()
+    while tasks:
+        f0, count, r, base, length, nb, b0, b1 = tasks.pop()
+        if reuse:
+            # the chunk writes result rows base + dil * p for positions p from b0 * blk on
+            first, left = base + dil * b0 * blk, count * length - b0 * blk
+            m, buf = ws.take(b1 - b0, blk, block_elems, first, dil, left)
+            if m < b1 - b0:  # the rest of the chunk next
+                tasks.append((f0, count, r, base, length, nb, b0 + m, b1))
+                b1 = b0 + m
+            n = b1 - b0
+            sizes = [n * blk * span, n * blk * (span + g) if g else 0, n * blk * dv]
+            buf_band, buf_scores, buf_out = buf[: sum(sizes)].split(sizes)
+            buf_band, buf_out = buf_band.view(n, blk, span), buf_out.view(n, blk, dv)
         n = b1 - b0
         n_keys = (n - 1) * blk + span
         rows = min(n * blk, count * length - b0 * blk)  # query rows that are positions
@@ -452,7 +519,7 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
         # Band scores (n, blk, span), always a contiguous matmul output: with a strided
         # output baddbmm falls back to one small matmul per block.
         if reuse:
-            band_scores = buf_band[:n].baddbmm_(qb, k_win, beta=0, alpha=scale)
+            band_scores = buf_band.baddbmm_(qb, k_win, beta=0, alpha=scale)
             _outside_band(band_scores).fill_(NEG)
         else:
             band_scores = torch.baddbmm(band_bias, qb, k_win, alpha=scale)
@@ -474,7 +541,7 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
             seen = _rows(visible[b], r + dil * b0 * blk, n * blk, dil).view(n, blk, 1)
             g_scores.masked_fill_(slots >= seen, NEG)
             # band and global columns side by side: one softmax normalises both exactly
-            cat_out = {"out": buf_scores[:n]} if reuse else {}
+            cat_out = {"out": buf_scores.view(n, blk, span + g)} if reuse else {}
             scores = torch.cat([band_scores, g_scores], dim=-1, **cat_out)
 
         # the chunk's rows are rows of the result: write them in place
@@ -482,11 +549,7 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, resu
         if reuse:
             # Softmax in place: the kernel reads each row before writing it.
             probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-            if direct:
-                dst = result[base + b0 * blk :][:rows].view(n, blk, dv)
-            else:
-                buf_out = q.new_empty(n_max, blk, dv) if buf_out is None else buf_out
-                dst = buf_out[:n]
+            dst = result[base + b0 * blk :][:rows].view(n, blk, dv) if direct else buf_out
             out = torch.bmm(probs[..., :span], v_win, out=dst)
         else:
             probs = torch.softmax(scores, dim=-1)

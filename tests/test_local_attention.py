@@ -436,22 +436,39 @@ def test_blocked_memory_grows_linearly():
 
 
 @pytest.mark.parametrize(
-    "n,dilation,causal",
-    [(4096, 1, False), (4096, 1, True), (4001, 3, False), (4096, [1, 2, 1, 4], False)],
+    "n,dilation,causal,n_global",
+    [
+        (4096, 1, False, 0),
+        (4096, 1, True, 0),
+        (4001, 3, False, 0),
+        (4096, [1, 2, 1, 4], False, 0),
+        (4096, 1, False, 7),
+        (4001, 3, True, 7),
+    ],
 )
-def test_blocked_memory_is_the_output_plus_the_spare_buffer(n, dilation, causal, monkeypatch):
+def test_blocked_memory_is_the_output_plus_the_spare_buffer(
+    n, dilation, causal, n_global, monkeypatch
+):
     """Chunks keep their scores in the rows of the result not written yet: the memory above
     the output is ``SPARE_BYTES`` (what the last chunks use) plus the zero-padded copies of
-    the rows the edge chunks read (under 150 KiB here), not a chunk of scores (16 MiB)."""
+    the rows the edge chunks read (under 150 KiB here), not a chunk of scores. Global rows
+    add their (G, N) scores, a few heads at a time (about ``CHUNK_BYTES``, twice at once)."""
     monkeypatch.setattr(blocked, "SPARE_BYTES", 256 * 2**10)
+    monkeypatch.setattr(blocked, "CHUNK_BYTES", 256 * 2**10)
     h, d, w = 4, 32, 64
     q, k, v = make_qkv(1, h, n, d)
+    glob = torch.zeros(1, n, dtype=torch.bool)
+    glob[0, torch.randperm(n)[:n_global]] = True
     with torch.no_grad():
         peak = measure_peak_memory(
             lambda: local_attention(
-                q, k, v, window=w, dilation=dilation, causal=causal, backend="blocked"
+                q, k, v, window=w, dilation=dilation, causal=causal, global_mask=glob,
+                backend="blocked",
             ),
             method="tensors",
-        ).bytes
+        ).bytes  # fmt: skip
     output = q.numel() * q.element_size()
-    assert output <= peak <= output + blocked.SPARE_BYTES + 256 * 2**10, (peak - output) / 2**10
+    bound = output + blocked.SPARE_BYTES + 256 * 2**10
+    if n_global:
+        bound += 3 * blocked.CHUNK_BYTES
+    assert output <= peak <= bound, (peak - output) / 2**10

@@ -173,8 +173,10 @@ def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
 def _global_rows(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, glob, key_valid, causal: bool, scale: float
 ) -> Tensor:
-    """Replace, in place, the rows of global queries by full attention over every valid key."""
-    N = out.shape[2]
+    """Replace, in place, the rows of global queries by full attention over every valid key.
+
+    Their (G, N) scores are computed a few heads at a time, about ``CHUNK_BYTES`` of them."""
+    B, H, N, _ = out.shape
     idx, count = _positions(glob)
     g = idx.shape[1]
     slot = torch.arange(g, device=q.device) < count[:, None]  # (B, G) real entries
@@ -183,9 +185,13 @@ def _global_rows(
         mask = mask & key_valid[:, None, None, :]
     if causal:
         mask = mask & (torch.arange(N, device=q.device) <= idx[:, None, :, None])
-    rows = masked_softmax_attention(_gather_rows(q, idx), k, v, mask, scale)  # (B, H, G, dv)
+    qg = _gather_rows(q, idx)  # (B, H, G, d)
     b_idx, slot_idx = slot.nonzero(as_tuple=True)  # the real (row, slot) pairs
-    out[b_idx, :, idx[b_idx, slot_idx]] = rows[b_idx, :, slot_idx]  # (K, H, dv) both sides
+    per = max(1, CHUNK_BYTES // (B * g * N * 4))
+    for h0 in range(0, H, per):
+        hs = slice(h0, h0 + per)
+        rows = masked_softmax_attention(qg[:, hs], k[:, hs], v[:, hs], mask, scale)
+        out[b_idx, hs, idx[b_idx, slot_idx]] = rows[b_idx, :, slot_idx]  # (K, heads, dv)
     return out
 
 
@@ -227,13 +233,14 @@ def _seq_rows(src: Tensor, base: int, dil: int, p0: int, n: int) -> Tensor:
 class _Workspace:
     """Room for a chunk's scores, taken from the rows of the result not written yet.
 
-    The result is written chunk by chunk, in increasing row order within each group of heads
-    (``frontier``: no row at or past it has been written). A chunk's scores and output rows
-    live past the rows the chunk itself writes, so the memory above the output is only what
-    is left for the last chunks: when the unwritten rows hold fewer blocks than ``SPARE_BYTES``
-    would, the chunk uses a buffer of that size instead. Peak memory: the output, the floor,
-    plus ``SPARE_BYTES``. Those last chunks are smaller (each output row needs span / dv
-    times its size in scores), which is what a small ``SPARE_BYTES`` costs in time.
+    ``frontier`` is one past the highest row of the result written so far. A chunk's scores
+    and output rows go past it and past the rows the chunk writes itself, at the very end of
+    the result; chunks run in increasing row order, so that room shrinks only towards the
+    end. The memory above the output is what is left for the last chunks: when the unwritten
+    rows hold fewer blocks than ``SPARE_BYTES`` would, a chunk uses a buffer of that size.
+    Peak memory: the output, the floor, plus ``SPARE_BYTES``. Those last chunks are smaller
+    (each output row needs span / dv times its size in scores), which is what a small
+    ``SPARE_BYTES`` costs in time.
     """
 
     def __init__(self, result: Tensor):

@@ -62,6 +62,7 @@ def chunk_bytes(request, monkeypatch):
     output wherever those hold more, and are cut to what fits there."""
     if "tiny" in request.param:
         monkeypatch.setattr(blocked, "CHUNK_BYTES", 1)
+        monkeypatch.setattr(blocked, "BACKWARD_CHUNK_BYTES", 1)
     if "no-spare" in request.param:
         monkeypatch.setattr(blocked, "SPARE_BYTES", 1)
     if "band" in request.param:
@@ -282,11 +283,18 @@ def test_gradcheck_float64(kwargs, chunk_bytes):
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
 
+@pytest.mark.parametrize("masks", [True, False], ids=["masks", "no-masks"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("n,window,dilation", [(257, 32, [1, 2, 3, 1]), (130, 3, 2)])
-def test_grads_match_reference(n, window, dilation, causal, chunk_bytes):
-    glob, pad = globals_mask(2, n, [3, 0]), padding_mask(2, n, "internal")
-    kwargs = dict(window=window, dilation=dilation, global_mask=glob, key_padding_mask=pad)
+@pytest.mark.parametrize(
+    "n,window,dilation", [(257, 32, [1, 2, 3, 1]), (130, 3, 2), (256, 3, 2), (256, 32, 1)]
+)
+def test_grads_match_reference(n, window, dilation, causal, masks, chunk_bytes):
+    """Also where sequences of several heads run as one (N a multiple of dilation x block)."""
+    kwargs = dict(window=window, dilation=dilation)
+    if masks:
+        kwargs.update(
+            global_mask=globals_mask(2, n, [3, 0]), key_padding_mask=padding_mask(2, n, "internal")
+        )
     grads = {}
     for backend in ("reference", "blocked"):
         torch.manual_seed(1)
@@ -472,3 +480,21 @@ def test_blocked_memory_is_the_output_plus_the_spare_buffer(
     if n_global:
         bound += 3 * blocked.CHUNK_BYTES
     assert output <= peak <= bound, (peak - output) / 2**10
+
+
+def test_blocked_backward_memory_does_not_grow_with_the_band(monkeypatch):
+    """Forward + backward holds the gradients of q, k, v and the output's (four tensors the
+    size of q) plus one backward chunk's graph, the same at every N: no scores are saved."""
+    monkeypatch.setattr(blocked, "SPARE_BYTES", 256 * 2**10)
+    monkeypatch.setattr(blocked, "BACKWARD_CHUNK_BYTES", 256 * 2**10)
+    extra = {}
+    for n in (2048, 8192):
+        q, k, v = make_qkv(1, 4, n, 32, requires_grad=True)
+        peak = measure_peak_memory(
+            lambda q=q, k=k, v=v: local_attention(q, k, v, window=64, dilation=2).sum().backward(),
+            method="tensors",
+        ).bytes
+        extra[n] = peak - 4 * q.numel() * q.element_size()
+    # scores of the whole band at N=8192: 4 x 8192 x 192 x 4 bytes = 24 MiB
+    bound = blocked.SPARE_BYTES + 6 * blocked.BACKWARD_CHUNK_BYTES + 2**20
+    assert abs(extra[8192] - extra[2048]) < 2**20 and extra[8192] < bound, extra

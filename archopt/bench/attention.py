@@ -34,14 +34,7 @@ def op_contenders(n, args, dilation, n_global):
         glob = torch.zeros(b, n, dtype=torch.bool)
         glob[:, torch.linspace(0, n - 1, n_global).long()] = True
 
-    def step(fn):
-        if not args.backward:
-            return fn
-
-        def forward_backward():
-            fn().sum().backward()
-
-        return forward_backward
+    step = functools.partial(_step, backward=args.backward)
 
     def ours():
         return local_attention(
@@ -104,6 +97,17 @@ def op_contenders(n, args, dilation, n_global):
     return fns
 
 
+def _step(fn, backward: bool):
+    """``fn``, or, to time forward + backward, fn().sum().backward()."""
+    if not backward:
+        return fn
+
+    def forward_backward():
+        fn().sum().backward()
+
+    return forward_backward
+
+
 def _with_setting(name: str, mib: float, fn):
     saved = getattr(blocked, name)
     setattr(blocked, name, int(mib * 2**20))
@@ -146,7 +150,7 @@ def module_contenders(n, args):
             is_index_masked=no,
             is_index_global_attn=no,
             is_global_attn=False,
-        ),
+        )[0],
         "ours LongformerSelfAttention (+proj)": lambda: our_attn(x),
     }
 
@@ -210,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         for n in args.lengths:
             for label, dil, n_glob in variants:
                 fns = op_contenders(n, args, dil, n_glob)
-                if label == "w" and n <= args.hf_max and not args.backward:
-                    fns.update(module_contenders(n, args))
+                if label == "w" and n <= args.hf_max:
+                    modules = module_contenders(n, args).items()
+                    fns.update({k: _step(f, args.backward) for k, f in modules})
                 print(f"N={n} {label}", file=sys.stderr, flush=True)
                 stats = interleaved(
                     fns, rounds=args.rounds, per_round=1, warmup=1, min_round_ms=args.min_round_ms

@@ -30,8 +30,11 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
   in place, each chunk's output written straight into the result (dilation 1) or copied into
   its strided rows. A chunk's scores live in the rows of the result not written yet, where
   they fit (``_Workspace``), else in one spare buffer of ``SPARE_BYTES``: peak memory is the
-  output plus ``SPARE_BYTES``. Under autograd fresh tensors are used instead so every
-  intermediate can be saved for the backward pass.
+  output plus ``SPARE_BYTES``.
+- Backward (``_BandAttention``). Only q, k, v are saved. The backward pass runs every chunk
+  again (smaller chunks, ``BACKWARD_CHUNK_BYTES``), its q, k, v rows as the leaves of a graph
+  of its own, lets autograd take the chunk's gradients and adds them into the gradients'
+  rows: memory O(N*d) plus one chunk, and exactly the forward's arithmetic.
 - Global tokens. The scores of every query against the global keys are extra columns
   concatenated to its band scores, so one fp32 softmax normalises both parts exactly; global
   keys are removed from the band part (key bias), so a global key inside the window is counted
@@ -43,12 +46,14 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from archopt.ops.attention.reference import masked_softmax_attention
 
@@ -59,6 +64,11 @@ NEG = -1e30
 # 16 MB is fastest; 8, 4 and 2 MB take 1.05x, 1.12x and 1.14x as long (per-op overheads).
 # ``_short`` keeps its chunks in buffers of this size.
 CHUNK_BYTES = 16 * 2**20
+# Bytes of scores per chunk in the backward pass, at most: each chunk's graph holds about five
+# tensors that size at once. Measured on 2 cores (w=256, fp32, N=1024 and 4096): 2 and 4 MB
+# are equally fast, 8 MB 1.15-1.3x slower, 16 MB 1.1-1.6x, for a peak of 25-61, 38-74, 55-100
+# and 99-150 MiB.
+BACKWARD_CHUNK_BYTES = 2 * 2**20
 # The buffer a chunk uses when the rows of the result not yet written hold fewer blocks
 # (``_Workspace``): peak memory is the output plus this. Smaller saves memory and costs time,
 # the last chunks being smaller: measured on 2 cores (w=256, fp32, forward), 2 MiB took 1.01-
@@ -100,7 +110,6 @@ def local_attention_blocked(
         q, k, v = q.float(), k.float(), v.float()
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, N, _ = q.shape
-    dv = v.shape[-1]
 
     key_valid = None if key_padding_mask is None else ~key_padding_mask  # (B, N)
     glob = global_mask if global_mask is not None and bool(global_mask.any()) else None
@@ -110,48 +119,108 @@ def local_attention_blocked(
         band_valid = ~glob if key_valid is None else key_valid & ~glob
         global_keys = glob if key_valid is None else glob & key_valid
 
-    gk = None
+    gk_k = gk_v = visible = None
     if global_keys is not None and bool(global_keys.any()):
         idx, count = _positions(global_keys)  # (B, G) sorted, padded; (B,)
         gk_k = _gather_rows(k, idx) * scale  # (B, H, G, d), pre-scaled: it is small
         gk_v = _gather_rows(v, idx)  # (B, H, G, dv)
         # Global keys visible to each query (B, N): all of them, or, when causal, those at
         # positions <= i, which are a prefix of the sorted list.
-        visible = global_keys.cumsum(-1) if causal else count[:, None].expand(B, N)
-        gk = (gk_k, gk_v, visible.contiguous())
+        visible = (global_keys.cumsum(-1) if causal else count[:, None].expand(B, N)).contiguous()
 
     groups: dict[int, list[int]] = {}
     for h, d in enumerate(dilations):
         groups.setdefault(d, []).append(h)
-    reuse = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
-    result = q.new_empty(B * H * N, dv) if reuse else None
-    ws = _Workspace(result) if reuse else None
-    pieces: list[tuple[Tensor, Tensor]] = []  # under autograd: (output rows, values)
+    spec = _Spec(groups, window, causal, scale, band_valid, visible, block)
+    out = _BandAttention.apply(q, k, v, gk_k, gk_v, spec)
     keep = None  # (B, H, N): queries with at least one key; only needed when keys are masked
     if band_valid is not None:
         keep = torch.empty(B, H, N, dtype=torch.bool, device=q.device)
-    for d, heads in groups.items():
-        _band(q, k, v, heads, d, window, causal, scale, band_valid, gk, block, ws, pieces)
-        if keep is not None:
+        for d, heads in groups.items():
             count = _band_counts(band_valid, window, d, causal)
-            if gk is not None:
-                count = count + gk[2]
+            if visible is not None:
+                count = count + visible
             keep[:, heads] = (count > 0)[:, None, :]
-
-    if reuse:
-        out = result
-    elif len(groups) == 1 and next(iter(groups)) == 1:  # pieces are already in row order
-        out = torch.cat([values for _, values in pieces])
-    else:
-        rows = torch.cat([r for r, _ in pieces])
-        values = torch.cat([x for _, x in pieces])
-        out = values.new_zeros(B * H * N, dv).index_copy(0, rows, values)
-    out = out.view(B, H, N, dv)
     if keep is not None:
         out = out.mul_(keep[..., None].to(out.dtype))
     if glob is not None:
         out = _global_rows(q, k, v, out, glob, key_valid, causal, scale)
     return out.to(out_dtype)
+
+
+@dataclasses.dataclass
+class _Spec:
+    """What the band part needs besides q, k, v and the global keys: heads by dilation, the
+    window, causal, the scale, valid band keys (B, N) or None, global keys visible to each
+    query (B, N) or None, the block size or None."""
+
+    groups: dict[int, list[int]]
+    window: int
+    causal: bool
+    scale: float
+    key_valid: Tensor | None
+    visible: Tensor | None
+    block: int | None
+
+
+@dataclasses.dataclass
+class _Grads:
+    """The backward pass's running sums: the output's gradient (B*H*N, dv) in, and the
+    gradients of q, k, v as rows, and of the global keys and values (B, H, G, .), added to."""
+
+    out: Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    gk_k: Tensor | None
+    gk_v: Tensor | None
+
+
+class _BandAttention(torch.autograd.Function):
+    """The band part (with the global key columns) as one autograd node.
+
+    Forward: the chunked computation, scores in the output's unwritten rows. Backward: every
+    chunk again, its q, k and v rows as leaves of a small graph of their own, through which
+    autograd takes the chunk's gradients; those are added into the gradients' rows. So only
+    q, k, v are saved (no scores: memory O(N*d), not O(N*w)), and no gradient is ever built
+    at the size of q for one chunk, which is what autograd does for a slice of a tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, gk_k, gk_v, spec: _Spec):
+        result = q.new_empty(*q.shape[:3], v.shape[-1])
+        ws = _Workspace(result.view(-1, v.shape[-1]))
+        gk = None if gk_k is None else (gk_k, gk_v, spec.visible)
+        for d, heads in spec.groups.items():
+            _band(q, k, v, heads, d, spec, gk, ws=ws)
+        ctx.save_for_backward(q, k, v, gk_k, gk_v)
+        ctx.spec = spec
+        return result
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, gk_k, gk_v = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grads = _Grads(
+            grad_out.contiguous().view(-1, v.shape[-1]),
+            dq.view(-1, q.shape[-1]),
+            dk.view(-1, k.shape[-1]),
+            dv.view(-1, v.shape[-1]),
+            None if gk_k is None else torch.zeros_like(gk_k),
+            None if gk_v is None else torch.zeros_like(gk_v),
+        )
+        gk = None if gk_k is None else (gk_k, gk_v, spec.visible)
+        with torch.enable_grad():
+            for d, heads in spec.groups.items():
+                _band(q, k, v, heads, d, spec, gk, grads=grads)
+        return dq, dk, dv, grads.gk_k, grads.gk_v, None
+
+
+def _leaf(x: Tensor) -> Tensor:
+    """``x`` as a leaf of a new graph (same memory)."""
+    return x.detach().requires_grad_()
 
 
 def _positions(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -220,14 +289,29 @@ def _seq_rows(src: Tensor, base: int, dil: int, p0: int, n: int) -> Tensor:
     tensor) a copy with zero rows where they do not. Rows that exist but lie outside the
     sequence are read as they are: the key bias masks them and query rows there are discarded.
     """
-    first = base + dil * p0
-    lo = max(0, -(first // dil))  # first i with first + dil * i >= 0
-    hi = min(n, (src.shape[0] - 1 - first) // dil + 1)  # last i with a row, plus one
+    first, lo, hi = _existing(src, base, dil, p0, n)
     if lo == 0 and hi == n:
         return _rows(src, first, n, dil)
     if hi <= lo:
         return src.new_zeros(n, src.shape[1])
     return F.pad(_rows(src, first + dil * lo, hi - lo, dil), (0, 0, lo, n - hi))
+
+
+def _add_seq_rows(dst: Tensor, base: int, dil: int, p0: int, rows: Tensor) -> None:
+    """The reverse of ``_seq_rows``: add ``rows`` (n, e) to rows base + dil * p of ``dst``,
+    p in [p0, p0 + n), those that exist."""
+    first, lo, hi = _existing(dst, base, dil, p0, rows.shape[0])
+    if hi > lo:
+        _rows(dst, first + dil * lo, hi - lo, dil).add_(rows[lo:hi])
+
+
+def _existing(src: Tensor, base: int, dil: int, p0: int, n: int) -> tuple[int, int, int]:
+    """Row base + dil * p0 of ``src``, and the range [lo, hi) of i < n for which row
+    base + dil * (p0 + i) exists."""
+    first = base + dil * p0
+    lo = max(0, -(first // dil))  # first i with first + dil * i >= 0
+    hi = min(n, (src.shape[0] - 1 - first) // dil + 1)  # last i with a row, plus one
+    return first, lo, hi
 
 
 class _Workspace:
@@ -271,7 +355,8 @@ class _Workspace:
         if m < min(n, spare_blocks):
             m = min(n, spare_blocks)
             if self.spare is None or self.spare.numel() < m * per_block:
-                self.spare = self.flat.new_empty(spare_blocks * per_block)
+                self.spare = None  # freed before its successor is allocated
+                self.spare = self.flat.new_empty(m * per_block)
             buf = self.spare
         else:
             # at the very end: the same memory chunk after chunk, while it fits
@@ -343,7 +428,7 @@ def _runs(flags: list[bool]) -> list[tuple[int, int]]:
     return runs
 
 
-def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, ws, pieces):
+def _short(q, k, v, heads, dil, w, spec, gk, ws, grads):
     """``_band`` for sequences at most half a block's key span (N <= about dil * (w + blk/2)).
 
     A block there would read span > length keys, most of them outside its sequence (at N=1024,
@@ -353,22 +438,25 @@ def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, ws, pieces):
     B, H, N, D = q.shape
     dv = v.shape[-1]
     dev = q.device
+    causal, scale, key_valid = spec.causal, spec.scale, spec.key_valid
     nh = len(heads)
     hs = slice(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else heads
+    leaf = _leaf if grads is not None else (lambda x: x)
     g = 0
     if gk is not None:
         gk_k, gk_v, visible = gk
         g = gk_k.shape[2]
-        gk_kt = gk_k[:, hs].reshape(B * nh, g, D).transpose(1, 2)  # (pairs, d, G)
-        gk_v = gk_v[:, hs].reshape(B * nh, g, dv)
+        gk_k = leaf(gk_k[:, hs].reshape(B * nh, g, D))  # (pairs, G, d)
+        gk_v = leaf(gk_v[:, hs].reshape(B * nh, g, dv))
+        gk_kt = gk_k.transpose(1, 2)
         slots = torch.arange(g, device=dev)
     for r in range(dil):
         L = -(-(N - r) // dil)  # positions r, r + dil, ... of the sequence
         if L == 0:
             continue
-        qr = q[:, hs, r::dil].reshape(B * nh, L, D)  # (pairs, L, d)
-        kr = k[:, hs, r::dil].reshape(B * nh, L, D)
-        vr = v[:, hs, r::dil].reshape(B * nh, L, dv)
+        qr = leaf(q[:, hs, r::dil].reshape(B * nh, L, D))  # (pairs, L, d)
+        kr = leaf(k[:, hs, r::dil].reshape(B * nh, L, D))
+        vr = leaf(v[:, hs, r::dil].reshape(B * nh, L, dv))
         i = torch.arange(L, device=dev)
         rel = i[:, None] - i[None, :]  # query minus key position, in the sequence
         band = (rel <= w) & (rel >= (0 if causal else -w))
@@ -400,38 +488,40 @@ def _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, ws, pieces):
         if ws is not None:
             ws.result.view(B, H, N, dv)[:, hs, r::dil] = out.view(B, nh, L, dv)
             ws.frontier = max(ws.frontier, ((B - 1) * H + heads[-1] + 1) * N)
-        else:
-            h_idx = torch.as_tensor(heads, device=dev)
-            rows = (torch.arange(B, device=dev)[:, None, None] * H + h_idx[None, :, None]) * N
-            rows = rows + r + dil * i[None, None, :]  # (B, nh, L), in out's row order
-            pieces.append((rows.reshape(-1), out.reshape(-1, dv)))
+            continue
+        d_out = grads.out.view(B, H, N, dv)[:, hs, r::dil].reshape(B * nh, L, dv)
+        leaves = [qr, kr, vr] + ([gk_k, gk_v] if g else [])
+        d_leaves = torch.autograd.grad(out, leaves, d_out)
+        for total, d_x in zip((grads.q, grads.k, grads.v), d_leaves, strict=False):
+            total.view(B, H, N, -1)[:, hs, r::dil] += d_x.view(B, nh, L, -1)
+        if g:
+            grads.gk_k[:, hs] += d_leaves[3].view(B, nh, g, D)
+            grads.gk_v[:, hs] += d_leaves[4].view(B, nh, g, dv)
 
 
-def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, pieces):
+def _band(q, k, v, heads, dil, spec: _Spec, gk, ws=None, grads: _Grads | None = None):
     """Band attention (plus global columns) for the heads ``heads``, all with dilation ``dil``.
 
-    Writes the rows of those heads into ``ws.result`` (B*H*N, dv), or, under autograd (``ws``
-    None), appends (row indices, values) to ``pieces``. ``key_valid`` (B, N) bool or None;
-    ``gk`` None or (global K (B, H, G, d) times ``scale``, global V (B, H, G, dv), number of
-    global keys visible to each query (B, N)).
+    Writes the rows of those heads into ``ws.result`` (B*H*N, dv); or, for the backward pass,
+    adds the gradients of the rows' inputs to ``grads``. ``gk`` None or (global K (B, H, G, d)
+    times the scale, global V (B, H, G, dv), number of global keys visible to each query
+    (B, N)).
     """
     B, H, N, D = q.shape
     dv = v.shape[-1]
     dev = q.device
+    window, causal, scale, key_valid = spec.window, spec.causal, spec.scale, spec.key_valid
     M = -(-N // dil)  # the longest sequence (residue class 0)
     w = min(window, M - 1)  # keys further away than the sequence is long do not exist
-    blk = block or choose_block(w)
+    blk = spec.block or choose_block(w)
     span = blk + (w if causal else 2 * w)
     # A block would read more than twice the keys its sequence holds: dense per sequence is
     # less work. (Near 1x the band path's reused buffers win: at N=1024, w=256, dilation 2,
     # where span = 1.1 M, dense took 1.4x as long.)
     if span >= 2 * M and SHORT_SEQUENCES:
-        _short(q, k, v, heads, dil, w, causal, scale, key_valid, gk, ws, pieces)
+        _short(q, k, v, heads, dil, w, spec, gk, ws, grads)
         return
     q_all, k_all, v_all = q.view(-1, D), k.view(-1, D), v.view(-1, dv)
-    if ws is None:  # under autograd, the band mask is an additive bias (blk, span)
-        band_bias = torch.zeros(1, blk, span, dtype=q.dtype, device=dev)
-        _outside_band(band_bias).fill_(NEG)
 
     # Key bias of a sequence when some keys are masked: NEG on those and on the positions it
     # does not own (before 0, from its length on), over the positions [-w, (nb - 1) * blk +
@@ -444,10 +534,7 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, 
         if key not in key_bias:
             nb = -(-length // blk)
             kb = torch.full(((nb - 1) * blk + span,), NEG, dtype=q.dtype, device=dev)
-            if key_valid is None:
-                kb[w : w + length] = 0
-            else:
-                kb[w : w + length].masked_fill_(key_valid[b, r::dil], 0)
+            kb[w : w + length].masked_fill_(key_valid[b, r::dil], 0)
             per_block = kb.unfold(0, span, blk)  # (nb, span)
             key_bias[key] = per_block, (per_block != 0).any(-1).tolist()
         return key_bias[key]
@@ -456,12 +543,13 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, 
     if gk is not None:
         gk_k, gk_v, visible = gk
         g = gk_k.shape[2]
-        gk_kt = gk_k.reshape(B * H, g, D).transpose(1, 2)  # (B*H, d, G)
+        gk_k = gk_k.reshape(B * H, g, D)  # one (G, d) per (batch row, head)
         gk_v = gk_v.reshape(B * H, g, dv)
         visible = F.pad(visible, (0, dil * blk))  # (B, N + dil*blk): query rows past the end
         slots = torch.arange(g, device=dev)
 
-    per_chunk = max(1, CHUNK_BYTES // (blk * (span + g) * q.element_size()))
+    chunk_bytes = CHUNK_BYTES if grads is None else BACKWARD_CHUNK_BYTES
+    per_chunk = max(1, chunk_bytes // (blk * (span + g) * q.element_size()))
     # Runs of sequences processed as one: when every sequence is a whole number of blocks,
     # residue class r of consecutive (batch row, head) pairs f, f+1, ... is one strided
     # sequence of rows f*N + r + dil*p, so chunks can cross from one head into the next (the
@@ -519,17 +607,21 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, 
         qc = _seq_rows(q_all, base, dil, b0 * blk, n * blk)  # (n*blk, d)
         k_rows = _seq_rows(k_all, base, dil, b0 * blk - w, n_keys)
         v_rows = _seq_rows(v_all, base, dil, b0 * blk - w, n_keys)
+        if grads is not None:  # the chunk's own small graph (see _BandAttention)
+            qc, k_rows, v_rows = _leaf(qc), _leaf(k_rows), _leaf(v_rows)
         k_win = k_rows.unfold(0, span, blk)  # (n, d, span): K^T of every block, a view
         v_win = v_rows.unfold(0, span, blk).transpose(1, 2)  # (n, span, dv)
         qb = qc.view(n, blk, D)
 
         # Band scores (n, blk, span), always a contiguous matmul output: with a strided
-        # output baddbmm falls back to one small matmul per block.
+        # output baddbmm falls back to one small matmul per block. The masks are written into
+        # them in place; in the backward pass's graph, into a bias added by the matmul instead
+        # (in place on the graph's scores, autograd would copy them whole for every write).
         if reuse:
             band_scores = buf_band.baddbmm_(qb, k_win, beta=0, alpha=scale)
-            _outside_band(band_scores).fill_(NEG)
         else:
-            band_scores = torch.baddbmm(band_bias, qb, k_win, alpha=scale)
+            band_scores = q.new_zeros(n, blk, span)
+        _outside_band(band_scores).fill_(NEG)
         if key_valid is None:  # the only keys to mask are those outside the sequence
             _mask_edges(band_scores, b0, nb, length, w)
         # Key bias only on the blocks that read a masked key or leave their sequence.
@@ -540,11 +632,16 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, 
             at = i * nb - b0  # block i*nb of the run is block ``at`` of the chunk
             for a, e in _runs(needs_bias[lo:hi]):
                 band_scores[at + lo + a : at + lo + e].add_(per_block[lo + a : lo + e, None, :])
+        if not reuse:
+            band_scores = torch.baddbmm(band_scores, qb, k_win, alpha=scale)
 
         scores = band_scores
         if g:  # one sequence (b, h) per run
             gi = b * H + h
-            g_scores = (qc @ gk_kt[gi]).view(n, blk, g)
+            gkk, gkv = gk_k[gi], gk_v[gi]
+            if grads is not None:
+                gkk, gkv = _leaf(gkk), _leaf(gkv)
+            g_scores = (qc @ gkk.t()).view(n, blk, g)
             seen = _rows(visible[b], r + dil * b0 * blk, n * blk, dil).view(n, blk, 1)
             g_scores.masked_fill_(slots >= seen, NEG)
             # band and global columns side by side: one softmax normalises both exactly
@@ -564,15 +661,24 @@ def _band(q, k, v, heads, dil, window, causal, scale, key_valid, gk, block, ws, 
         if g:
             flat, p_g = out.view(n * blk, dv), probs[..., span:].reshape(n * blk, g)
             if reuse:
-                flat.addmm_(p_g, gk_v[gi])
+                flat.addmm_(p_g, gkv)
             else:
-                out = torch.addmm(flat, p_g, gk_v[gi])
+                out = torch.addmm(flat, p_g, gkv)
 
         if direct:
             continue
-        out = out.reshape(n * blk, dv)[:rows]
         if reuse:
-            _rows(result, base + dil * b0 * blk, rows, dil).copy_(out)
-        else:
-            first = base + dil * b0 * blk
-            pieces.append((torch.arange(first, first + dil * rows, dil, device=dev), out))
+            _rows(result, base + dil * b0 * blk, rows, dil).copy_(out.view(n * blk, dv)[:rows])
+            continue
+        # Backward: the chunk's output rows' gradient (zero for the rows past its sequence's
+        # end) through the chunk's graph, then into the rows the chunk read.
+        d_out = _rows(grads.out, base + dil * b0 * blk, rows, dil)
+        d_out = F.pad(d_out, (0, 0, 0, n * blk - rows)).view(out.shape)
+        leaves = [qc, k_rows, v_rows] + ([gkk, gkv] if g else [])
+        d_leaves = torch.autograd.grad(out, leaves, d_out)
+        _add_seq_rows(grads.q, base, dil, b0 * blk, d_leaves[0])
+        _add_seq_rows(grads.k, base, dil, b0 * blk - w, d_leaves[1])
+        _add_seq_rows(grads.v, base, dil, b0 * blk - w, d_leaves[2])
+        if g:
+            grads.gk_k.view(B * H, g, D)[gi] += d_leaves[3]
+            grads.gk_v.view(B * H, g, dv)[gi] += d_leaves[4]

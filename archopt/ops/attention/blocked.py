@@ -64,10 +64,10 @@ NEG = -1e30
 # 16 MB is fastest; 8, 4 and 2 MB take 1.05x, 1.12x and 1.14x as long (per-op overheads).
 # ``_short`` keeps its chunks in buffers of this size.
 CHUNK_BYTES = 16 * 2**20
-# Bytes of scores per chunk in the backward pass, at most: each chunk's graph holds about five
-# tensors that size at once. Measured on 2 cores (w=256, fp32, N=1024 and 4096): 2 and 4 MB
-# are equally fast, 8 MB 1.15-1.3x slower, 16 MB 1.1-1.6x, for a peak of 25-61, 38-74, 55-100
-# and 99-150 MiB.
+# Bytes of scores per chunk in the backward pass, at most: each chunk holds about four tensors
+# that size at once. Measured on 2 cores (w=256, fp32, forward + backward at N=1024 and 4096):
+# 2 and 4 MB equally fast (41 and 156 ms), 1 MB 1.2x and 8 MB up to 1.3x slower, for a peak of
+# 24-61 MiB (2 MB) and 36-73 MiB (4 MB).
 BACKWARD_CHUNK_BYTES = 2 * 2**20
 # The buffer a chunk uses when the rows of the result not yet written hold fewer blocks
 # (``_Workspace``): peak memory is the output plus this. Smaller saves memory and costs time,
@@ -212,15 +212,60 @@ class _BandAttention(torch.autograd.Function):
             None if gk_v is None else torch.zeros_like(gk_v),
         )
         gk = None if gk_k is None else (gk_k, gk_v, spec.visible)
-        with torch.enable_grad():
-            for d, heads in spec.groups.items():
-                _band(q, k, v, heads, d, spec, gk, grads=grads)
+        for d, heads in spec.groups.items():
+            _band(q, k, v, heads, d, spec, gk, grads=grads)
         return dq, dk, dv, grads.gk_k, grads.gk_v, None
 
 
 def _leaf(x: Tensor) -> Tensor:
     """``x`` as a leaf of a new graph (same memory)."""
     return x.detach().requires_grad_()
+
+
+def _chunk_grads(probs, span, d_out, qb, k_win, v_win, gkk, gkv, scale):
+    """Gradients of one chunk of band attention, from its softmax ``probs`` (n, blk, span + G)
+    and its output's gradient ``d_out`` (n, blk, dv): of its queries (n, blk, d), of its
+    blocks' key and value windows (n, span, d) and (n, span, dv), and of its global keys (G, d)
+    and values (G, dv) (None without).
+
+    With O = P V: dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dO * O)), dQ = dS K * scale,
+    dK = dS^T Q * scale; the global columns are more columns of the same P and S (their keys
+    already scaled).
+    """
+    n, blk, _ = probs.shape
+    p_band = probs[..., :span]
+    v_t = v_win.transpose(1, 2)  # (n, dv, span)
+    out = torch.bmm(p_band, v_win)  # the chunk's output again, for rowsum(dO * O)
+    d_probs = torch.bmm(d_out, v_t)  # (n, blk, span)
+    d_gk = d_gv = None
+    flat = d_out.view(n * blk, -1)
+    if gkk is not None:
+        p_g = probs[..., span:].reshape(n * blk, -1)
+        out.view(n * blk, -1).addmm_(p_g, gkv)
+        d_probs = torch.cat([d_probs, (flat @ gkv.t()).view(n, blk, -1)], dim=-1)
+        d_gv = p_g.t() @ flat
+    d_v = torch.bmm(p_band.transpose(1, 2), d_out)  # (n, span, dv)
+    delta = (d_out * out).sum(-1, keepdim=True)  # (n, blk, 1)
+    d_s = d_probs.sub_(delta).mul_(probs)  # in place
+    d_band = d_s[..., :span]
+    d_q = torch.bmm(d_band, k_win.transpose(1, 2)).mul_(scale)  # (n, blk, d)
+    d_k = torch.bmm(d_band.transpose(1, 2), qb).mul_(scale)  # (n, span, d)
+    if gkk is not None:
+        d_sg = d_s[..., span:].reshape(n * blk, -1)
+        d_q.view(n * blk, -1).addmm_(d_sg, gkk)
+        d_gk = d_sg.t() @ qb.reshape(n * blk, -1)
+    return d_q, d_k, d_v, d_gk, d_gv
+
+
+def _fold(windows: Tensor, n_rows: int, step: int) -> Tensor:
+    """The sum of overlapping windows (n, span, e), window i at rows i*step .. i*step+span-1,
+    as (n_rows, e) rows: the gradient of ``rows.unfold(0, span, step)``."""
+    n, span, e = windows.shape
+    rows = windows.new_zeros(n * step + span, e)
+    for s in range(0, span, step):
+        width = min(step, span - s)
+        rows[s : s + n * step].view(n, step, e)[:, :width] += windows[:, s : s + width]
+    return rows[:n_rows]
 
 
 def _positions(mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -434,7 +479,11 @@ def _short(q, k, v, heads, dil, w, spec, gk, ws, grads):
     A block there would read span > length keys, most of them outside its sequence (at N=1024,
     w=256, dilation 4: 574 keys for 256), so each residue class is instead one dense masked
     attention over its own rows, L x L scores with L <= span, in chunks of (batch, head) pairs.
+    Its backward pass is autograd's, through a graph of the class's rows (copies) as leaves.
     """
+    if grads is not None and not torch.is_grad_enabled():
+        with torch.enable_grad():
+            return _short(q, k, v, heads, dil, w, spec, gk, ws, grads)
     B, H, N, D = q.shape
     dv = v.shape[-1]
     dev = q.device
@@ -601,26 +650,23 @@ def _band(q, k, v, heads, dil, spec: _Spec, gk, ws=None, grads: _Grads | None = 
             sizes = [n * blk * span, n * blk * (span + g) if g else 0, n * blk * dv]
             buf_band, buf_scores, buf_out = buf[: sum(sizes)].split(sizes)
             buf_band, buf_out = buf_band.view(n, blk, span), buf_out.view(n, blk, dv)
+        else:
+            n = b1 - b0
+            buf_band = q.new_empty(n, blk, span)
+            buf_scores = q.new_empty(n, blk, span + g) if g else None
         n = b1 - b0
         n_keys = (n - 1) * blk + span
         rows = min(n * blk, count * length - b0 * blk)  # query rows that are positions
         qc = _seq_rows(q_all, base, dil, b0 * blk, n * blk)  # (n*blk, d)
         k_rows = _seq_rows(k_all, base, dil, b0 * blk - w, n_keys)
         v_rows = _seq_rows(v_all, base, dil, b0 * blk - w, n_keys)
-        if grads is not None:  # the chunk's own small graph (see _BandAttention)
-            qc, k_rows, v_rows = _leaf(qc), _leaf(k_rows), _leaf(v_rows)
         k_win = k_rows.unfold(0, span, blk)  # (n, d, span): K^T of every block, a view
         v_win = v_rows.unfold(0, span, blk).transpose(1, 2)  # (n, span, dv)
         qb = qc.view(n, blk, D)
 
         # Band scores (n, blk, span), always a contiguous matmul output: with a strided
-        # output baddbmm falls back to one small matmul per block. The masks are written into
-        # them in place; in the backward pass's graph, into a bias added by the matmul instead
-        # (in place on the graph's scores, autograd would copy them whole for every write).
-        if reuse:
-            band_scores = buf_band.baddbmm_(qb, k_win, beta=0, alpha=scale)
-        else:
-            band_scores = q.new_zeros(n, blk, span)
+        # output baddbmm falls back to one small matmul per block. Masks are written in place.
+        band_scores = buf_band.baddbmm_(qb, k_win, beta=0, alpha=scale)
         _outside_band(band_scores).fill_(NEG)
         if key_valid is None:  # the only keys to mask are those outside the sequence
             _mask_edges(band_scores, b0, nb, length, w)
@@ -632,53 +678,42 @@ def _band(q, k, v, heads, dil, spec: _Spec, gk, ws=None, grads: _Grads | None = 
             at = i * nb - b0  # block i*nb of the run is block ``at`` of the chunk
             for a, e in _runs(needs_bias[lo:hi]):
                 band_scores[at + lo + a : at + lo + e].add_(per_block[lo + a : lo + e, None, :])
-        if not reuse:
-            band_scores = torch.baddbmm(band_scores, qb, k_win, alpha=scale)
 
         scores = band_scores
         if g:  # one sequence (b, h) per run
             gi = b * H + h
             gkk, gkv = gk_k[gi], gk_v[gi]
-            if grads is not None:
-                gkk, gkv = _leaf(gkk), _leaf(gkv)
             g_scores = (qc @ gkk.t()).view(n, blk, g)
             seen = _rows(visible[b], r + dil * b0 * blk, n * blk, dil).view(n, blk, 1)
             g_scores.masked_fill_(slots >= seen, NEG)
             # band and global columns side by side: one softmax normalises both exactly
-            cat_out = {"out": buf_scores.view(n, blk, span + g)} if reuse else {}
-            scores = torch.cat([band_scores, g_scores], dim=-1, **cat_out)
+            scores = torch.cat([band_scores, g_scores], dim=-1, out=buf_scores.view(n, blk, -1))
+
+        # Softmax in place: the kernel reads each row before writing it.
+        probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+        p_band = probs[..., :span]
+        p_g = probs[..., span:].reshape(n * blk, g) if g else None
+        if grads is not None:
+            # The chunk's output rows' gradient, zero for the rows past its sequence's end.
+            d_out = _rows(grads.out, base + dil * b0 * blk, rows, dil)
+            d_out = F.pad(d_out, (0, 0, 0, n * blk - rows)).view(n, blk, dv)
+            d_q, d_k, d_v, d_gk, d_gv = _chunk_grads(
+                probs, span, d_out, qb, k_win, v_win, gkk if g else None, gkv if g else None,
+                scale
+            )  # fmt: skip
+            _add_seq_rows(grads.q, base, dil, b0 * blk, d_q.view(n * blk, D))
+            _add_seq_rows(grads.k, base, dil, b0 * blk - w, _fold(d_k, n_keys, blk))
+            _add_seq_rows(grads.v, base, dil, b0 * blk - w, _fold(d_v, n_keys, blk))
+            if g:
+                grads.gk_k.view(B * H, g, D)[gi] += d_gk
+                grads.gk_v.view(B * H, g, dv)[gi] += d_gv
+            continue
 
         # the chunk's rows are rows of the result: write them in place
-        direct = reuse and dil == 1 and rows == n * blk
-        if reuse:
-            # Softmax in place: the kernel reads each row before writing it.
-            probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-            dst = result[base + b0 * blk :][:rows].view(n, blk, dv) if direct else buf_out
-            out = torch.bmm(probs[..., :span], v_win, out=dst)
-        else:
-            probs = torch.softmax(scores, dim=-1)
-            out = torch.bmm(probs[..., :span], v_win)  # (n, blk, dv)
+        direct = dil == 1 and rows == n * blk
+        dst = result[base + b0 * blk :][:rows].view(n, blk, dv) if direct else buf_out
+        out = torch.bmm(p_band, v_win, out=dst)
         if g:
-            flat, p_g = out.view(n * blk, dv), probs[..., span:].reshape(n * blk, g)
-            if reuse:
-                flat.addmm_(p_g, gkv)
-            else:
-                out = torch.addmm(flat, p_g, gkv)
-
-        if direct:
-            continue
-        if reuse:
+            out.view(n * blk, dv).addmm_(p_g, gkv)
+        if not direct:
             _rows(result, base + dil * b0 * blk, rows, dil).copy_(out.view(n * blk, dv)[:rows])
-            continue
-        # Backward: the chunk's output rows' gradient (zero for the rows past its sequence's
-        # end) through the chunk's graph, then into the rows the chunk read.
-        d_out = _rows(grads.out, base + dil * b0 * blk, rows, dil)
-        d_out = F.pad(d_out, (0, 0, 0, n * blk - rows)).view(out.shape)
-        leaves = [qc, k_rows, v_rows] + ([gkk, gkv] if g else [])
-        d_leaves = torch.autograd.grad(out, leaves, d_out)
-        _add_seq_rows(grads.q, base, dil, b0 * blk, d_leaves[0])
-        _add_seq_rows(grads.k, base, dil, b0 * blk - w, d_leaves[1])
-        _add_seq_rows(grads.v, base, dil, b0 * blk - w, d_leaves[2])
-        if g:
-            grads.gk_k.view(B * H, g, D)[gi] += d_leaves[3]
-            grads.gk_v.view(B * H, g, dv)[gi] += d_leaves[4]

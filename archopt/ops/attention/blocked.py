@@ -289,7 +289,8 @@ def _global_rows(
 ) -> Tensor:
     """Replace, in place, the rows of global queries by full attention over every valid key.
 
-    Their (G, N) scores are computed a few heads at a time, about ``CHUNK_BYTES`` of them."""
+    Their (G, N) scores are computed a few heads at a time, at most ``SPARE_BYTES`` of them
+    (at least one head), masked and normalised in place unless autograd needs them."""
     B, H, N, _ = out.shape
     idx, count = _positions(glob)
     g = idx.shape[1]
@@ -301,10 +302,17 @@ def _global_rows(
         mask = mask & (torch.arange(N, device=q.device) <= idx[:, None, :, None])
     qg = _gather_rows(q, idx)  # (B, H, G, d)
     b_idx, slot_idx = slot.nonzero(as_tuple=True)  # the real (row, slot) pairs
-    per = max(1, CHUNK_BYTES // (B * g * N * 4))
+    graph = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    per = max(1, SPARE_BYTES // (B * g * N * q.element_size()))
     for h0 in range(0, H, per):
         hs = slice(h0, h0 + per)
-        rows = masked_softmax_attention(qg[:, hs], k[:, hs], v[:, hs], mask, scale)
+        if graph:
+            rows = masked_softmax_attention(qg[:, hs], k[:, hs], v[:, hs], mask, scale)
+        else:  # one (B, heads, G, N) tensor
+            scores = torch.matmul(qg[:, hs], k[:, hs].transpose(-1, -2)).mul_(scale)
+            scores.masked_fill_(~mask, NEG)
+            probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
+            rows = torch.matmul(probs, v[:, hs]).mul_(mask.any(-1, keepdim=True))
         out[b_idx, hs, idx[b_idx, slot_idx]] = rows[b_idx, :, slot_idx]  # (K, heads, dv)
     return out
 

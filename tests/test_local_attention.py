@@ -140,6 +140,9 @@ def test_blocked_matches_reference(n, window, dilation, causal, chunk_bytes):
         (257, 3, 1, [2, 9, 1], "internal", True),
         (7, 32, 2, [1, 7, 0], "trailing", False),
         (1, 1, 1, [1, 0, 1], "none", True),
+        # N a multiple of dilation x block: (batch row, head) pairs run as one sequence
+        (256, 3, 2, [3, 0, 5], "none", False),
+        (256, 32, 1, [1, 4, 2], "trailing", True),
     ],
 )
 def test_globals_and_padding_match_reference(n, window, dilation, counts, pad, causal, chunk_bytes):

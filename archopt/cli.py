@@ -127,11 +127,15 @@ def cmd_bench(args) -> None:
         bench_generate(args.rest)
 
 
+LLM_WEIGHTS = ("fp32", "int8", "int4", "int4-head8", "gguf")
+
+
 def load_language_model(name: str, weights: str = "fp32"):
     """A registered LLM with its real weights, or a checkpoint path (HF directory, .gguf).
 
-    ``weights``: ``fp32``; ``int8`` / ``int4`` (``quantize_weights``); ``gguf``: the file's own
-    Q4_0/Q4_1/Q8_0 blocks, kept quantized (both on torch's CPU int4 kernel where it applies).
+    ``weights``: ``fp32``; ``int8`` / ``int4`` (``quantize_weights``); ``int4-head8``: int4
+    with an int8 output projection; ``gguf``: the file's own Q4_0/Q4_1/Q8_0 blocks, kept
+    quantized (all on torch's CPU int4 kernel where it applies).
     """
     from pathlib import Path
 
@@ -139,8 +143,8 @@ def load_language_model(name: str, weights: str = "fp32"):
     from archopt.ops.quant import quantize_weights
     from archopt.registry import create_model
 
-    if weights not in ("fp32", "int8", "int4", "gguf"):
-        raise ValueError(f"--weights must be fp32, int8, int4 or gguf, got {weights!r}")
+    if weights not in LLM_WEIGHTS:
+        raise ValueError(f"--weights must be one of {LLM_WEIGHTS}, got {weights!r}")
     if weights == "gguf":
         from archopt.loading.llama import smollm2_path
 
@@ -155,7 +159,11 @@ def load_language_model(name: str, weights: str = "fp32"):
     else:
         model = None
     if model is not None:
-        return model if weights == "fp32" else quantize_weights(model, weights)
+        if weights == "fp32":
+            return model
+        if weights == "int4-head8":
+            return quantize_weights(model, "int4", head="int8")
+        return quantize_weights(model, weights)
     raise ValueError(
         f"--model must be smollm2-135m or a path to an HF directory or a .gguf file, got {name!r}"
     )
@@ -353,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--weights",
         default="fp32",
-        choices=["fp32", "int8", "int4", "gguf"],
-        help="int8/int4: quantized here; gguf: the file's own blocks",
+        choices=LLM_WEIGHTS,
+        help="int8/int4: quantized here (int4-head8: with an int8 output projection); gguf: "
+        "the file's own blocks",
     )
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")

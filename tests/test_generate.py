@@ -378,6 +378,34 @@ def test_quantized_linear_shape_errors():
         Int4Linear.from_packed(torch.zeros(8, 20, dtype=torch.int8), torch.ones(8, 1), w[:, :1])
 
 
+def test_int4_weights_with_a_finer_head():
+    import copy
+
+    from archopt.ops.quant import Int4Linear, Int8Linear, quantize_weights
+
+    torch.manual_seed(0)
+    model = archopt.create_model("llama-tiny").eval()
+    ids = rand_ids(1, 40)
+    ref = model(ids)
+    q4 = quantize_weights(copy.deepcopy(model), "int4", group_size=8, kernel=False)
+    mixed = quantize_weights(copy.deepcopy(model), "int4", group_size=8, kernel=False, head="int8")
+    assert isinstance(mixed.lm_head, Int8Linear) and mixed.lm_head.groups == 1  # per channel
+    body = [m for n, m in mixed.named_modules() if n.startswith("layers.")]
+    assert any(isinstance(m, Int4Linear) for m in body)
+    assert not any(isinstance(m, Int8Linear) for m in body)
+    # the head's own error is gone: the logits move less than with an int4 head
+    err4, err_mixed = ((q(ids) - ref).abs().max() for q in (q4, mixed))
+    assert 0 < err_mixed < err4
+    with pytest.raises(
+        ValueError, match=r"head kind must be one of \('int8', 'int4'\), got 'int2'"
+    ):
+        quantize_weights(copy.deepcopy(model), "int4", head="int2")
+    with pytest.raises(
+        ValueError, match=r"head='int8' needs a model with an lm_head, got Sequential"
+    ):
+        quantize_weights(torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False)), head="int8")
+
+
 def test_int4_weights_model_is_close_and_compiles_once():
     import copy
 

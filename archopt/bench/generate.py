@@ -355,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--cache", nargs="+", help="sweep these cache kinds (e.g. dense int8 sliding:256)"
     )
     p.add_argument(
-        "--weights", nargs="+", help="sweep these weights: fp32 bf16 int8 int4 gguf (the file's)"
+        "--weights",
+        nargs="+",
+        help="sweep these weights: fp32 bf16 int8 int4 int4-head8 gguf (the file's)",
     )
     p.add_argument(
         "--compile",
@@ -422,6 +424,7 @@ WEIGHT_DTYPES = {
     "bf16": torch.bfloat16,
     "int8": None,  # weight-only int8 per channel (archopt.ops.quant), from the fp32 weights
     "int4": None,  # weight-only int4, groups of 32
+    "int4-head8": None,  # the same with an int8 (per channel) output projection
     "gguf": None,  # the GGUF file's own blocks (Q4_1/Q8_0 for SmolLM2), kept quantized
 }
 
@@ -437,10 +440,11 @@ def _gguf_path(model_name: str) -> Path | None:
 
 def _weights(kind: str, base_model: Llama, model_name: str) -> Llama:
     """``base_model`` (fp32) in the weight format ``kind``."""
-    if kind in ("int8", "int4"):
+    if kind in ("int8", "int4", "int4-head8"):
         from archopt.ops.quant import quantize_weights
 
-        return quantize_weights(copy.deepcopy(base_model.float()), kind)
+        head = "int8" if kind == "int4-head8" else None
+        return quantize_weights(copy.deepcopy(base_model.float()), kind[:4], head=head)
     if kind == "gguf":
         path = _gguf_path(model_name)
         if path is None:

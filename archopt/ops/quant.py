@@ -343,32 +343,42 @@ def quantize_weights(
     group_size: int | None = None,
     *,
     kernel: bool | str = "auto",
+    head: str | None = None,
 ):
     """Replace every ``nn.Linear`` (and a tied output projection) with a quantized one, in place.
 
     ``kind``: ``"int8"`` (per channel, or per ``group_size`` block) or ``"int4"`` (blocks of
     ``group_size``, default 32). Embedding lookups stay in full precision: they read one row
-    per token. ``kernel``: ``"auto"`` packs the layers torch's CPU int4 kernel takes for it
+    per token. ``head``: another kind for the output projection ``model.lm_head``, as
+    llama.cpp's quantizers keep it finer (per channel when it differs from ``kind``): on
+    SmolLM2-135M, int4 everywhere costs +4.3% perplexity, int4 with an int8 head +0.5%.
+    ``kernel``: ``"auto"`` packs the layers torch's CPU int4 kernel takes for it
     (``pack_for_cpu``), ``True`` requires it for every layer, ``False`` keeps the exact
     portable modules.
     """
     check_kernel_arg(kernel)
-    if kind not in WEIGHT_KINDS:
-        raise ValueError(f"weight quantization kind must be one of {WEIGHT_KINDS}, got {kind!r}")
+    for what, k in (("kind", kind), ("head kind", head or kind)):
+        if k not in WEIGHT_KINDS:
+            raise ValueError(f"weight quantization {what} must be one of {WEIGHT_KINDS}, got {k!r}")
+    if head is not None and not hasattr(model, "lm_head"):
+        raise ValueError(f"head={head!r} needs a model with an lm_head, got {type(model).__name__}")
 
-    def make(weight):
-        if kind == "int8":
-            return Int8Linear(weight, group_size=group_size)
-        return Int4Linear(weight, group_size=group_size or 32)
+    def make(weight, k=kind):
+        gs = group_size if k == kind else None
+        if k == "int8":
+            return Int8Linear(weight, group_size=gs)
+        return Int4Linear(weight, group_size=gs or 32)
 
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 if child.bias is not None:
                     raise ValueError(f"{name}.{child_name}: biased linears are not supported")
-                setattr(module, child_name, make(child.weight))
+                is_head = module is model and child_name == "lm_head"
+                setattr(module, child_name, make(child.weight, head if is_head and head else kind))
     if getattr(model, "lm_head", "absent") is None and hasattr(model, "embed"):
-        model.lm_head = make(model.embed.weight)  # tied: the projection gets its own copy
+        # tied: the projection gets its own copy
+        model.lm_head = make(model.embed.weight, head or kind)
     if kernel:
         pack_for_cpu(model, strict=kernel is True)
     return model

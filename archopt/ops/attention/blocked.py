@@ -32,9 +32,9 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
   they fit (``_Workspace``), else in one spare buffer of ``SPARE_BYTES``: peak memory is the
   output plus ``SPARE_BYTES``.
 - Backward (``_BandAttention``). Only q, k, v are saved. The backward pass runs every chunk
-  again (smaller chunks, ``BACKWARD_CHUNK_BYTES``), its q, k, v rows as the leaves of a graph
-  of its own, lets autograd take the chunk's gradients and adds them into the gradients'
-  rows: memory O(N*d) plus one chunk, and exactly the forward's arithmetic.
+  again (smaller chunks, ``BACKWARD_CHUNK_BYTES``) with the forward's code up to the softmax,
+  takes its gradients by hand (``_chunk_grads``) and adds them into the gradients' rows:
+  memory O(N*d) plus one chunk. (Short sequences, ``_short``, use autograd on copies.)
 - Global tokens. The scores of every query against the global keys are extra columns
   concatenated to its band scores, so one fp32 softmax normalises both parts exactly; global
   keys are removed from the band part (key bias), so a global key inside the window is counted
@@ -133,15 +133,13 @@ def local_attention_blocked(
         groups.setdefault(d, []).append(h)
     spec = _Spec(groups, window, causal, scale, band_valid, visible, block)
     out = _BandAttention.apply(q, k, v, gk_k, gk_v, spec)
-    keep = None  # (B, H, N): queries with at least one key; only needed when keys are masked
-    if band_valid is not None:
+    if band_valid is not None:  # zero the queries with no key at all (only masks make them)
         keep = torch.empty(B, H, N, dtype=torch.bool, device=q.device)
         for d, heads in groups.items():
             count = _band_counts(band_valid, window, d, causal)
             if visible is not None:
                 count = count + visible
             keep[:, heads] = (count > 0)[:, None, :]
-    if keep is not None:
         out = out.mul_(keep[..., None].to(out.dtype))
     if glob is not None:
         out = _global_rows(q, k, v, out, glob, key_valid, causal, scale)
@@ -180,10 +178,10 @@ class _BandAttention(torch.autograd.Function):
     """The band part (with the global key columns) as one autograd node.
 
     Forward: the chunked computation, scores in the output's unwritten rows. Backward: every
-    chunk again, its q, k and v rows as leaves of a small graph of their own, through which
-    autograd takes the chunk's gradients; those are added into the gradients' rows. So only
-    q, k, v are saved (no scores: memory O(N*d), not O(N*w)), and no gradient is ever built
-    at the size of q for one chunk, which is what autograd does for a slice of a tensor.
+    chunk again (scores and softmax by the forward's code), its gradients by hand
+    (``_chunk_grads``), added into the gradients' rows. So only q, k, v are saved (no scores:
+    memory O(N*d), not O(N*w)), and no gradient is ever built at the size of q for one chunk,
+    which is what autograd does for a slice of a tensor.
     """
 
     @staticmethod
@@ -654,15 +652,12 @@ def _band(q, k, v, heads, dil, spec: _Spec, gk, ws=None, grads: _Grads | None = 
             if m < b1 - b0:  # the rest of the chunk next
                 tasks.append((f0, count, r, base, length, nb, b0 + m, b1))
                 b1 = b0 + m
-            n = b1 - b0
-            sizes = [n * blk * span, n * blk * (span + g) if g else 0, n * blk * dv]
-            buf_band, buf_scores, buf_out = buf[: sum(sizes)].split(sizes)
-            buf_band, buf_out = buf_band.view(n, blk, span), buf_out.view(n, blk, dv)
-        else:
-            n = b1 - b0
-            buf_band = q.new_empty(n, blk, span)
-            buf_scores = q.new_empty(n, blk, span + g) if g else None
         n = b1 - b0
+        sizes = [n * blk * span, n * blk * (span + g) if g else 0, n * blk * dv]
+        if not reuse:
+            buf = q.new_empty(sum(sizes))
+        buf_band, buf_scores, buf_out = buf[: sum(sizes)].split(sizes)
+        buf_band, buf_out = buf_band.view(n, blk, span), buf_out.view(n, blk, dv)
         n_keys = (n - 1) * blk + span
         rows = min(n * blk, count * length - b0 * blk)  # query rows that are positions
         qc = _seq_rows(q_all, base, dil, b0 * blk, n * blk)  # (n*blk, d)
@@ -699,8 +694,6 @@ def _band(q, k, v, heads, dil, spec: _Spec, gk, ws=None, grads: _Grads | None = 
 
         # Softmax in place: the kernel reads each row before writing it.
         probs = torch.ops.aten._softmax.out(scores, -1, False, out=scores)
-        p_band = probs[..., :span]
-        p_g = probs[..., span:].reshape(n * blk, g) if g else None
         if grads is not None:
             # The chunk's output rows' gradient, zero for the rows past its sequence's end.
             d_out = _rows(grads.out, base + dil * b0 * blk, rows, dil)
@@ -720,8 +713,8 @@ def _band(q, k, v, heads, dil, spec: _Spec, gk, ws=None, grads: _Grads | None = 
         # the chunk's rows are rows of the result: write them in place
         direct = dil == 1 and rows == n * blk
         dst = result[base + b0 * blk :][:rows].view(n, blk, dv) if direct else buf_out
-        out = torch.bmm(p_band, v_win, out=dst)
+        out = torch.bmm(probs[..., :span], v_win, out=dst)
         if g:
-            out.view(n * blk, dv).addmm_(p_g, gkv)
+            out.view(n * blk, dv).addmm_(probs[..., span:].reshape(n * blk, g), gkv)
         if not direct:
             _rows(result, base + dil * b0 * blk, rows, dil).copy_(out.view(n * blk, dv)[:rows])

@@ -127,7 +127,7 @@ def cmd_bench(args) -> None:
         bench_generate(args.rest)
 
 
-LLM_WEIGHTS = ("fp32", "int8", "int4", "int4-head8", "gguf")
+LLM_WEIGHTS = ("fp32", "int8", "int4", "int4-head8", "gguf")  # see ops.quant.WEIGHT_PRESETS
 
 
 def load_language_model(name: str, weights: str = "fp32"):
@@ -140,7 +140,7 @@ def load_language_model(name: str, weights: str = "fp32"):
     from pathlib import Path
 
     from archopt.models.llama import Llama
-    from archopt.ops.quant import quantize_weights
+    from archopt.ops.quant import WEIGHT_PRESETS, quantize_weights
     from archopt.registry import create_model
 
     if weights not in LLM_WEIGHTS:
@@ -161,9 +161,8 @@ def load_language_model(name: str, weights: str = "fp32"):
     if model is not None:
         if weights == "fp32":
             return model
-        if weights == "int4-head8":
-            return quantize_weights(model, "int4", head="int8")
-        return quantize_weights(model, weights)
+        kind, head = WEIGHT_PRESETS[weights]
+        return quantize_weights(model, kind, head=head)
     raise ValueError(
         f"--model must be smollm2-135m or a path to an HF directory or a .gguf file, got {name!r}"
     )

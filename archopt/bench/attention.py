@@ -281,9 +281,8 @@ def summary(results, output_bytes) -> str:
     lines.append("|---|---|---|---|---|---|---|---|")
     for n in sorted({r["n"] for r in results}):
         ours, flex = at.get((n, "w", "ours")), at.get((n, "w", "flex (compiled)"))
-        spares = [r for r in results if r["n"] == n and r["variant"] == "w"]
         spares = [
-            r for r in spares if r["contender"].startswith("ours, ") and "spare" in r["contender"]
+            r for r in results if r["n"] == n and r["variant"] == "w" and "spare" in r["contender"]
         ]
         low = min(spares, key=lambda r: r["peak_mib"], default=None)
 

@@ -440,11 +440,11 @@ def _gguf_path(model_name: str) -> Path | None:
 
 def _weights(kind: str, base_model: Llama, model_name: str) -> Llama:
     """``base_model`` (fp32) in the weight format ``kind``."""
-    if kind in ("int8", "int4", "int4-head8"):
-        from archopt.ops.quant import quantize_weights
+    from archopt.ops.quant import WEIGHT_PRESETS, quantize_weights
 
-        head = "int8" if kind == "int4-head8" else None
-        return quantize_weights(copy.deepcopy(base_model.float()), kind[:4], head=head)
+    if kind in WEIGHT_PRESETS:
+        quant, head = WEIGHT_PRESETS[kind]
+        return quantize_weights(copy.deepcopy(base_model.float()), quant, head=head)
     if kind == "gguf":
         path = _gguf_path(model_name)
         if path is None:

@@ -127,47 +127,6 @@ def cmd_bench(args) -> None:
         bench_generate(args.rest)
 
 
-LLM_WEIGHTS = ("fp32", "int8", "int4", "int4-head8", "gguf")  # see ops.quant.WEIGHT_PRESETS
-
-
-def load_language_model(name: str, weights: str = "fp32"):
-    """A registered LLM with its real weights, or a checkpoint path (HF directory, .gguf).
-
-    ``weights``: ``fp32``; ``int8`` / ``int4`` (``quantize_weights``); ``int4-head8``: int4
-    with an int8 output projection; ``gguf``: the file's own Q4_0/Q4_1/Q8_0 blocks, kept
-    quantized (all on torch's CPU int4 kernel where it applies).
-    """
-    from pathlib import Path
-
-    from archopt.models.llama import Llama
-    from archopt.ops.quant import WEIGHT_PRESETS, quantize_weights
-    from archopt.registry import create_model
-
-    if weights not in LLM_WEIGHTS:
-        raise ValueError(f"--weights must be one of {LLM_WEIGHTS}, got {weights!r}")
-    if weights == "gguf":
-        from archopt.loading.llama import smollm2_path
-
-        path = smollm2_path() if name == "smollm2-135m" else Path(name)
-        if path.suffix != ".gguf" or not path.is_file():
-            raise ValueError(f"--weights gguf needs a .gguf model, got {name!r}")
-        return Llama.from_pretrained(path, keep_quantized=True)
-    if Path(name).exists():
-        model = Llama.from_pretrained(name)
-    elif name == "smollm2-135m":
-        model = create_model(name, pretrained=True)
-    else:
-        model = None
-    if model is not None:
-        if weights == "fp32":
-            return model
-        kind, head = WEIGHT_PRESETS[weights]
-        return quantize_weights(model, kind, head=head)
-    raise ValueError(
-        f"--model must be smollm2-135m or a path to an HF directory or a .gguf file, got {name!r}"
-    )
-
-
 def cmd_generate(args) -> None:
     import time
 
@@ -175,7 +134,9 @@ def cmd_generate(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_language_model(args.model, args.weights)
+    from archopt.loading.llm import load_llm
+
+    model = load_llm(args.model, weights=args.weights)
     n_prompt = len(encode_prompt(model, args.prompt, chat=args.chat))
     kwargs = dict(
         cache=args.cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -294,6 +255,7 @@ def cmd_pareto(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from archopt.generate import COMPILE_MODES
+    from archopt.loading.llm import WEIGHT_CHOICES
 
     p = argparse.ArgumentParser(prog="archopt", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -359,10 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--weights",
-        default="fp32",
-        choices=LLM_WEIGHTS,
-        help="int8/int4: quantized here (int4-head8: with an int8 output projection); gguf: "
-        "the file's own blocks",
+        default="auto",
+        choices=WEIGHT_CHOICES,
+        help="auto: a GGUF file's own blocks, else fp32; int8/int4: quantized here (int4-head8: "
+        "with an int8 output projection); gguf: the file's own blocks",
     )
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")

@@ -1,76 +1,92 @@
-"""Model registry: ``register_model``, ``create_model(name, **overrides)``, ``list_models``.
+"""Models by name: ``create_model(name, pretrained=False, **overrides)``, ``list_models``,
+``model_info``.
 
-A registered entry is a function that takes keyword overrides and returns an ``nn.Module``.
-Names are lower-case; lookups are exact, and a miss lists the closest names.
+The table itself lives in ``archopt.models._registry`` (model files register there); this module
+sits above the loaders, so ``create_model(name, pretrained=True)`` can hand a model with real
+weights to ``archopt.loading.llm`` without the model files ever importing a loader. Names are
+lower-case; lookups are exact, and a miss lists the closest names.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Callable
-from typing import TypeVar
 
 from torch import nn
 
-ModelFn = Callable[..., nn.Module]
-ConfigT = TypeVar("ConfigT")
+import archopt.models  # noqa: F401  (model files register themselves on import)
+from archopt.models._registry import (
+    MODELS,
+    TASKS,
+    ModelFn,
+    ModelInfo,
+    register_model,
+    unregister_model,
+    with_overrides,
+)
 
-_REGISTRY: dict[str, ModelFn] = {}
+__all__ = [
+    "TASKS",
+    "ModelInfo",
+    "create_model",
+    "get_model_fn",
+    "list_models",
+    "model_info",
+    "register_model",
+    "unregister_model",
+    "with_overrides",
+]
 
 
-def register_model(fn: ModelFn | None = None, *, name: str | None = None):
-    """Register ``fn`` under ``name`` (default: the function's name). Usable bare or called."""
-
-    def wrap(f: ModelFn) -> ModelFn:
-        key = (name or f.__name__).lower()
-        if key in _REGISTRY and _REGISTRY[key] is not f:
-            raise ValueError(f"model name {key!r} is already registered")
-        _REGISTRY[key] = f
-        return f
-
-    return wrap(fn) if fn is not None else wrap
-
-
-def _ensure_models_loaded() -> None:
-    # Model files register themselves on import; importing the package pulls them all in.
-    import archopt.models  # noqa: F401
-
-
-def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted registered names, optionally filtered by a shell-style ``pattern``."""
-    _ensure_models_loaded()
-    names = sorted(_REGISTRY)
+def list_models(pattern: str | None = None, *, task: str | None = None) -> list[str]:
+    """Sorted registered names, optionally filtered by a shell-style ``pattern`` and ``task``."""
+    if task is not None and task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    names = sorted(n for n, info in MODELS.items() if task is None or info.task == task)
     if pattern is None:
         return names
     return [n for n in names if fnmatch.fnmatch(n, pattern.lower())]
 
 
-def get_model_fn(name: str) -> ModelFn:
-    _ensure_models_loaded()
+def model_info(name: str) -> ModelInfo:
+    """The entry for ``name``: its builder, task, default input and packaged weights."""
     key = name.lower()
-    if key not in _REGISTRY:
-        close = difflib.get_close_matches(key, list(_REGISTRY), n=5, cutoff=0.3)
+    if key not in MODELS:
+        close = difflib.get_close_matches(key, list(MODELS), n=5, cutoff=0.3)
         hint = f"; closest: {', '.join(close)}" if close else ""
         raise ValueError(
-            f"unknown model {name!r}: expected one of {len(_REGISTRY)} registered names{hint} "
+            f"unknown model {name!r}: expected one of {len(MODELS)} registered names{hint} "
             "(see archopt.list_models())"
         )
-    return _REGISTRY[key]
+    return MODELS[key]
 
 
-def create_model(name: str, **overrides) -> nn.Module:
-    """Build a registered model; ``overrides`` replace fields of its preset config."""
-    return get_model_fn(name)(**overrides)
+def get_model_fn(name: str) -> ModelFn:
+    return model_info(name).fn
 
 
-def with_overrides(preset: ConfigT, overrides: dict) -> ConfigT:
-    """A copy of the dataclass ``preset`` with ``overrides`` applied; unknown names raise."""
-    names = [f.name for f in dataclasses.fields(preset)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
+def create_model(
+    name: str, pretrained: bool = False, *, weights: str | None = None, **overrides
+) -> nn.Module:
+    """Build a registered model; ``overrides`` replace fields of its preset config.
+
+    ``pretrained=True`` loads the real weights the entry names (a language model's packaged
+    checkpoint, through ``archopt.load_llm``; ``weights`` picks the format, default its fastest
+    one, see ``archopt.loading.llm.WEIGHT_FORMATS``); an entry without packaged weights is an
+    error naming the ones that have them.
+    """
+    info = model_info(name)
+    if not pretrained:
+        if weights is not None:
+            raise ValueError(f"weights={weights!r} needs pretrained=True")
+        return info.fn(**overrides)
+    if info.pretrained is None:
+        have = sorted(n for n, i in MODELS.items() if i.pretrained is not None)
         raise ValueError(
-            f"unknown {type(preset).__name__} field(s) {unknown}: expected any of {names}"
+            f"model {name!r} has no packaged weights: pretrained=True works for {have}"
         )
-    return dataclasses.replace(preset, **overrides)
+    if overrides:
+        raise ValueError(f"pretrained=True takes no config overrides, got {sorted(overrides)}")
+    from archopt.loading.llm import load_llm
+
+    return load_llm(info.name, weights=weights or "auto")

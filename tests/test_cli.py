@@ -163,7 +163,7 @@ def test_pareto_writes_table_and_plots(capsys, tmp_path):
 
 
 def test_generate_json_on_the_real_model(capsys):
-    from archopt.loading.llama import smollm2_path
+    from archopt.loading.llm import smollm2_path
 
     try:
         smollm2_path()
@@ -178,7 +178,7 @@ def test_generate_json_on_the_real_model(capsys):
 
 
 def test_generate_with_the_gguf_blocks_kept(capsys, tmp_path):
-    from archopt.loading.llama import smollm2_path
+    from archopt.loading.llm import smollm2_path
 
     try:
         smollm2_path()
@@ -191,7 +191,7 @@ def test_generate_with_the_gguf_blocks_kept(capsys, tmp_path):
     out = json.loads(out)
     assert code == 0 and out["weights"] == "gguf" and out["text"].strip()
     assert main(["generate", "--model", str(tmp_path), "--weights", "gguf"]) == 2
-    assert "--weights gguf needs a .gguf model" in capsys.readouterr().err
+    assert "weights='gguf' needs a .gguf file" in capsys.readouterr().err
 
 
 def test_generate_without_the_model_package_says_how_to_install(capsys, monkeypatch):

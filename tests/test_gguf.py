@@ -29,7 +29,7 @@ from archopt.loading.gguf import (  # noqa: E402
     supported_types,
     unpermute_qk,
 )
-from archopt.loading.llama import load_llama, smollm2_path  # noqa: E402
+from archopt.loading.llm import load_llm, smollm2_path  # noqa: E402
 
 OWN_TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]
 FALLBACK_TYPES = [Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_NL]  # through gguf.quants
@@ -289,7 +289,7 @@ def _logits(model, ids: torch.Tensor) -> torch.Tensor:
 def test_f32_gguf_matches_hf_logits(tmp_path, tied, n_kv):
     hf = _hf_llama(tied, n_kv)
     path = _write_hf_llama(tmp_path / "tiny.gguf", hf)
-    ours = load_llama(path)
+    ours = load_llm(path, weights="fp32")
     c = ours.config
     assert (c.num_heads, c.num_kv_heads, c.head_dim, c.tie_word_embeddings) == (4, n_kv, 16, tied)
     assert (c.rope_theta, c.rms_norm_eps, c.max_position_embeddings) == (5000.0, 1e-5, 128)
@@ -310,7 +310,7 @@ def test_llama3_rope_freqs_tensor_matches_hf_llama3_scaling(tmp_path):
     freqs = _llama3_rope_freqs(hf.config)
     assert 1.0 < freqs[1] < 8.0 and freqs[0] == 1.0 and freqs[-1] == 8.0
     path = _write_hf_llama(tmp_path / "l3.gguf", hf, extra_tensors={"rope_freqs.weight": freqs})
-    ours = load_llama(path)
+    ours = load_llm(path, weights="fp32")
     assert ours.config.rope_scaling == {"rope_type": "freq_factors", "factors": freqs.tolist()}
     ids = torch.randint(0, 96, (1, 100))
     torch.testing.assert_close(_logits(ours, ids), _logits(hf, ids), rtol=0, atol=1e-4)
@@ -398,8 +398,8 @@ def test_keep_quantized_leaves_other_types_dequantized(tmp_path):
     kept = load_gguf_llama(path, keep_quantized=True)
     assert kept.config.extra["gguf_weights"] == {"dequantized": 4 * kept.config.num_layers + 1}
     assert isinstance(kept.lm_head, torch.nn.Linear)
-    with pytest.raises(ValueError, match=r"keep_quantized needs a \.gguf file"):
-        load_llama(tmp_path, keep_quantized=True)
+    with pytest.raises(ValueError, match=r"weights='gguf' needs a \.gguf file"):
+        load_llm(tmp_path, weights="gguf")
 
 
 def test_dtype_argument(tmp_path):
@@ -457,7 +457,7 @@ def test_tiny_byte_level_tokenizer_matches_transformers_and_splits_digits(tmp_pa
     hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]))
     hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
     path = _write_hf_llama(tmp_path / "tok.gguf", hf, tokenizer=_tiny_tokenizer())
-    model = load_llama(path)
+    model = load_llm(path, weights="fp32")
     tok = model.tokenizer
     ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     for text in ["hello the world", " the  world\n\nhello", "<|im_start|>hello<|im_end|>", "é ✓"]:
@@ -515,16 +515,26 @@ def test_sentencepiece_vocabulary_goes_through_transformers(tmp_path):
     assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "[x]"
 
 
-def test_without_transformers_loads_without_tokenizer(tmp_path, monkeypatch):
+def test_byte_level_tokenizer_needs_no_transformers(tmp_path, monkeypatch):
     pytest.importorskip("transformers")
     hf = _hf_llama(True)
     hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]))
     hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
     path = _write_hf_llama(tmp_path / "tok.gguf", hf, tokenizer=_tiny_tokenizer())
+    transformers = pytest.importorskip("transformers")
+    with_hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
     monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
-    model = load_llama(path)
+    model = load_llm(path, weights="fp32")
+    assert "transformers" not in type(model.tokenizer).__module__
+    text = "hello world, hello"
+    assert model.tokenizer.encode(text) == with_hf.encode(text)
+    assert model.tokenizer.decode(model.tokenizer.encode(text)) == with_hf.decode(
+        with_hf.encode(text)
+    )
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # the one library it needs
+    model = load_llm(path, weights="fp32")
     assert model.tokenizer is None
-    assert "transformers" in model.config.extra["tokenizer_missing"]
+    assert "missing" in model.config.extra["tokenizer_missing"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -543,7 +553,7 @@ def test_truncated_file_names_the_file(tmp_path, tiny_gguf):
         bad = tmp_path / f"cut{cut}.gguf"
         bad.write_bytes(data[:cut])
         with pytest.raises(ValueError, match=r"cut\d+\.gguf is not a valid GGUF file") as e:
-            load_llama(bad)
+            load_llm(bad, weights="fp32")
         assert "truncated" in str(e.value) or "fewer than the 24-byte header" in str(e.value)
 
 
@@ -579,7 +589,7 @@ def test_unsupported_tensor_type_fails_before_dequantizing(tmp_path, monkeypatch
         "archopt.loading.gguf.GGUFTensor.dequantize", lambda self: calls.append(self.name)
     )
     with pytest.raises(ValueError, match=r"'blk\.1\.ffn_up\.weight' has type I8, which cannot"):
-        load_llama(tmp_path / "mixed.gguf")
+        load_llm(tmp_path / "mixed.gguf", weights="fp32")
     assert calls == []
 
 
@@ -592,7 +602,7 @@ def _value_type(gf, key):
 def test_wrong_architecture(tmp_path):
     path = _write_hf_llama(tmp_path / "arch.gguf", _hf_llama(True), arch="gpt2")
     with pytest.raises(ValueError, match=r"holds a 'gpt2' model; only \['llama'\]"):
-        load_llama(path)
+        load_llm(path, weights="fp32")
 
 
 def test_missing_required_metadata(tmp_path):
@@ -600,7 +610,7 @@ def test_missing_required_metadata(tmp_path):
         tmp_path / "m.gguf", _hf_llama(True), skip_keys=("block_count", "layer_norm_rms_eps")
     )
     with pytest.raises(ValueError, match=r"missing required metadata.*llama\.block_count"):
-        load_llama(path)
+        load_llm(path, weights="fp32")
 
 
 def test_unexpected_tensor_and_unsupported_rope(tmp_path):
@@ -608,7 +618,7 @@ def test_unexpected_tensor_and_unsupported_rope(tmp_path):
     bias = {"blk.0.attn_q.bias": np.zeros(64, np.float32)}
     path = _write_hf_llama(tmp_path / "b.gguf", hf, extra_tensors=bias)
     with pytest.raises(ValueError, match=r"'blk\.0\.attn_q\.bias' is not part of a 2-layer"):
-        load_llama(path)
+        load_llm(path, weights="fp32")
     path = tmp_path / "yarn.gguf"
     w = _writer(path)
     for key, value in read_gguf(_write_hf_llama(tmp_path / "ok.gguf", hf)).metadata.items():
@@ -748,4 +758,4 @@ def test_truncated_copy_of_real_file(tmp_path, smollm2):
         shutil.copyfileobj(src, dst, length=1 << 20)
         dst.truncate(src.tell() // 2)
     with pytest.raises(ValueError, match=r"smollm2-cut\.gguf is not a valid GGUF file.*truncated"):
-        load_llama(bad)
+        load_llm(bad, weights="fp32")

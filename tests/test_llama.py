@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from archopt.generate import generate
-from archopt.loading.llama import llama_config_from_hf, load_llama
+from archopt.loading.llama import llama_config_from_hf
+from archopt.loading.llm import load_llm
 from archopt.models.llama import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")
@@ -53,7 +54,7 @@ def pair(request, tmp_path_factory):
     hf = hf_llama(**CONFIGS[request.param])
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
-    return hf, load_llama(path)
+    return hf, load_llm(path)
 
 
 def test_logits_equal_hf(pair):
@@ -88,7 +89,7 @@ def test_sharded_checkpoint_and_rope_forms(tmp_path):
     ids = torch.randint(0, 320, (1, 40))
     with torch.no_grad():
         ref = hf(ids).logits
-    torch.testing.assert_close(load_llama(tmp_path)(ids), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(load_llm(tmp_path)(ids), ref, rtol=0, atol=1e-5)
     # The same scaling in the older top-level form and the newer rope_parameters form.
     old = dict(rope_theta=5000.0, rope_scaling=LLAMA3_SCALING)
     new = dict(rope_parameters={"rope_theta": 5000.0, **LLAMA3_SCALING})
@@ -116,20 +117,20 @@ def test_bad_checkpoints_raise_and_load_nothing(tmp_path):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="cannot read"):
-        load_llama(tmp_path)
+        load_llm(tmp_path)
     weights.write_bytes(data)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg | {"intermediate_size": 100}))
     with pytest.raises(ValueError, match="shape mismatches"):
-        load_llama(tmp_path)
-    with pytest.raises(FileNotFoundError, match="expected a Hugging Face model directory"):
-        load_llama(tmp_path / "nowhere")
+        load_llm(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"a Hugging Face model folder or a \.gguf file"):
+        load_llm(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no config\.json"):
-        load_llama(tmp_path / "empty")
+        load_llm(tmp_path / "empty")
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(FileNotFoundError, match="expected a Hugging Face model directory"):
-        load_llama(tmp_path / "x.pt")
+    with pytest.raises(FileNotFoundError, match=r"a Hugging Face model folder or a \.gguf file"):
+        load_llm(tmp_path / "x.pt")
 
 
 def test_rope_stays_fp32_when_model_is_cast(pair):

@@ -2,7 +2,7 @@ import pytest
 from torch import nn
 
 import archopt
-from archopt.registry import _REGISTRY, register_model
+from archopt.registry import list_models, model_info, register_model, unregister_model
 
 
 def test_list_models_has_mobilenets_and_filters():
@@ -37,4 +37,25 @@ def test_register_and_reject_duplicate():
         with pytest.raises(ValueError, match="already registered"):
             register_model(lambda: nn.Identity(), name="tiny_test_model")
     finally:
-        _REGISTRY.pop("tiny_test_model")
+        unregister_model("tiny_test_model")
+
+
+def test_every_entry_says_its_task_and_default_input():
+    for name in list_models():
+        info = model_info(name)
+        assert info.task in ("image", "lm", "encoder"), name
+        if info.task == "image":
+            assert len(info.default_input) == 3 and info.default_input[0] == 3, name
+        else:
+            assert len(info.default_input) == 1 and info.default_input[0] > 0, name
+    assert list_models(task="lm") == ["llama-tiny", "smollm2-135m"]
+    assert model_info("mobilevit_s").default_input == (3, 256, 256)
+    assert model_info("smollm2-135m").pretrained is not None
+    assert model_info("llama-tiny").pretrained is None
+
+
+def test_pretrained_without_packaged_weights_names_those_that_have_them():
+    with pytest.raises(ValueError, match=r"no packaged weights.*smollm2-135m"):
+        archopt.create_model("mobilenet_v1_100", pretrained=True)
+    with pytest.raises(ValueError, match="needs pretrained=True"):
+        archopt.create_model("llama-tiny", weights="int8")

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from archopt.generate import generate
-from archopt.loading.llama import SMOLLM2_FILE, smollm2_path
+from archopt.loading.llm import smollm2_path
+from archopt.models.llama import SMOLLM2
 
 try:
     GGUF = smollm2_path()
@@ -21,14 +22,14 @@ transformers = pytest.importorskip("transformers")
 def ours():
     import archopt
 
-    return archopt.create_model("smollm2-135m", pretrained=True)
+    return archopt.create_model("smollm2-135m", pretrained=True, weights="fp32")
 
 
 @pytest.fixture(scope="module")
 def hf():
     pytest.importorskip("accelerate")
     return transformers.AutoModelForCausalLM.from_pretrained(
-        GGUF.parent, gguf_file=SMOLLM2_FILE, dtype=torch.float32
+        GGUF.parent, gguf_file=SMOLLM2.filename, dtype=torch.float32
     ).eval()
 
 

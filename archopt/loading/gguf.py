@@ -584,7 +584,7 @@ def load_gguf_llama(
         try:
             tok = gguf_tokenizer(gf)
         except ImportError as e:
-            cfg.extra["tokenizer_missing"] = f"the tokenizer needs transformers ({e})"
+            cfg.extra["tokenizer_missing"] = f"the tokenizer needs a library that is missing ({e})"
     with _one_thread():  # the q/k/v and gate/up concatenations too
         sd = llama_state_dict_from_hf(gguf_llama_hf_state_dict(gf, cfg), cfg)
     model = build_llama(cfg, sd, dtype)
@@ -689,45 +689,50 @@ _DIGIT_PRE = {"smollm", "starcoder", "refact", "codeshell", "command-r", "exaone
 
 
 def gguf_tokenizer(gf: GGUFFile):
-    """A transformers tokenizer for the vocabulary in ``gf``, with its chat template.
+    """A tokenizer for the vocabulary in ``gf``, with its chat template.
 
-    None when the file carries no vocabulary; ImportError without transformers; ValueError for
-    vocabularies it cannot build.
+    Byte-level BPE vocabularies get ``archopt.loading.tokenizer.Tokenizer`` (``tokenizers``
+    alone, no transformers); others go through transformers. None when the file carries no
+    vocabulary; ImportError when the library it needs is missing; ValueError for vocabularies
+    it cannot build.
     """
     meta = gf.metadata
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         return None
-    # ImportError without transformers: load_gguf_llama records it and loads without one.
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
+    template = meta.get("tokenizer.chat_template")
     if kind == "gpt2" and (pre in _GPT2_PRE or pre in _DIGIT_PRE):
+        from archopt.loading.tokenizer import Tokenizer
+
         tokens = meta["tokenizer.ggml.tokens"]
 
         def token(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
             return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=_byte_level_bpe(meta, digits=pre in _DIGIT_PRE),
+        return Tokenizer(
+            _byte_level_bpe(meta, digits=pre in _DIGIT_PRE),
             bos_token=token("bos"),
             eos_token=token("eos"),
             unk_token=token("unknown"),
             pad_token=token("padding"),
             add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
             add_eos_token=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+            chat_template=template,
         )
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(gf.path.parent), gguf_file=gf.path.name)
-        except Exception as e:  # transformers raises many kinds; the caller needs one
-            raise ValueError(
-                f"{gf.path}: cannot build its {kind!r} tokenizer (pre-tokenizer "
-                f"{pre!r}) through transformers: {e}; load with tokenizer=False "
-                "to skip it"
-            ) from e
-    if "tokenizer.chat_template" in meta:
-        tok.chat_template = meta["tokenizer.chat_template"]
+    # ImportError without transformers: load_gguf_llama records it and loads without one.
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gf.path.parent), gguf_file=gf.path.name)
+    except Exception as e:  # transformers raises many kinds; the caller needs one
+        raise ValueError(
+            f"{gf.path}: cannot build its {kind!r} tokenizer (pre-tokenizer "
+            f"{pre!r}) through transformers: {e}; load with tokenizer=False "
+            "to skip it"
+        ) from e
+    if template is not None:
+        tok.chat_template = template
     return tok
 
 

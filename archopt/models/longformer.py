@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archopt.models._registry import register_model, with_overrides
 from archopt.ops.attention import local_attention
-from archopt.registry import register_model, with_overrides
 
 
 @dataclass
@@ -226,7 +226,7 @@ def _build(preset: LongformerConfig, overrides: dict) -> LongformerModel:
     return LongformerModel(with_overrides(preset, overrides))
 
 
-@register_model
+@register_model(task="encoder", default_input=(4096,))
 def longformer_base_4096(**overrides) -> LongformerModel:
     """The shapes of allenai/longformer-base-4096 (148.7M parameters), random init."""
     return _build(LongformerConfig(), overrides)

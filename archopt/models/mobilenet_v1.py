@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archopt.models._registry import register_model, with_overrides
 from archopt.models.image import check_classifier_config, check_image, random_images
 from archopt.ops.conv import ConvNormAct, DepthwiseSeparableConv2d
-from archopt.registry import register_model, with_overrides
 
 STEM_CHANNELS = 32
 # (out_channels, stride) of the 13 depthwise separable blocks at width 1.0 (Table 1).

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archopt.models._registry import register_model, with_overrides
 from archopt.models.image import check_classifier_config, check_image, random_images
 from archopt.models.mobilenetv2_blocks import InvertedResidual
 from archopt.ops.conv import ConvNormAct
 from archopt.ops.transformer import TransformerLayer
-from archopt.registry import register_model, with_overrides
 
 TOTAL_STRIDE = 32
 
@@ -237,7 +237,7 @@ def _build(preset: MobileViTConfig, overrides: dict) -> MobileViT:
     return MobileViT(with_overrides(preset, overrides))
 
 
-@register_model
+@register_model(default_input=(3, 256, 256))
 def mobilevit_xxs(**overrides) -> MobileViT:
     """1.27M parameters (paper: 1.3M), MV2 expansion 2."""
     preset = MobileViTConfig(
@@ -249,14 +249,14 @@ def mobilevit_xxs(**overrides) -> MobileViT:
     return _build(preset, overrides)
 
 
-@register_model
+@register_model(default_input=(3, 256, 256))
 def mobilevit_xs(**overrides) -> MobileViT:
     """2.32M parameters (paper: 2.3M)."""
     preset = MobileViTConfig(channels=(32, 48, 64, 80, 96), dims=(96, 120, 144), num_features=384)
     return _build(preset, overrides)
 
 
-@register_model
+@register_model(default_input=(3, 256, 256))
 def mobilevit_s(**overrides) -> MobileViT:
     """5.58M parameters (paper: 5.6M)."""
     return _build(MobileViTConfig(), overrides)

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from archopt.models._registry import register_model, with_overrides
 from archopt.models.image import check_classifier_config, check_image, random_images
 from archopt.ops.transformer import TransformerLayer
-from archopt.registry import register_model, with_overrides
 
 
 @dataclass

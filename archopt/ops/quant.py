@@ -35,8 +35,6 @@ import torch
 from torch import nn
 
 WEIGHT_KINDS = ("int8", "int4")
-# The quantized weight formats the command lines name: ``quantize_weights``'s (kind, head).
-WEIGHT_PRESETS = {"int8": ("int8", None), "int4": ("int4", None), "int4-head8": ("int4", "int8")}
 
 
 def _check_groups(in_features: int, group_size: int, what: str) -> None:

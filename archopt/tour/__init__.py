@@ -51,8 +51,8 @@ def run_tour(
     minute and a half); the figures are rougher and some claims may not show at that size.
     ``sections``: names from ``SECTIONS`` to run alone, in report order.
     """
+    from archopt.io import atomic_write_text
     from archopt.measure import cpu_name
-    from archopt.train.checkpoint import atomic_write_text
 
     names = list(SECTIONS) if sections is None else [s.strip() for s in sections if s.strip()]
     unknown = [n for n in names if n not in SECTIONS]

@@ -21,16 +21,16 @@ PROMPT = "Lionel Messi is a"
 
 def _load_model(progress: bool):
     """(model, None) with the real SmolLM2 weights, or (random-weight twin, why) without them."""
-    from archopt.loading import llama as loading
+    from archopt.loading import llm
     from archopt.registry import create_model
 
     try:
-        loading.smollm2_path()  # raises with the install command when the package is missing
+        llm.smollm2_path()  # raises with the install command when the package is missing
     except FileNotFoundError as e:
         _log(f"KV cache: real model missing ({e}); timing with random weights", progress)
         torch.manual_seed(0)
         return create_model("smollm2-135m").eval(), str(e)
-    return create_model("smollm2-135m", pretrained=True).eval(), None
+    return llm.load_llm("smollm2-135m", weights="fp32"), None
 
 
 def kv_cache_section(

@@ -3,8 +3,8 @@
 ``train(model, data, epochs=...)`` is the entry point; ``archopt train`` wraps it.
 """
 
+from archopt.io import atomic_write
 from archopt.train.checkpoint import (
-    atomic_write,
     load_checkpoint,
     load_weights,
     read_checkpoint_state,

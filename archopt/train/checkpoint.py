@@ -10,57 +10,25 @@ There is no RNG state to save: the loop draws data order, augmentation and dropo
 generators seeded by (seed, epoch, rank), so the state at an epoch boundary is the weights,
 the optimizer and the step count.
 
-Writes go to a temporary file in the destination's folder, are flushed to disk, then renamed
-over the destination (``os.replace``, atomic on POSIX and Windows): a crash or a full disk
-mid-write leaves the previous checkpoint as it was.
+Writes go through ``archopt.io.atomic_write``: a crash or a full disk mid-write leaves the
+previous checkpoint as it was.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from archopt.io import atomic_write
+
 FORMAT = "archopt.train/1"
 META_KEY = "archopt"
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name in the same folder (a rename across file systems is not atomic); created
-    # by ``write`` itself, so the file gets the usual permissions rather than mkstemp's 0600.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    # The rename itself is durable only once the folder's entry is on disk.
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def _savable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

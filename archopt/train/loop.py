@@ -42,8 +42,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from archopt.io import atomic_write_text
 from archopt.train.checkpoint import (
-    atomic_write_text,
     load_checkpoint,
     read_checkpoint_state,
     save_checkpoint,

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
+from archopt.io import atomic_write_text
 from archopt.pareto import pareto_front, plot_front
-from archopt.train.checkpoint import atomic_write_text
 from archopt.train.data import load_data, parse_data_spec
 from archopt.train.loop import train
 

@@ -1,0 +1,95 @@
+"""Files: atomic writes, and archopt's cache folder (compiled steps, backend choices).
+
+Writes go to a temporary file in the destination's folder, are flushed to disk, then renamed
+over the destination (``os.replace``, atomic on POSIX and Windows): a crash or a full disk
+mid-write leaves the previous file as it was, and a reader never sees half a file.
+
+The cache folder is ``$ARCHOPT_CACHE`` if set, else the platform's user cache folder
+(``$XDG_CACHE_HOME/archopt``, ``~/.cache/archopt``; ``~/Library/Caches/archopt`` on macOS,
+``%LOCALAPPDATA%\\archopt\\cache`` on Windows). Everything in it can be rebuilt: ``archopt cache
+clear`` empties it, and an entry that fails its checks is rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+TMP_SUFFIX = ".tmp"
+STALE_TMP_S = 3600.0  # a temporary file older than this is from an interrupted write
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A fresh name in the same folder (a rename across file systems is not atomic); created
+    # by ``write`` itself, so the file gets the usual permissions rather than mkstemp's 0600.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    # The rename itself is durable only once the folder's entry is on disk.
+    with contextlib.suppress(OSError):
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def remove_stale_temporaries(folder: Path, older_than_s: float = STALE_TMP_S) -> int:
+    """Delete the temporary files that interrupted writes (``kill -9``) left in ``folder``."""
+    removed = 0
+    now = time.time()
+    for tmp in folder.glob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def cache_dir() -> Path:
+    """archopt's cache folder (not created here); see the module docstring."""
+    if os.environ.get("ARCHOPT_CACHE"):
+        return Path(os.environ["ARCHOPT_CACHE"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+        return base / "archopt" / "cache"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "archopt"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "archopt"
+
+
+def writable_cache_dir(sub: str) -> Path | None:
+    """``cache_dir() / sub``, created; None when it cannot be written (callers run uncached)."""
+    folder = cache_dir() / sub
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe.{os.getpid()}{TMP_SUFFIX}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return None
+    return folder

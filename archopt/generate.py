@@ -11,18 +11,35 @@ Batches of prompts of different lengths are left-padded; each row gets its own p
 
 from __future__ import annotations
 
+import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
-from archopt.ops.kv_cache import KVCache, StaticCache
+from archopt.decode_step import (
+    MAX_BATCH,
+    CompiledStep,
+    build_in_background,
+    building,
+    cached_step,
+    compile_step,
+    step_folder,
+)
+from archopt.ops.kv_cache import KVCache
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-
-# Modes a command line offers for compiled steps; "inductor-cpp" adds inductor's C++ wrapper.
-COMPILE_MODES = ("inductor", "inductor-cpp")
+# What ``compile=`` takes, besides True/False, a torch.compile backend name and a CompiledStep:
+# "auto": the step compiled ahead of time when it is on disk (else eager, and, for a model
+# loaded by load_llm, built in the background for later processes); "aot": that step, built now
+# if needed; "off": eager; "inductor" / "inductor-cpp": torch.compile in this process.
+COMPILE_MODES = ("auto", "aot", "off", "inductor", "inductor-cpp")
+# A first compile (about 60-90 s on 2 cores) pays for itself within one process only after
+# thousands of tokens (it saves ~15 ms of each ~25 ms eager step on SmolLM2-135M): "auto"
+# compiles in the foreground from this many new tokens (times the batch) on.
+AUTO_COMPILE_TOKENS = 4096
 
 
 def compiled_step(model, backend="inductor"):
@@ -31,7 +48,7 @@ def compiled_step(model, backend="inductor"):
     ``backend="inductor-cpp"``: inductor with its C++ wrapper, which calls the step's few
     hundred kernels from C++ instead of Python. On SmolLM2-135M with int4 weights (2 threads)
     that took a step from 14.8 to 11.2 ms, and the first compile from 27 to 69 s (inductor
-    caches it on disk for later processes).
+    caches it on disk for later processes, but tracing runs again in each: prefer "aot").
     """
     key = (backend if isinstance(backend, str) else id(backend),)
     per_model = _COMPILED.setdefault(model, {})
@@ -42,6 +59,96 @@ def compiled_step(model, backend="inductor"):
             step = torch.compile(model, backend=backend, dynamic=False)
         per_model[key] = step
     return per_model[key]
+
+
+@dataclass
+class DecodePlan:
+    """How the one-token steps of a generation run: ``step(tokens, positions, kv)`` gives the
+    next-token logits (B, vocab), or None for the eager model; ``cache`` is the cache spec the
+    step needs; ``how`` says it in words (the command line prints it)."""
+
+    cache: str | KVCache | None
+    step: Callable | None = None
+    how: str = "eager"
+    compile_seconds: float = 0.0
+    static_shapes: bool = False  # torch.compile'd steps: a fixed cache size (no recompiles)
+
+
+def plan_decode(
+    model,
+    *,
+    cache: str | KVCache | None = "auto",
+    compile: bool | str | CompiledStep | DecodePlan = "auto",
+    new_tokens: int = 0,
+    progress: bool = False,
+) -> DecodePlan:
+    """Choose the decode path for ``model`` (see ``COMPILE_MODES``); ``new_tokens`` (times the
+    batch) decides whether "auto" may compile now. Checks the combination before any work."""
+    if isinstance(compile, DecodePlan):  # planned already (the command line times it)
+        return compile
+    if isinstance(compile, CompiledStep):
+        return DecodePlan(_static_cache(cache, "a compiled step"), compile, "aot (given)")
+    if compile is True:
+        compile = "aot"
+    elif compile is False:
+        compile = "off"
+    if not isinstance(compile, str) or not compile:
+        raise ValueError(
+            f"compile must be True, False, one of {COMPILE_MODES} or a torch.compile backend "
+            f"name, got {compile!r}"
+        )
+    if cache == "auto" and compile == "off":
+        return DecodePlan("dense")
+    if compile == "off":
+        return DecodePlan(cache)
+    if compile != "auto":
+        _static_cache(cache, f"compile={compile!r}")  # before any compiling
+    on_cpu = model.embed.weight.device.type == "cpu"
+    if compile == "auto":
+        if cache not in ("auto", "static") or not on_cpu:
+            return DecodePlan("dense" if cache == "auto" else cache)
+        step = cached_step(model)
+        if step is not None:
+            return DecodePlan("static", step, "aot (compiled step from cache)")
+        if new_tokens < AUTO_COMPILE_TOKENS:
+            eager = "dense" if cache == "auto" else cache
+            if build_in_background(model) is not None:
+                how = "eager (the compiled step is being built in the background for later runs)"
+                return DecodePlan(eager, how=how)
+            if building_elsewhere(model):
+                return DecodePlan(eager, how="eager (the compiled step is still being built)")
+            return DecodePlan(eager)
+        compile = "aot"
+    if compile == "aot":
+        if not on_cpu:
+            where = model.embed.weight.device
+            raise ValueError(f"compile='aot' runs on the CPU, got a model on {where}")
+        start = time.perf_counter()
+        had = cached_step(model)
+        step = had or compile_step(model, progress=progress)
+        seconds = 0.0 if had else time.perf_counter() - start
+        how = "aot (compiled step from cache)" if had else f"aot (compiled now in {seconds:.0f} s)"
+        return DecodePlan("static", step, how, seconds)
+    compiled = compiled_step(model, compile)
+
+    def run(tokens, positions, kv):
+        return compiled(tokens, positions=positions, cache=kv, last_only=True)[:, -1]
+
+    return DecodePlan("static", run, f"torch.compile ({compile})", static_shapes=True)
+
+
+def _static_cache(cache, what: str) -> str:
+    if cache not in ("auto", "static"):
+        raise ValueError(
+            f"{what} needs cache='static' (or 'auto', which picks it): fixed shapes, written in "
+            f"place; got {cache!r}"
+        )
+    return "static"
+
+
+def building_elsewhere(model) -> bool:
+    folder = step_folder(model)
+    return folder is not None and building(folder)
 
 
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,22 +227,28 @@ def stream(
     input_ids,
     max_new_tokens: int,
     *,
-    cache: str | KVCache | None = "dense",
+    cache: str | KVCache | None = "auto",
     attention_mask=None,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
-    stop: int | Sequence[int] | None = None,
-    compile: bool | str = False,
+    stop: int | Sequence[int] | str | None = "eos",
+    compile: bool | str | CompiledStep | DecodePlan = "auto",
+    progress: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,) as it is produced.
 
-    Rows that have produced a ``stop`` token yield the pad id from then on; the iterator ends
-    when every row has stopped or after ``max_new_tokens`` steps. ``compile`` (True, a
-    torch.compile backend name, or ``"inductor-cpp"``: see ``compiled_step``) runs the
-    one-token steps through one compiled graph; it needs the static cache, whose shapes never
-    change, so the graph is never recompiled.
+    ``stop``: token ids that end a row, ``"eos"`` (the default) for the model's end-of-sequence
+    tokens, as Hugging Face's ``generate`` does, or None / ``()`` to run the full length. Rows
+    that have stopped yield the pad id from then on; the iterator ends when every row has
+    stopped or after ``max_new_tokens`` steps.
+
+    ``compile`` and ``cache`` (see ``plan_decode`` and ``COMPILE_MODES``): by default the
+    one-token steps run the step compiled ahead of time when one is on disk, on a static cache
+    (its shapes never change, so nothing recompiles); otherwise eagerly on a dense cache. Every
+    path gives the tokens of the eager model (the compiled step matches it to fp32 rounding).
+    ``progress``: say on stderr when a first compile runs.
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg = model.config
@@ -144,10 +257,15 @@ def stream(
     device = model.embed.weight.device
     ids, mask = ids.to(device), mask.to(device)
     b, t = ids.shape
+    plan = plan_decode(
+        model, cache=cache, compile=compile, new_tokens=b * max_new_tokens, progress=progress
+    )
+    if plan.step is not None and b > MAX_BATCH:
+        plan = DecodePlan("dense")  # past the compiled step's batch range
     reserve = t + max_new_tokens
-    if compile:  # a static cache's size is a compiled shape: round it so runs share graphs
+    if plan.static_shapes:  # a torch.compile'd step's cache size is a compiled shape: round it
         reserve = min(-(-reserve // 256) * 256, cfg.max_position_embeddings)
-    kv = model.make_cache(cache, batch=b, reserve=reserve) if cache is not None else None
+    kv = model.make_cache(plan.cache, batch=b, reserve=reserve) if plan.cache is not None else None
     capacity = cfg.max_position_embeddings if kv is None else kv.capacity
     if t + max_new_tokens > capacity - (kv.length if kv is not None else 0):
         raise ValueError(
@@ -155,15 +273,9 @@ def stream(
             f"{capacity}-token capacity: generate fewer tokens, or use a bounded cache "
             "('sliding:W' keeps the last W tokens, 'sink:S:W' keeps the first S plus the last W)"
         )
-    step = model
-    if compile:
-        if not isinstance(kv, StaticCache):
-            raise ValueError(
-                f"compile=True needs cache='static' (fixed shapes, no recompiles), got {cache!r}"
-            )
-        step = compiled_step(model, "inductor" if compile is True else compile)
+    if plan.step is not None:
         model.rope.reserve(kv.length + t + max_new_tokens)
-    stop_ids = torch.as_tensor([stop] if isinstance(stop, int) else list(stop or []), device=device)
+    stop_ids = torch.as_tensor(_stop_ids(model, stop), dtype=torch.long, device=device)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -173,8 +285,10 @@ def stream(
     done = torch.zeros(b, dtype=torch.bool, device=device)
     tokens, token_pos = ids, positions
     for i in range(max_new_tokens):
-        run = model if i == 0 else step  # the prompt runs eagerly: its length varies
-        logits = run(tokens, positions=token_pos, cache=kv, last_only=True)[:, -1]
+        if i == 0 or plan.step is None:  # the prompt runs eagerly: its length varies
+            logits = model(tokens, positions=token_pos, cache=kv, last_only=True)[:, -1]
+        else:
+            logits = plan.step(tokens, token_pos, kv)
         nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         nxt = torch.where(done, pad_id, nxt)
         yield nxt
@@ -190,11 +304,23 @@ def stream(
             tokens, token_pos = nxt[:, None], next_pos
 
 
+def _stop_ids(model, stop) -> list[int]:
+    if isinstance(stop, str):
+        if stop != "eos":
+            raise ValueError(f"stop must be token ids, 'eos' or None, got {stop!r}")
+        return list(model.config.eos_ids)
+    if stop is None:
+        return []
+    return [stop] if isinstance(stop, int) else [int(s) for s in stop]
+
+
 def generate(model, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:
     """Prompt plus generated tokens (B, T + n), left-padded as the prompt was.
 
-    Keyword arguments as ``stream``: ``cache`` ("none", "dense", "static" or a ``KVCache``),
-    ``attention_mask``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``.
+    Keyword arguments as ``stream``: ``cache`` ("auto", "none", "dense", "static", ... or a
+    ``KVCache``), ``compile``, ``attention_mask``, ``temperature``, ``top_k``, ``top_p``,
+    ``seed``, ``stop`` (default: the model's end-of-sequence tokens; when every row has stopped
+    the result is shorter than T + max_new_tokens, rows stopped earlier padded with the pad id).
     """
     cfg = model.config
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
@@ -220,24 +346,36 @@ def encode_prompt(model, prompt: str, *, chat: bool = False) -> list[int]:
 
 
 def stream_text(
-    model, prompt: str, max_new_tokens: int, *, chat: bool = False, **kwargs
+    model,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    chat: bool = False,
+    stats: dict | None = None,
+    **kwargs,
 ) -> Iterator[str]:
     """Yield the continuation of ``prompt`` as text pieces while tokens are produced.
 
-    Stops at the model's end-of-sequence tokens unless ``stop`` is given. A piece is emitted
-    once its bytes decode completely, so multi-byte characters are never split.
+    Stops at the model's end-of-sequence tokens unless ``stop`` says otherwise. A piece is
+    emitted once its bytes decode completely, so multi-byte characters are never split.
+    ``stats``, if given, is filled as tokens arrive: ``prompt_tokens``, ``new_tokens``,
+    ``first_token_s`` and ``last_token_s`` (seconds since the call).
     """
+    start = time.perf_counter()
     tok = model.tokenizer
     ids = encode_prompt(model, prompt, chat=chat)
-    kwargs.setdefault("stop", model.config.eos_ids or None)
-    stop = kwargs["stop"]
-    stop_ids = {stop} if isinstance(stop, int) else set(stop or ())
+    stop_ids = set(_stop_ids(model, kwargs.get("stop", "eos")))
+    stats = {} if stats is None else stats
+    stats.update(prompt_tokens=len(ids), new_tokens=0)
     new: list[int] = []
     shown = ""
     for nxt in stream(model, ids, max_new_tokens, **kwargs):
         token = int(nxt[0])
+        stats["last_token_s"] = time.perf_counter() - start
+        stats.setdefault("first_token_s", stats["last_token_s"])
         if token in stop_ids:
             break
+        stats["new_tokens"] += 1
         new.append(token)
         text = tok.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd") and len(text) > len(shown):

@@ -93,3 +93,49 @@ def writable_cache_dir(sub: str) -> Path | None:
     except OSError:
         return None
     return folder
+
+
+def cache_entries() -> list[dict]:
+    """What the cache folder holds: one dict per entry (``kind``: the subfolder, ``name``,
+    ``bytes``, ``detail``: the ``summary`` of the entry's JSON record, if it has one)."""
+    import json
+
+    root = cache_dir()
+    entries = []
+    if not root.is_dir():
+        return entries
+    for kind in sorted(p for p in root.iterdir() if p.is_dir()):
+        for entry in sorted(kind.iterdir()):
+            files = [f for f in entry.rglob("*") if f.is_file()] if entry.is_dir() else [entry]
+            detail = ""
+            for record in (f for f in files if f.suffix == ".json"):
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    detail = json.loads(record.read_text()).get("summary", "") or detail
+            if not detail and entry.is_dir() and not any(f.suffix == ".json" for f in files):
+                detail = "incomplete (an interrupted or running build)"
+            size = 0
+            for f in files:
+                with contextlib.suppress(OSError):
+                    size += f.stat().st_size
+            entries.append({"kind": kind.name, "name": entry.name, "bytes": size, "detail": detail})
+    return entries
+
+
+def clear_cache() -> int:
+    """Delete everything in the cache folder; returns how many entries went."""
+    import shutil
+
+    root = cache_dir()
+    removed = 0
+    if not root.is_dir():
+        return removed
+    for kind in root.iterdir():
+        items = list(kind.iterdir()) if kind.is_dir() else [kind]
+        for entry in items:
+            with contextlib.suppress(OSError):
+                if entry.is_dir():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+                removed += 1
+    return removed

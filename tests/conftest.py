@@ -2,6 +2,17 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    # One cache folder for the session (prepared models are shared between tests; the user's
+    # own cache is never touched), and no background compiles outliving a test. Set in the
+    # environment so that the command lines tests start inherit it too.
+    import os
+    import tempfile
+
+    os.environ["ARCHOPT_CACHE"] = tempfile.mkdtemp(prefix="archopt-test-cache-")
+    os.environ["ARCHOPT_BACKGROUND_COMPILE"] = "0"
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 

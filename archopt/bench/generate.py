@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from archopt.bench.anchors import llama_cpp_tokens_per_s
 from archopt.bench.common import machine_line
 from archopt.generate import COMPILE_MODES, generate
 from archopt.measure import measure_peak_memory
@@ -445,54 +446,6 @@ def _weights(kind: str, base_model: Llama, model_name: str) -> Llama:
         model.tokenizer = base_model.tokenizer
         return model
     return convert_weights(copy.deepcopy(base_model), kind)
-
-
-_LLAMA_CPP_SCRIPT = r"""
-import json, statistics, sys, time
-import llama_cpp
-path, prompt, new_tokens, rounds, threads = json.loads(sys.argv[1])
-llm = llama_cpp.Llama(path, n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
-                      n_threads_batch=threads, n_batch=512, verbose=False)
-times = []
-for _ in range(rounds + 1):  # the first is a warm-up
-    llm.reset()
-    t0 = time.perf_counter()
-    for i, _tok in enumerate(llm.generate(prompt, temp=0.0, top_k=1, reset=True)):
-        if i + 1 == new_tokens:
-            break
-    times.append(time.perf_counter() - t0)
-print(json.dumps({"version": llama_cpp.__version__, "seconds": statistics.median(times[1:])}))
-"""
-
-
-def llama_cpp_tokens_per_s(
-    path: Path, prompt: list[int], new_tokens: int, *, rounds: int, threads: int
-) -> dict | None:
-    """llama.cpp (llama-cpp-python) greedy decoding on the same GGUF and prompt, timed as the
-    sweep times ours (prompt evaluation included). None when llama_cpp is not installed.
-
-    It runs in a child process: llama.cpp and torch each bring an OpenMP runtime and thread
-    settings, and a crash in a native build (seen: a llama.cpp built with AMX kernels that
-    segfault on this VM) must not take the benchmark down. A failure is reported as an error.
-    """
-    import importlib.util
-    import subprocess
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        return None
-    args = json.dumps([str(path), prompt, new_tokens, rounds, threads])
-    proc = subprocess.run(
-        [sys.executable, "-c", _LLAMA_CPP_SCRIPT, args], capture_output=True, text=True
-    )
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": f"llama.cpp exited with {proc.returncode}: {tail}"}
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {
-        "version": out["version"],
-        "tokens_per_s": new_tokens / out["seconds"],
-        "weight_bytes": path.stat().st_size,
-    }
 
 
 def sweep(

@@ -10,6 +10,7 @@ file's own Q4_0/Q4_1/Q8_0 blocks (as llama.cpp runs it), a Hugging Face folder's
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
     )
 }  # fmt: skip
 WEIGHT_CHOICES = ("auto", *WEIGHT_FORMATS)
+log = logging.getLogger("archopt")
 
 
 def check_weights(weights: str) -> None:
@@ -124,6 +126,7 @@ def load_llm(
     device: str | torch.device | None = None,
     tokenizer: bool = True,
     kernel: bool | str = "auto",
+    cache: bool = True,
 ) -> Llama:
     """A ``Llama`` with its tokenizer, in eval mode, from a name, an HF folder or a GGUF file.
 
@@ -131,6 +134,9 @@ def load_llm(
     ``kernel`` (the quantized formats): ``"auto"`` puts them on torch's CPU int4 kernel where it
     takes the shape, ``True`` requires it, ``False`` keeps exact fp32 products on the same
     quantized values. ``device``: where the model goes (the CPU kernel stays on the CPU).
+    ``cache``: keep the loaded model in archopt's cache folder and map it from there next time
+    (``archopt.loading.prepared``; a CPU model only, and only when the folder is writable).
+    ``model.config.extra["loaded_from"]`` says which it was: ``"cache"`` or ``"checkpoint"``.
     """
     from archopt.ops.quant import check_kernel_arg
 
@@ -140,7 +146,24 @@ def load_llm(
     if weights == "auto":
         weights = default_weights(path)
     fmt = WEIGHT_FORMATS[weights]
+    if fmt.keep_gguf_blocks and path.suffix != ".gguf":
+        raise ValueError(f"weights='gguf' needs a .gguf file, got {path}")
     on_cpu = device is None or torch.device(device).type == "cpu"
+    folder = _prepared_folder(path, weights, kernel) if cache and on_cpu else None
+    model = _load_prepared(folder, path, tokenizer) if folder is not None else None
+    if model is None:
+        model = _load_checkpoint(path, fmt, tokenizer, kernel if on_cpu else False)
+        model.config.extra["weights"] = weights
+        model.config.extra["source"] = str(path)
+        if folder is not None:
+            _save_prepared(model, folder)
+        model.config.extra["loaded_from"] = "checkpoint"
+    if device is not None:
+        model = model.to(device)
+    return model.eval()
+
+
+def _load_checkpoint(path: Path, fmt: WeightFormat, tokenizer: bool, kernel) -> Llama:
     if path.suffix == ".gguf":
         from archopt.loading.gguf import load_gguf_llama
 
@@ -149,11 +172,9 @@ def load_llm(
             dtype=None if fmt.dtype == torch.float32 else fmt.dtype,
             tokenizer=tokenizer,
             keep_quantized=fmt.keep_gguf_blocks,
-            kernel=kernel if on_cpu else False,
+            kernel=kernel,
         )
     else:
-        if fmt.keep_gguf_blocks:
-            raise ValueError(f"weights='gguf' needs a .gguf file, got {path}")
         from archopt.loading.llama import load_hf_llama
 
         model = load_hf_llama(path, tokenizer=tokenizer)
@@ -161,11 +182,60 @@ def load_llm(
         from archopt.ops.quant import quantize_weights
 
         kind, head = fmt.quantize
-        model = quantize_weights(model, kind, head=head, kernel=kernel if on_cpu else False)
+        model = quantize_weights(model, kind, head=head, kernel=kernel)
     elif not fmt.keep_gguf_blocks:
         model = model.to(fmt.dtype)
-    model.config.extra["weights"] = weights
-    model.config.extra["source"] = str(path)
-    if device is not None:
-        model = model.to(device)
-    return model.eval()
+    return model
+
+
+def _prepared_folder(path: Path, weights: str, kernel) -> Path | None:
+    from archopt.loading.prepared import entry_key, prepared_folder
+
+    try:
+        return prepared_folder(entry_key(path, weights, kernel))
+    except OSError:
+        return None
+
+
+def _load_prepared(folder: Path, path: Path, tokenizer: bool) -> Llama | None:
+    """The prepared model in ``folder``, or None (absent, or broken: then it is removed)."""
+    from archopt.loading.prepared import RECORD_FILE, discard, load_prepared
+
+    if not (folder / RECORD_FILE).exists():
+        return None
+    try:
+        model = load_prepared(folder)
+    except ImportError:  # safetensors or tokenizers missing: load from the checkpoint
+        return None
+    except ValueError as e:
+        log.warning("archopt: rebuilding a broken cache entry (%s)", e)
+        discard(folder)
+        return None
+    if not tokenizer:
+        model.tokenizer = None
+    elif model.tokenizer is None and "tokenizer_missing" not in model.config.extra:
+        model.tokenizer = _source_tokenizer(path)  # one archopt does not keep (transformers')
+    model.config.extra["loaded_from"] = "cache"
+    return model
+
+
+def _save_prepared(model: Llama, folder: Path) -> None:
+    from archopt.loading.prepared import discard, save_prepared
+
+    try:
+        save_prepared(model, folder)
+    except ImportError:
+        pass  # no safetensors: nothing is kept, every load reads the checkpoint
+    except OSError as e:  # a full disk, a folder gone read-only: run on, uncached
+        log.warning("archopt: could not keep the loaded model in %s (%s)", folder, e)
+        discard(folder)
+
+
+def _source_tokenizer(path: Path):
+    if path.suffix == ".gguf":
+        from archopt.loading.gguf import gguf_tokenizer, read_gguf
+
+        return gguf_tokenizer(read_gguf(path))
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)

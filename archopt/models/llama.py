@@ -154,7 +154,10 @@ class Llama(nn.Module):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = cfg = config
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        # _weight skips nn.Embedding's own N(0, 1) init, which _init_weights replaces anyway.
+        self.embed = nn.Embedding(
+            cfg.vocab_size, cfg.hidden_size, _weight=torch.empty(cfg.vocab_size, cfg.hidden_size)
+        )
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (
@@ -168,7 +171,9 @@ class Llama(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear | nn.Embedding):
+        # On the meta device (a loader's skeleton, filled by load_state_dict(assign=True)) there
+        # is nothing to initialise, and normal_ there would import torch._dynamo (~3 s).
+        if isinstance(module, nn.Linear | nn.Embedding) and not module.weight.is_meta:
             nn.init.normal_(module.weight, std=0.02)
 
     def forward(

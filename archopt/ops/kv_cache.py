@@ -187,6 +187,24 @@ class StaticCache(KVCache):
         super().__init__(**kwargs)
         self.cursor = torch.zeros((), dtype=torch.long, device=self.device)
 
+    @classmethod
+    def over(
+        cls,
+        cursor: torch.Tensor,
+        positions: torch.Tensor,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+    ) -> StaticCache:
+        """A static cache whose state is the given tensors, written in place: how a step
+        exported as a graph (archopt.decode_step) takes its cache as inputs."""
+        kv = cls.__new__(cls)
+        kv.cursor, kv.positions, kv.keys, kv.values = cursor, positions, list(keys), list(values)
+        kv.num_layers, (kv.batch, kv.capacity) = len(kv.keys), positions.shape
+        kv.kv_heads, kv.head_dim = keys[0].shape[1], keys[0].shape[3]
+        kv.dtype, kv.device = keys[0].dtype, positions.device
+        kv.window, kv.sinks, kv._step, kv._mask = None, 0, None, None
+        return kv
+
     @property
     def length(self) -> int:
         return int(self.cursor)
@@ -387,6 +405,45 @@ def position_mask(
     return valid[:, None]
 
 
+_ARITY = {"none": [0], "dense": [0], "static": [0], "sliding": [1], "sink": [2], "int8": [0, 1]}
+MAX_SPEC_NUMBER = 1 << 40  # far past any context; bounds what a spec can ask to allocate
+
+
+def check_cache_spec(spec: str) -> tuple[str, list[int]]:
+    """(kind, numbers) of a cache spec, or ValueError naming what is wrong; ``"auto"`` (the
+    decode planner's choice of static or dense) is accepted too."""
+    if not isinstance(spec, str):
+        raise ValueError(f"cache must be a spec string or a KVCache, got {type(spec).__name__}")
+    kind, *params = spec.strip().lower().split(":")
+    if kind == "auto" and not params:
+        return kind, []
+    if kind not in _ARITY or len(params) not in _ARITY[kind]:
+        kinds = ", ".join(("auto", *CACHE_KINDS))
+        raise ValueError(f"unknown cache spec {spec!r}: expected one of {kinds}")
+    try:
+        nums = [int(p) for p in params]
+    except ValueError:
+        raise ValueError(
+            f"cache spec {spec!r}: W and S must be integers (e.g. 'sliding:1024', 'sink:4:1020')"
+        ) from None
+    if kind in ("sliding", "sink"):
+        window, sinks = nums[-1], nums[0] if kind == "sink" else 0
+        if window < 1:
+            raise ValueError(f"cache spec {spec!r}: window W must be >= 1, got {window}")
+        if sinks < 0:
+            raise ValueError(f"cache spec {spec!r}: sink count S must be >= 0, got {sinks}")
+        if window < sinks:
+            raise ValueError(
+                f"cache spec {spec!r}: window W ({window}) must be at least the sink count S "
+                f"({sinks}): the recent context is what the model mostly attends"
+            )
+    if kind == "int8" and nums and nums[0] < 0:
+        raise ValueError(f"cache spec {spec!r}: R must be >= 0, got {nums[0]}")
+    if any(n > MAX_SPEC_NUMBER for n in nums):
+        raise ValueError(f"cache spec {spec!r}: numbers must be at most 2**40, got {max(nums)}")
+    return kind, nums
+
+
 def make_cache(
     spec: str | KVCache | None,
     *,
@@ -399,12 +456,12 @@ def make_cache(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> KVCache | None:
-    """A cache from a spec string (``none``, ``dense``, ``static``) or an existing cache."""
+    """A cache from a spec string (``none``, ``dense``, ``static``, ...) or an existing cache."""
     if spec is None or isinstance(spec, KVCache):
         return spec
-    if not isinstance(spec, str):
-        raise ValueError(f"cache must be a spec string or a KVCache, got {type(spec).__name__}")
-    kind, *params = spec.strip().lower().split(":")
+    kind, nums = check_cache_spec(spec)
+    if kind == "auto":
+        raise ValueError("cache 'auto' is chosen by the decode planner (archopt.generate)")
     common = dict(
         num_layers=num_layers,
         batch=batch,
@@ -413,15 +470,6 @@ def make_cache(
         dtype=dtype,
         device=device,
     )
-    arity = {"none": [0], "dense": [0], "static": [0], "sliding": [1], "sink": [2], "int8": [0, 1]}
-    if kind not in arity or len(params) not in arity[kind]:
-        raise ValueError(f"unknown cache spec {spec!r}: expected one of {', '.join(CACHE_KINDS)}")
-    try:
-        nums = [int(p) for p in params]
-    except ValueError:
-        raise ValueError(
-            f"cache spec {spec!r}: W and S must be integers (e.g. 'sliding:1024', 'sink:4:1020')"
-        ) from None
     if kind == "none":
         return None
     if kind == "dense":
@@ -432,13 +480,4 @@ def make_cache(
         recent = nums[0] if nums else 32
         return Int8Cache(capacity=capacity, reserve=reserve, recent=recent, **common)
     window, sinks = nums[-1], nums[0] if kind == "sink" else 0
-    if window < 1:
-        raise ValueError(f"cache spec {spec!r}: window W must be >= 1, got {window}")
-    if sinks < 0:
-        raise ValueError(f"cache spec {spec!r}: sink count S must be >= 0, got {sinks}")
-    if window < sinks:
-        raise ValueError(
-            f"cache spec {spec!r}: window W ({window}) must be at least the sink count S "
-            f"({sinks}): the recent context is what the model mostly attends"
-        )
     return WindowCache(window=window, sinks=sinks, **common)

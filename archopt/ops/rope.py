@@ -20,7 +20,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     """Inverse frequencies (head_dim / 2,) in fp32, with ``scaling`` applied."""
     if head_dim % 2:
         raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # On the CPU even under a meta-device context (a loader's skeleton): meta arithmetic goes
+    # through torch._refs, whose first use imports torch._dynamo (~3 s).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
@@ -30,7 +32,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> t
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
     if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: one divisor per frequency
-        factors = torch.as_tensor(scaling["factors"], dtype=torch.float32)
+        factors = torch.as_tensor(scaling["factors"], dtype=torch.float32, device="cpu")
         if factors.shape != inv_freq.shape:
             raise ValueError(
                 f"rope freq_factors must have head_dim / 2 = {inv_freq.numel()} values, "

@@ -1,0 +1,173 @@
+"""The decode step compiled ahead of time: the eager model's logits and tokens, kept on disk,
+loaded by a later process without tracing, never trusted when broken."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import archopt
+from archopt import decode_step as ds
+from archopt.generate import generate, plan_decode
+
+pytest.importorskip("safetensors")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = archopt.create_model("llama-tiny", max_position_embeddings=256).eval()
+    with torch.no_grad():  # sharper logits than the 0.02 init: fewer near-ties
+        for p in m.parameters():
+            p.mul_(4.0)
+    return m
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    """Its own cache folder, so no other test's default path meets this compiled step."""
+    root = tmp_path_factory.mktemp("step-cache")
+    old = os.environ.get("ARCHOPT_CACHE")
+    os.environ["ARCHOPT_CACHE"] = str(root)
+    yield root
+    os.environ["ARCHOPT_CACHE"] = old or ""
+
+
+@pytest.fixture(scope="module")
+def step(model, cache_root):
+    return ds.compile_step(model)  # the one compile of this file (~30 s on 2 cores)
+
+
+def assert_close(a, b):
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("batch,prompt,slots", [(1, 5, 37), (3, 11, 100), (2, 1, 2 + 19)])
+def test_step_logits_equal_the_eager_model(model, step, batch, prompt, slots):
+    ids = torch.randint(0, 512, (batch, prompt))
+    positions = torch.arange(prompt).expand(batch, prompt).clone()
+    if batch > 1:  # left padding in row 0: its positions start later
+        positions[0, : prompt // 2] = -1
+        positions[0, prompt // 2 :] -= prompt // 2
+    kv, ref_kv = (model.make_cache("static", batch=batch, reserve=slots) for _ in range(2))
+    with torch.inference_mode():
+        model(ids, positions=positions, cache=kv)
+        model(ids, positions=positions, cache=ref_kv)
+        token, pos = ids[:, -1:], positions[:, -1:] + 1
+        for _ in range(slots - prompt):  # up to the last slot
+            ref = model(token, positions=pos, cache=ref_kv, last_only=True)[:, -1]
+            got = step(token, pos, kv)
+            assert_close(got, ref)
+            assert kv.length == ref_kv.length
+            token, pos = ref.argmax(-1, keepdim=True), pos + 1
+    for a, b in zip(kv.keys, ref_kv.keys):
+        assert_close(a, b)
+    assert torch.equal(kv.positions, ref_kv.positions)
+
+
+def test_generate_through_the_step_gives_the_eager_tokens(model, step):
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in (3, 8, 1)]
+    eager = generate(model, prompts, 40, cache="dense", compile="off", stop=None)
+    assert torch.equal(generate(model, prompts, 40, compile="aot", stop=None), eager)
+    plan = plan_decode(model)  # the default: the step is on disk now
+    assert plan.step is not None and plan.cache == "static" and "from cache" in plan.how
+    assert torch.equal(generate(model, prompts, 40, stop=None), eager)
+
+
+def test_a_second_process_loads_the_step_without_tracing(model, step, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "w.st")
+    ids = torch.randint(0, 512, (1, 6))
+    expected = generate(model, ids, 12, cache="dense", compile="off", stop=None)
+    script = f"""
+import sys, json, torch, archopt
+from safetensors.torch import load_file
+from archopt.decode_step import cached_step
+from archopt.generate import generate
+m = archopt.create_model("llama-tiny", max_position_embeddings=256).eval()
+m.load_state_dict(load_file({str(tmp_path / "w.st")!r}))
+assert cached_step(m) is not None, "no compiled step found"
+out = generate(m, torch.tensor({ids.tolist()}), 12, stop=None)
+print(json.dumps({{"tokens": out.tolist(), "dynamo": "torch._dynamo" in sys.modules}}))
+"""
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["tokens"] == expected.tolist()
+    assert not got["dynamo"]  # loaded and ran with no tracing at all
+
+
+@pytest.mark.parametrize("damage", ["truncated library", "bad record", "other format", "lost"])
+def test_a_broken_step_is_removed_and_rebuilt(model, step, damage, caplog, monkeypatch):
+    folder = ds.step_folder(model)
+    backup = folder.with_name(folder.name + ".good")
+    shutil.copytree(folder, backup, dirs_exist_ok=True)
+    try:
+        if damage == "truncated library":
+            pkg = folder / ds.PACKAGE_FILE
+            pkg.write_bytes(pkg.read_bytes()[:5000])
+        elif damage == "bad record":
+            (folder / ds.RECORD_FILE).write_text("{")
+        elif damage == "other format":
+            record = json.loads((folder / ds.RECORD_FILE).read_text())
+            (folder / ds.RECORD_FILE).write_text(json.dumps(record | {"format": "old"}))
+        else:
+            (folder / ds.CONSTANTS_FILE).unlink()
+        assert ds.cached_step(model) is None
+        assert not folder.exists()
+        assert "rebuilding a broken compiled step" in caplog.text
+        rebuilt = []
+
+        def fake_build(m, f, progress=False):  # the real build is test_step_logits'
+            rebuilt.append(f)
+            shutil.copytree(backup, f, dirs_exist_ok=True)
+            return 0.0
+
+        monkeypatch.setattr(ds, "build_step", fake_build)
+        again = ds.compile_step(model)
+        assert rebuilt == [folder] and again is not None
+    finally:
+        shutil.copytree(backup, folder, dirs_exist_ok=True)
+        shutil.rmtree(backup)
+
+
+def test_the_key_follows_threads_and_structure(model):
+    from archopt.ops.quant import quantize_weights
+
+    key = ds.step_key(model)
+    threads = torch.get_num_threads()
+    assert ds.step_key(model, threads + 1) != key
+    assert ds.step_key(archopt.create_model("llama-tiny", max_position_embeddings=256)) == key
+    assert ds.step_key(archopt.create_model("llama-tiny")) != key  # another rope table length
+    import copy
+
+    q = quantize_weights(copy.deepcopy(model), "int8", kernel=False)
+    assert ds.step_key(q) != key
+
+
+def test_combinations_that_cannot_work_fail_before_compiling(model, monkeypatch):
+    monkeypatch.setattr(ds, "build_step", lambda *a, **k: pytest.fail("compiled"))
+    with pytest.raises(ValueError, match="compile='aot' needs cache='static'"):
+        plan_decode(model, cache="dense", compile="aot")
+    with pytest.raises(ValueError, match="compile must be True, False, one of"):
+        plan_decode(model, compile=3)
+    # auto with a cache kind the step cannot use: eager on that cache, no error
+    assert plan_decode(model, cache="sliding:8").step is None
+
+
+def test_without_a_writable_cache_auto_runs_eager(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ARCHOPT_CACHE", str(blocker / "sub"))
+    torch.manual_seed(1)
+    m = archopt.create_model("llama-tiny").eval()
+    plan = plan_decode(m)
+    assert plan.step is None and plan.cache == "dense"
+    assert ds.build_in_background(m) is None

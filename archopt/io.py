@@ -139,3 +139,26 @@ def clear_cache() -> int:
                     entry.unlink()
                 removed += 1
     return removed
+
+
+def fingerprint(model, *extra) -> str:
+    """A short digest of what a compiled or measured artefact of ``model`` depends on: its
+    class, config, layer types and tensor names, shapes and dtypes (not the weights' values),
+    plus ``extra``, torch's version, the CPU's vector capability and the thread count."""
+    import hashlib
+    import json
+
+    import torch
+
+    config = getattr(model, "config", None)
+    parts = [
+        type(model).__name__,
+        repr({k: v for k, v in vars(config).items() if k != "extra"}) if config else "",
+        [(n, type(m).__name__) for n, m in model.named_modules()],
+        [(n, list(t.shape), str(t.dtype)) for n, t in model.state_dict().items()],
+        [str(e) for e in extra],
+        torch.__version__,
+        torch.backends.cpu.get_cpu_capability(),
+        torch.get_num_threads(),
+    ]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]

@@ -10,6 +10,7 @@ model's within fp32 rounding (1e-4 relative), which the tests check for every mo
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -79,30 +80,45 @@ def optimize_for_inference(
     *,
     fold_bn: bool = True,
     channels_last: bool | None = None,
-    compile: Compiler | Literal["auto"] | None = None,
+    compile: Compiler | Literal["auto"] | None = "auto",
     dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """An eval-mode copy of ``model`` optimized for inference; ``model`` is left untouched.
 
-    ``channels_last=None`` measures both layouts on ``example_input`` and keeps the faster
-    (without an example it stays NCHW). ``compile`` needs ``example_input`` for ``"jit"``
-    (tracing) and ``"onnxruntime"`` (export); the compiled model is specialised to its rank and
-    channel count, and for ``"jit"`` also to its batch size and resolution. ``compile="auto"``
-    builds eager, ``"jit"`` and (if installed) ``"onnxruntime"``, checks each against the
-    model, and returns the fastest on ``example_input`` (see :func:`choose_backend`).
+    ``compile="auto"`` (the default) builds eager, ``"jit"`` and (if installed)
+    ``"onnxruntime"``, checks each against the model, and returns the fastest on
+    ``example_input`` (see :func:`choose_backend`); the choice is remembered in archopt's
+    cache folder per model structure, input shape, dtype and machine, so a later call, in any
+    process, builds only the chosen backend (and still checks it). Without ``example_input``
+    the model's own ``example_inputs()`` is used, and the result runs the chosen backend on
+    inputs of that shape and the eager optimized model on any other. ``compile=None``: eager
+    only (BN folded, layout chosen). ``channels_last=None`` measures both layouts on
+    ``example_input`` and keeps the faster (without an example it stays NCHW). ``"jit"``
+    (tracing) and ``"onnxruntime"`` (export) need ``example_input`` and are specialised to its
+    rank and channel count, ``"jit"`` also to its batch size and resolution.
     ``dtype=torch.bfloat16`` runs the weights and activations in bf16 (AMX / tensor cores);
     inputs and outputs stay fp32, and outputs differ from fp32 at bf16 precision (~1e-2).
     """
     if compile is not None and compile not in (*COMPILERS, "auto"):
         raise ValueError(f"compile must be None, 'auto' or one of {COMPILERS}, got {compile!r}")
-    if compile in ("jit", "onnxruntime", "auto") and example_input is None:
+    if compile in ("jit", "onnxruntime") and example_input is None:
         raise ValueError(f"compile={compile!r} needs an example_input to trace, got None")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if compile == "onnxruntime" and dtype != torch.float32:
         raise ValueError(f"compile='onnxruntime' runs float32 only, got dtype={dtype}")
     if compile == "auto":
-        return choose_backend(model, example_input, fold_bn=fold_bn, dtype=dtype)[1]
+        example = example_input
+        if example is None and hasattr(model, "example_inputs"):
+            (example,) = model.example_inputs()
+        if example is None or example.ndim != 4:  # the backends are built for image models
+            compile = None
+        else:
+            best = choose_backend(model, example, fold_bn=fold_bn, dtype=dtype, remember=True)[1]
+            if example_input is not None:
+                return best
+            eager = optimize_for_inference(model, fold_bn=fold_bn, compile=None, dtype=dtype)
+            return ShapeDispatch(best, eager, tuple(example.shape))
     model = copy.deepcopy(model).eval()
     if fold_bn:
         fold_batchnorm(model)
@@ -140,6 +156,48 @@ def optimize_for_inference(
     return model
 
 
+class ShapeDispatch(nn.Module):
+    """``fast`` on inputs of ``shape`` (what it was built and checked for), ``general`` on
+    any other: what ``optimize_for_inference(model)`` returns without an example input."""
+
+    def __init__(self, fast: nn.Module, general: nn.Module, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.fast, self.general, self.shape = fast, general, shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fast(x) if tuple(x.shape) == self.shape else self.general(x)
+
+
+def _backends(dtype: torch.dtype) -> list[str]:
+    names = ["eager", "jit"]
+    if dtype == torch.float32:
+        try:
+            import onnxruntime  # noqa: F401
+
+            names.append("onnxruntime")
+        except ImportError:
+            pass
+    return names
+
+
+def _build(name: str, model, example_input, fold_bn: bool, dtype, channels_last=None):
+    compile = None if name == "eager" else name
+    return optimize_for_inference(
+        model, example_input, fold_bn=fold_bn, dtype=dtype, compile=compile,
+        channels_last=channels_last,
+    )  # fmt: skip
+
+
+def _choice_file(model, example_input, fold_bn: bool, dtype):
+    from archopt.io import fingerprint, writable_cache_dir
+
+    folder = writable_cache_dir("optimize")
+    if folder is None:
+        return None
+    key = fingerprint(model, tuple(example_input.shape), str(dtype), fold_bn, _backends(dtype))
+    return folder / f"{type(model).__name__.lower()}-{key}.json"
+
+
 def choose_backend(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -147,28 +205,20 @@ def choose_backend(
     fold_bn: bool = True,
     dtype: torch.dtype = torch.float32,
     repeats: int = 15,
+    remember: bool = False,
 ) -> tuple[str, nn.Module, dict[str, float]]:
     """Build every quick-to-build backend, check it against ``model``, time it on
     ``example_input``, and return ``(name, module, median ms by name)`` of the fastest.
 
     A backend whose outputs differ from the model's by more than the dtype allows (1e-4
-    relative in fp32, 3e-2 in bf16/fp16) is rejected, never chosen.
+    relative in fp32, 3e-2 in bf16/fp16) is rejected, never chosen. ``remember``: keep the
+    choice in archopt's cache folder and, when one is there, build and check only that
+    backend (its times are the ones measured when it was chosen).
     """
-    candidates: dict[str, nn.Module] = {
-        "eager": optimize_for_inference(model, example_input, fold_bn=fold_bn, dtype=dtype),
-        "jit": optimize_for_inference(
-            model, example_input, fold_bn=fold_bn, dtype=dtype, compile="jit"
-        ),
-    }
-    if dtype == torch.float32:
-        try:
-            import onnxruntime  # noqa: F401
+    import json
 
-            candidates["onnxruntime"] = optimize_for_inference(
-                model, example_input, fold_bn=fold_bn, compile="onnxruntime"
-            )
-        except ImportError:
-            pass
+    from archopt.io import atomic_write_text
+
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     was_training = model.training
     model.eval()
@@ -176,15 +226,38 @@ def choose_backend(
         expected = model(example_input)
     model.train(was_training)
     scale = expected.abs().max().item() or 1.0
-    times: dict[str, float] = {}
-    for name, candidate in candidates.items():
+
+    def checked(candidate: nn.Module) -> bool:
         with torch.no_grad():
             err = (candidate(example_input) - expected).abs().max().item() / scale
-        if err <= tolerance:
+        return err <= tolerance
+
+    record = _choice_file(model, example_input, fold_bn, dtype) if remember else None
+    if record is not None and record.exists():
+        try:
+            saved = json.loads(record.read_text())
+            name, times = saved["backend"], {k: float(v) for k, v in saved["times_ms"].items()}
+            if name in _backends(dtype):
+                layout = bool(saved.get("channels_last")) if name == "eager" else None
+                candidate = _build(name, model, example_input, fold_bn, dtype, layout)
+                if checked(candidate):
+                    return name, candidate, times
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # unreadable or stale: measure again and rewrite it
+    candidates = {n: _build(n, model, example_input, fold_bn, dtype) for n in _backends(dtype)}
+    times: dict[str, float] = {}
+    for name, candidate in candidates.items():
+        if checked(candidate):
             times[name] = measure_latency(
                 candidate, example_input, warmup=3, repeats=repeats
             ).median_ms
     if not times:
         raise RuntimeError("no backend reproduced the model's outputs within tolerance")
     best = min(times, key=times.__getitem__)
+    if record is not None:
+        summary = f"{type(model).__name__} {tuple(example_input.shape)} {dtype}: {best}"
+        layout = isinstance(candidates[best], InputAdapter) and candidates[best].channels_last
+        body = {"backend": best, "times_ms": times, "channels_last": layout, "summary": summary}
+        with contextlib.suppress(OSError):
+            atomic_write_text(record, json.dumps(body, indent=1))
     return best, candidates[best], times

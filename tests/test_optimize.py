@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -20,7 +22,7 @@ def close(out, ref):
 @pytest.mark.parametrize("channels_last", [True, False, None])
 def test_eager_modes(mobilenet, channels_last):
     x = torch.randn(2, 3, 160, 160)
-    fast = archopt.optimize_for_inference(mobilenet, x, channels_last=channels_last)
+    fast = archopt.optimize_for_inference(mobilenet, x, channels_last=channels_last, compile=None)
     if channels_last is not None:
         assert isinstance(fast, InputAdapter) == channels_last
     y = torch.randn(3, 3, 96, 128)  # eager modes are not specialised to the example's shape
@@ -74,6 +76,38 @@ def test_auto_picks_a_checked_backend(mobilenet):
     assert {"eager", "jit"} <= set(times)
     with torch.no_grad():
         close(fast(x), mobilenet(x))
+
+
+def test_the_default_is_the_remembered_fastest_checked_backend(mobilenet, tmp_path, monkeypatch):
+    import archopt.optimize as optimize
+
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path))
+    x = torch.randn(1, 3, 96, 96)
+    measured = []
+    real = optimize.measure_latency
+    monkeypatch.setattr(
+        optimize, "measure_latency", lambda *a, **k: measured.append(1) or real(*a, **k)
+    )
+    name, _, times = choose_backend(mobilenet, x, repeats=3, remember=True)
+    assert len(measured) >= len(times) >= 2  # every checked backend (and eager's layouts)
+    (record,) = (tmp_path / "optimize").iterdir()
+    assert json.loads(record.read_text())["backend"] == name
+    measured.clear()
+    again, fast, times_again = choose_backend(mobilenet, x, repeats=3, remember=True)
+    assert (again, times_again) == (name, times) and not measured  # nothing re-measured
+    with torch.no_grad():
+        close(fast(x), mobilenet(x))
+    record.write_text("{broken")  # unreadable: measured again, rewritten
+    assert choose_backend(mobilenet, x, repeats=3, remember=True)[0] in times
+    assert measured and json.loads(record.read_text())["backend"] in times
+    # no arguments at all: the model's own example shape gets the remembered backend, any
+    # other shape the eager optimized model
+    default = archopt.optimize_for_inference(mobilenet)
+    (example,) = mobilenet.example_inputs()
+    y = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        close(default(example), mobilenet(example))
+        close(default(y), mobilenet(y))
 
 
 def test_bad_arguments(mobilenet):

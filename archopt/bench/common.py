@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from archopt.measure import cpu_name
-from archopt.measure.timing import _quantile
+from archopt.measure.timing import quantile
 
 
 def machine_line(threads: int) -> str:
@@ -74,8 +74,8 @@ def interleaved(
     return {
         k: {
             "median_ms": statistics.median(v),
-            "p10_ms": _quantile(v, 0.1),
-            "p90_ms": _quantile(v, 0.9),
+            "p10_ms": quantile(v, 0.1),
+            "p90_ms": quantile(v, 0.9),
             "samples": len(v),
         }
         for k, v in samples.items()

@@ -105,7 +105,7 @@ class Latency:
         return f"{self.median_ms:.2f} ms (p10 {self.p10_ms:.2f}, p90 {self.p90_ms:.2f})"
 
 
-def _quantile(xs: list[float], q: float) -> float:
+def quantile(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     pos = q * (len(xs) - 1)
     lo = int(pos)
@@ -145,8 +145,8 @@ def measure_latency(
             times.append((time.perf_counter() - t0) * 1e3)
     return Latency(
         median_ms=statistics.median(times),
-        p10_ms=_quantile(times, 0.1),
-        p90_ms=_quantile(times, 0.9),
+        p10_ms=quantile(times, 0.1),
+        p90_ms=quantile(times, 0.9),
         min_ms=min(times),
         mean_ms=statistics.fmean(times),
         repeats=len(times),

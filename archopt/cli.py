@@ -301,12 +301,19 @@ def cmd_pareto(args) -> None:
     _emit(report, args.json, format_study(report) + f"\ntable and plots in {args.out}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line (``archopt: error: ...``) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"archopt: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from archopt.generate import COMPILE_MODES
     from archopt.loading.llm import WEIGHT_CHOICES
 
-    p = argparse.ArgumentParser(prog="archopt", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="archopt", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_opts(sp, batch: bool = False):
         sp.add_argument("--resolution", type=int, help="input height = width (default: model's)")

@@ -296,3 +296,88 @@ def test_bench_attention_dilation_alone(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| 96 |"))
     assert row.count("x |") == 2  # the two ratios
+
+
+def _smollm2_or_skip():
+    from archopt.loading.llm import smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--weights", "int3"], "argument --weights: invalid choice: 'int3' (choose from 'auto',"),
+        (["--compile", "aot", "--cache", "dense"], "--compile aot needs --cache static"),
+        (["--compile", "inductor", "--cache", "sink:4:8"], "--compile inductor needs --cache"),
+        (["--cache", "paged:x"], "unknown cache spec 'paged:x'"),
+        (["--cache", "sliding:99999999999999999999"], "numbers must be at most 2**40"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+    ],
+)
+def test_generate_rejects_bad_flags_before_loading_anything(capsys, monkeypatch, argv, message):
+    import archopt.loading.llm as llm
+
+    monkeypatch.setattr(llm, "load_llm", lambda *a, **k: pytest.fail("a model was loaded"))
+    try:
+        code = main(["generate", *argv])
+    except SystemExit as e:  # argparse's own checks exit from inside the parser
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""  # nothing printed to stdout, not even the prompt
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cache_list_and_clear(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path))
+    entry = tmp_path / "steps" / "llama-123"
+    entry.mkdir(parents=True)
+    (entry / "step.json").write_text(json.dumps({"summary": "decode step of x"}))
+    (entry / "step.pt2").write_bytes(b"0" * 2048)
+    code, out, _ = run(capsys, "cache", "list", "--json")
+    (listed,) = json.loads(out)
+    assert code == 0 and listed["kind"] == "steps" and listed["name"] == "llama-123"
+    assert listed["bytes"] > 2048 and listed["detail"] == "decode step of x"
+    code, out, _ = run(capsys, "cache", "list")
+    assert str(tmp_path) in out and "decode step of x" in out
+    code, out, _ = run(capsys, "cache", "clear")
+    assert code == 0 and "removed 1 entries" in out and not entry.exists()
+    code, out, _ = run(capsys, "cache", "list")
+    assert "(empty)" in out
+
+
+def test_generate_default_on_a_fresh_cache_runs_eager_and_says_why(capsys, tmp_path, monkeypatch):
+    _smollm2_or_skip()
+    import archopt.generate as gen
+
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path))
+    started = []
+    monkeypatch.setattr(gen, "build_in_background", lambda m: started.append(m) or tmp_path)
+    code, out, err = run(capsys, "generate", "--max-new-tokens", "6")
+    assert code == 0 and out.startswith("Lionel Messi is a")
+    assert "load" in err and "(checkpoint)" in err and "built in the background" in err
+    assert len(started) == 1 and started[0].config.extra["weights"] == "gguf"
+    code, out, err = run(capsys, "generate", "--max-new-tokens", "6", "--json")
+    report = json.loads(out)
+    assert report["loaded_from"] == "cache" and report["new_tokens"] >= 1
+    assert report["load_s"] >= 0 and report["first_token_s"] > 0
+
+
+@pytest.mark.slow
+def test_a_second_generate_uses_the_compiled_step_and_the_eager_tokens(capsys):
+    _smollm2_or_skip()
+    args = ["generate", "--max-new-tokens", "24", "--weights", "fp32", "--json"]
+    runs = [
+        run(capsys, *args, *extra) for extra in (["--compile", "off"], ["--compile", "aot"], [])
+    ]
+    assert [code for code, _, _ in runs] == [
+        0,
+        0,
+        0,
+    ]  # eager; builds it (a minute or two); finds it
+    eager, built, cached = (json.loads(out) for _, out, _ in runs)
+    assert "compiled now" in built["decode"] and "from cache" in cached["decode"]
+    assert eager["text"] == built["text"] == cached["text"]

@@ -106,7 +106,9 @@ def run_json(cmd: list[str], env: dict | None = None, timeout: float = 900) -> d
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"exited with {proc.returncode}: {tail}"}
-    try:
-        return json.loads(proc.stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        return {"error": f"no JSON on its last line: {proc.stdout[-200:]!r}"}
+    for text in (proc.stdout, *proc.stdout.strip().splitlines()[-1:]):  # all, or its last line
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return {"error": f"printed no JSON: {proc.stdout[-200:]!r}"}

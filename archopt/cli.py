@@ -312,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     from archopt.generate import COMPILE_MODES
     from archopt.loading.llm import WEIGHT_CHOICES
 
-    p = _Parser(prog="archopt", description=__doc__)
+    p = _Parser(
+        prog="archopt",
+        description=__doc__,
+        epilog="--debug (anywhere): show the traceback of an error instead of one line",
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_opts(sp, batch: bool = False):
@@ -466,12 +470,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A user's mistake (a bad argument, a missing or malformed file) is one
+    line on stderr and exit code 2; anything else is a bug of archopt's, one line pointing to
+    ``--debug`` (which shows the traceback) and exit code 1; Ctrl-C exits with 130."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+        if debug:
+            raise
         print(f"archopt: error: {e}", file=sys.stderr)
         return 2
+    except PermissionError as e:
+        if debug:
+            raise
+        print(f"archopt: error: permission denied: {e.filename or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("archopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug of ours, not the user's: say so, briefly
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        print(
+            f"archopt: internal error: {type(e).__name__}: {first} (run with --debug for the "
+            "traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -24,6 +24,7 @@ from archopt.decode_step import (
     build_in_background,
     building,
     cached_step,
+    can_build_in_background,
     compile_step,
     step_folder,
 )
@@ -65,13 +66,21 @@ def compiled_step(model, backend="inductor"):
 class DecodePlan:
     """How the one-token steps of a generation run: ``step(tokens, positions, kv)`` gives the
     next-token logits (B, vocab), or None for the eager model; ``cache`` is the cache spec the
-    step needs; ``how`` says it in words (the command line prints it)."""
+    step needs; ``how`` says it in words (the command line prints it); ``after``, if set,
+    runs once the generation is done (starting the background build of the compiled step then,
+    so that it does not compete with this run's decoding for the cores)."""
 
     cache: str | KVCache | None
     step: Callable | None = None
     how: str = "eager"
     compile_seconds: float = 0.0
     static_shapes: bool = False  # torch.compile'd steps: a fixed cache size (no recompiles)
+    after: Callable[[], object] | None = None
+
+    def finish(self) -> None:
+        after, self.after = self.after, None
+        if after is not None:
+            after()
 
 
 def plan_decode(
@@ -112,11 +121,11 @@ def plan_decode(
             return DecodePlan("static", step, "aot (compiled step from cache)")
         if new_tokens < AUTO_COMPILE_TOKENS:
             eager = "dense" if cache == "auto" else cache
-            if build_in_background(model) is not None:
-                how = "eager (the compiled step is being built in the background for later runs)"
-                return DecodePlan(eager, how=how)
             if building_elsewhere(model):
                 return DecodePlan(eager, how="eager (the compiled step is still being built)")
+            if can_build_in_background(model):
+                how = "eager (the compiled step will be built in the background for later runs)"
+                return DecodePlan(eager, how=how, after=lambda: build_in_background(model))
             return DecodePlan(eager)
         compile = "aot"
     if compile == "aot":
@@ -283,14 +292,19 @@ def stream(
     if kv is not None and kv.length:
         positions = torch.where(mask, positions + kv.length, -1)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    tokens, token_pos = ids, positions
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    yield from _decode(model, plan, kv, ids, positions, done, max_new_tokens, stop_ids, pad_id,
+                       sampling)  # fmt: skip
+    plan.finish()  # only after a whole run: a failed or abandoned one starts nothing
+
+
+def _decode(model, plan, kv, tokens, token_pos, done, max_new_tokens, stop_ids, pad_id, sampling):
     for i in range(max_new_tokens):
         if i == 0 or plan.step is None:  # the prompt runs eagerly: its length varies
             logits = model(tokens, positions=token_pos, cache=kv, last_only=True)[:, -1]
         else:
             logits = plan.step(tokens, token_pos, kv)
-        nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        nxt = torch.where(done, pad_id, nxt)
+        nxt = torch.where(done, pad_id, sample(logits, **sampling))
         yield nxt
         if stop_ids.numel():
             done |= torch.isin(nxt, stop_ids)
@@ -374,7 +388,7 @@ def stream_text(
         stats["last_token_s"] = time.perf_counter() - start
         stats.setdefault("first_token_s", stats["last_token_s"])
         if token in stop_ids:
-            break
+            continue  # the stream ends by itself after a stop token (and finishes its plan)
         stats["new_tokens"] += 1
         new.append(token)
         text = tok.decode(new, skip_special_tokens=True)

@@ -30,15 +30,30 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 def _model_from_args(name: str, args) -> tuple[torch.nn.Module, tuple[int, ...]]:
-    from archopt.registry import create_model
+    from math import prod
+
+    from archopt.io import check_fits
+    from archopt.registry import create_model, list_models, model_info
 
     overrides = _parse_overrides(args.set or [])
     if getattr(args, "width_mult", None) is not None:
         overrides["width_mult"] = args.width_mult
+    info = model_info(name)
+    if info.task != "image":
+        raise ValueError(
+            f"{args.command} takes an image model, got {name!r}, "
+            f"{ {'lm': 'a language', 'encoder': 'a sequence encoder'}[info.task] } model "
+            f"(image models: {', '.join(list_models(task='image'))})"
+        )
     model = create_model(name, **overrides).eval()
     res = args.resolution or getattr(model, "default_resolution", 224)
     in_chans = getattr(getattr(model, "config", None), "in_chans", 3)
-    return model, (getattr(args, "batch_size", 1), in_chans, res, res)
+    shape = (getattr(args, "batch_size", 1), in_chans, res, res)
+    # Activations of these nets peak at a few times the input (MobileNet v1: 64 channels at
+    # half resolution, 5x a 3-channel input); 32x the input, times the width, bounds them.
+    width = float(overrides.get("width_mult", 1.0))
+    check_fits(f"a {shape[0]}x{in_chans}x{res}x{res} input", 32 * 4 * prod(shape) * max(width, 1))
+    return model, shape
 
 
 def cmd_list(args) -> None:
@@ -301,6 +316,46 @@ def cmd_pareto(args) -> None:
     _emit(report, args.json, format_study(report) + f"\ntable and plots in {args.out}")
 
 
+def _int_in(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            span = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, open_low: bool = False):
+    """An argparse type: a finite number in [low, high] (or (low, high] with ``open_low``)."""
+
+    def parse(text: str) -> float:
+        import math
+
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if open_low else value < low
+        if not math.isfinite(value) or too_low or (high is not None and value > high):
+            span = ("(" if open_low else "[") + f"{low}, " + (f"{high}]" if high else "inf)")
+            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
+        return value
+
+    return parse
+
+
+THREADS = _int_in(1, 1024)
+POSITIVE = _int_in(1)
+RESOLUTION = _int_in(1, 1 << 16)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error on one line (``archopt: error: ...``) and exit code 2."""
 
@@ -320,11 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_opts(sp, batch: bool = False):
-        sp.add_argument("--resolution", type=int, help="input height = width (default: model's)")
-        sp.add_argument("--width-mult", type=float, help="width multiplier alpha")
+        sp.add_argument(
+            "--resolution", type=RESOLUTION, help="input height = width (default: model's)"
+        )
+        sp.add_argument(
+            "--width-mult", type=_float_in(0, 16, open_low=True), help="width multiplier alpha"
+        )
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
         if batch:
-            sp.add_argument("--batch-size", type=int, default=1)
+            sp.add_argument("--batch-size", type=POSITIVE, default=1)
         sp.add_argument("--json", action="store_true", help="machine-readable output")
 
     sp = sub.add_parser("list", help="registered models")
@@ -340,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("measure", help="params, MACs, latency, peak memory")
     sp.add_argument("models", nargs="+")
     model_opts(sp, batch=True)
-    sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
-    sp.add_argument("--repeats", type=int, default=30)
+    sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")
+    sp.add_argument("--repeats", type=POSITIVE, default=30)
     sp.add_argument("--optimize", action="store_true", help="run optimize_for_inference first")
     sp.add_argument(
         "--compile",
@@ -367,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("generate", help="stream a continuation from a language model")
     sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, HF dir or .gguf")
     sp.add_argument("--prompt", default="Lionel Messi is a")
-    sp.add_argument("--max-new-tokens", type=int, default=128)
+    sp.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     sp.add_argument(
         "--cache",
         default="auto",
@@ -375,9 +434,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sliding:W | sink:S:W | int8[:R]",
     )
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    sp.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    sp.add_argument("--top-k", type=int)
-    sp.add_argument("--top-p", type=float)
+    sp.add_argument("--temperature", type=_float_in(0, 100), default=0.0, help="0: greedy")
+    sp.add_argument("--top-k", type=POSITIVE)
+    sp.add_argument("--top-p", type=_float_in(0, 1, open_low=True))
     sp.add_argument("--seed", type=int)
     sp.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     sp.add_argument(
@@ -397,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: a GGUF file's own blocks, else fp32; int8/int4: quantized here (int4-head8: "
         "with an int8 output projection); gguf: the file's own blocks",
     )
-    sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_generate)
 
@@ -408,8 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("tour", help="re-measure the lecture's claims and write a report")
     sp.add_argument("--out", default="archopt-report", help="output folder")
-    sp.add_argument("--threads", type=int)
-    sp.add_argument("--repeats", type=int, default=20)
+    sp.add_argument("--threads", type=THREADS)
+    sp.add_argument("--repeats", type=POSITIVE, default=20)
     sp.add_argument(
         "--quick", action="store_true", help="a smaller, rougher version (about a minute)"
     )
@@ -423,11 +482,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     def recipe_opts(sp, epochs: int):
         sp.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
-        sp.add_argument("--epochs", type=int, default=epochs)
-        sp.add_argument("--batch-size", type=int, default=64, help="global batch (all ranks)")
+        sp.add_argument("--epochs", type=_int_in(1, 100_000), default=epochs)
+        sp.add_argument(
+            "--batch-size", type=_int_in(1, 1 << 20), default=64, help="global batch (all ranks)"
+        )
         sp.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
-        sp.add_argument("--lr", type=float, help="peak learning rate (sgd 0.1, adamw 2e-3)")
-        sp.add_argument("--resolution", type=int, help="image side (digits, CIFAR-10: 32)")
+        sp.add_argument(
+            "--lr",
+            type=_float_in(0, 100, open_low=True),
+            help="peak learning rate (sgd 0.1, adamw 2e-3)",
+        )
+        sp.add_argument("--resolution", type=RESOLUTION, help="image side (digits, CIFAR-10: 32)")
         sp.add_argument("--channels", type=int, choices=[1, 3], help="default: as stored")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--bf16", choices=["auto", "on", "off"], default="auto")
@@ -442,16 +507,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("model")
     recipe_opts(sp, epochs=10)
-    sp.add_argument("--weight-decay", type=float, help="default: sgd 5e-4, adamw 0.05")
-    sp.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    sp.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, in epochs")
-    sp.add_argument("--label-smoothing", type=float, default=0.1)
-    sp.add_argument("--width-mult", type=float, help="width multiplier alpha")
+    sp.add_argument("--weight-decay", type=_float_in(0, 10), help="default: sgd 5e-4, adamw 0.05")
+    sp.add_argument("--momentum", type=_float_in(0, 1), default=0.9, help="SGD momentum")
+    sp.add_argument(
+        "--warmup", type=_float_in(0, 100_000), default=1.0, help="linear warm-up, in epochs"
+    )
+    sp.add_argument("--label-smoothing", type=_float_in(0, 1), default=0.1)
+    sp.add_argument(
+        "--width-mult", type=_float_in(0, 16, open_low=True), help="width multiplier alpha"
+    )
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     sp.add_argument("--out", help="run folder (default: runs/MODEL)")
     sp.add_argument("--resume", action="store_true", help="continue the run in --out")
-    sp.add_argument("--stop-after", type=int, metavar="N", help="stop after epoch N, resumable")
-    sp.add_argument("--workers", type=int, default=0, help="data loader workers (folders)")
+    sp.add_argument(
+        "--stop-after", type=POSITIVE, metavar="N", help="stop after epoch N, resumable"
+    )
+    sp.add_argument(
+        "--workers", type=_int_in(0, 256), default=0, help="data loader workers (folders)"
+    )
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser(
@@ -462,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--x", choices=["macs", "latency", "params", "memory"], default="macs")
     sp.add_argument("--y", choices=["accuracy"], default="accuracy")
     sp.add_argument("--out", default="archopt-pareto", help="output folder (runs are reused)")
-    sp.add_argument("--threads", type=int, help="torch threads for latency")
-    sp.add_argument("--repeats", type=int, default=20, help="timed latency repeats")
+    sp.add_argument("--threads", type=THREADS, help="torch threads for latency")
+    sp.add_argument("--repeats", type=POSITIVE, default=20, help="timed latency repeats")
     sp.add_argument("--logx", action="store_true", help="log-scale cost axis")
     sp.set_defaults(func=cmd_pareto)
     return p

@@ -162,3 +162,26 @@ def fingerprint(model, *extra) -> str:
         torch.get_num_threads(),
     ]
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give a new allocation now (Linux: MemAvailable), else None."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_fits(what: str, nbytes: float) -> None:
+    """ResourceError naming ``what`` when ``nbytes`` exceed the memory available now."""
+    free = available_memory_bytes()
+    if free is not None and nbytes > free:
+        from archopt.errors import ResourceError
+
+        raise ResourceError(
+            f"{what} needs about {nbytes / 2**30:,.1f} GiB and this machine has "
+            f"{free / 2**30:,.1f} GiB available"
+        )

@@ -225,11 +225,13 @@ def run(
     # Greedy continuation: tokens/s per contender, rounds interleaved so drift hits all alike.
     n = new_tokens
     contenders = {
-        "ours dense": lambda: generate(model, ids, n, cache="dense"),
-        "ours static": lambda: generate(model, ids, n, cache="static"),
-        # One-token steps through one inductor graph (static shapes, never recompiled).
-        "ours static compiled": lambda: generate(model, ids, n, cache="static", compile=True),
-        "ours none": lambda: generate(model, ids, none_tokens, cache="none"),
+        "ours dense": lambda: generate(model, ids, n, cache="dense", compile="off", stop=None),
+        "ours static": lambda: generate(model, ids, n, cache="static", compile="off", stop=None),
+        # One-token steps through the step compiled ahead of time (archopt.decode_step).
+        "ours static compiled": lambda: generate(
+            model, ids, n, cache="static", compile=True, stop=None
+        ),
+        "ours none": lambda: generate(model, ids, none_tokens, cache="none", stop=None),
     }
     if hf is not None:
         mask = torch.ones_like(ids)
@@ -243,7 +245,7 @@ def run(
 
         contenders["hf generate"] = hf_generate
     t0 = time.perf_counter()
-    generate(model, ids, 2, cache="static", compile=True)
+    generate(model, ids, 2, cache="static", compile=True, stop=None)
     compile_s = time.perf_counter() - t0
     print(f"  compiled the decode step in {compile_s:.0f} s", file=sys.stderr, flush=True)
     outputs = {k: fn() for k, fn in contenders.items()}  # warm-up, and the tokens to compare
@@ -272,7 +274,9 @@ def run(
     memory = {}
     for kind in ("none", "dense", "static"):
         count = none_tokens if kind == "none" else n
-        peak = measure_peak_memory(lambda kind=kind, c=count: generate(model, ids, c, cache=kind))
+        peak = measure_peak_memory(
+            lambda kind=kind, c=count: generate(model, ids, c, cache=kind, compile="off", stop=None)
+        )
         kv = model.make_cache(kind, reserve=ids.shape[1] + count)
         memory[kind] = {"peak_bytes": peak.bytes, "cache_bytes": kv.nbytes if kv else 0}
     rows = step_times(model, hf, positions, steps)
@@ -495,10 +499,12 @@ def sweep(
             times = []
             # Warm-up (and compile): same lengths as the timed runs, since a static cache's
             # capacity is part of the compiled graph's shapes.
-            generate(model, prompt, new_tokens, cache=spec, compile=compiled)
+            generate(model, prompt, new_tokens, cache=spec, compile=compiled or "off", stop=None)
             for _ in range(rounds):
                 t0 = time.perf_counter()
-                generate(model, prompt, new_tokens, cache=spec, compile=compiled)
+                generate(
+                    model, prompt, new_tokens, cache=spec, compile=compiled or "off", stop=None
+                )
                 times.append(time.perf_counter() - t0)
             kv = model.make_cache(spec, reserve=context + new_tokens)
             if kv is not None:
@@ -628,7 +634,7 @@ def long_run(
     out: dict[str, list[float]] = {}
     for spec in caches:
         times, t0 = [], time.perf_counter()
-        for _ in stream(model, prompt, tokens, cache=spec):
+        for _ in stream(model, prompt, tokens, cache=spec, stop=None):
             now = time.perf_counter()
             times.append(now - t0)
             t0 = now

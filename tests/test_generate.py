@@ -229,6 +229,22 @@ def test_bounded_caches_go_far_past_the_context_in_constant_memory(model):
         generate(short, ids, 320, cache="dense")
 
 
+def test_bounded_cache_memory_follows_the_tokens_held(model):
+    ids = rand_ids(2, 7)
+    huge = model.make_cache("sliding:1000000000", batch=2)  # a window of 1e9 tokens
+    per_slot = 2 * 4 * 2 * 2 * 16 * 4  # K and V, 4 layers, batch 2, 2 heads, d 16, fp32
+    assert huge.nbytes == 257 * per_slot  # 256 slots and the trash slot, not 1e9
+    dense = generate(model, ids, 40, cache="dense", stop=None)
+    assert torch.equal(generate(model, ids, 40, cache=huge, stop=None), dense)
+    # growing from 8 slots by doubling, past the sinks, up to S + W, then wrapping
+    rule = (4, 60)
+    small = model.make_cache("sink:4:60", batch=2, reserve=8)
+    assert small.nbytes == 9 * per_slot
+    out = generate(model, ids, 100, cache=small, stop=None)
+    assert torch.equal(out, generate(model, ids, 100, cache=oracle_cache(2, *rule), stop=None))
+    assert small.nbytes == (4 + 60 + 1) * per_slot
+
+
 def test_bounded_cache_left_padded_batch_equals_rows_alone(model):
     prompts = [rand_ids(1, n, seed=n)[0].tolist() for n in (3, 13, 9)]
     for spec in ("sliding:6", "sink:2:5"):

@@ -247,7 +247,9 @@ class Int8Cache(DenseCache):
     def __init__(self, *, recent: int = 32, **kwargs) -> None:
         if recent < 0:
             raise ValueError(f"int8 cache: recent must be >= 0, got {recent}")
-        self.recent = recent
+        # A ring longer than the cache can ever hold keeps every token either way: cap it, so
+        # that 'int8:<huge>' allocates what the capacity needs and no more.
+        self.recent = min(recent, kwargs.get("capacity", recent))
         super().__init__(**kwargs)
 
     def _alloc(self, slots: int) -> None:
@@ -320,19 +322,39 @@ class WindowCache(KVCache):
 
     A token at position p lives in slot p (p < S) or S + (p - S) mod W: slots follow each
     row's positions, so left-padded rows keep exactly their own first S and last W tokens.
-    One more slot takes padding and evicted writes and is never visible. One-token steps write
-    in place (the slot they overwrite, p - W, is already out of p's window); a chunk attends
-    over the old slots plus its own keys, then keeps its survivors.
+    One more slot, the last, takes padding and evicted writes and is never visible. One-token
+    steps write in place (the slot they overwrite, p - W, is already out of p's window); a chunk
+    attends over the old slots plus its own keys, then keeps its survivors.
+
+    Memory grows with the tokens held: slots are allocated as positions reach them (doubling,
+    from ``reserve`` or 256), up to S + W; a huge W costs nothing until it fills.
     """
 
-    def __init__(self, *, window: int, sinks: int = 0, **kwargs) -> None:
+    def __init__(self, *, window: int, sinks: int = 0, reserve: int | None = None, **kwargs):
+        self._reserve = reserve
         kwargs["capacity"] = sinks + window + 1
         super().__init__(window=window, sinks=sinks, **kwargs)
         self.capacity = float("inf")  # never full: eviction instead
 
+    def _initial_slots(self) -> int:
+        return min(self.sinks + self.window, self._reserve or 256) + 1
+
     @property
     def _trash(self) -> int:
-        return self.sinks + self.window
+        return self.slots - 1
+
+    def _grow_to(self, needed: int) -> None:
+        """Room for slots 0..needed-1 (and the trash slot after them)."""
+        held = self.slots - 1
+        if needed <= held:
+            return
+        real = min(self.sinks + self.window, max(needed, 2 * held))
+        old, old_pos = self._per_slot(), self.positions
+        self._alloc(real + 1)
+        for new_group, old_group in zip(self._per_slot(), old):
+            for new, prev in zip(new_group, old_group):
+                new[:, :, :held] = prev[:, :, :held]
+        self.positions[:, :held] = old_pos[:, :held]
 
     def _slot_of(self, positions: torch.Tensor) -> torch.Tensor:
         s, w = self.sinks, self.window
@@ -353,6 +375,8 @@ class WindowCache(KVCache):
         b, t = positions.shape
         if b != self.batch:
             raise ValueError(f"cache was made for batch {self.batch}, got positions for {b}")
+        if self.slots - 1 < self.sinks + self.window:  # still growing: before the ring wraps
+            self._grow_to(min(self.sinks + self.window, int(positions.max()) + 1))
         slot = self._slot_of(positions)
         rows = torch.arange(b, device=positions.device)[:, None].expand(b, t)
         # A chunk also attends the slots it is about to overwrite: their positions, first.
@@ -480,4 +504,4 @@ def make_cache(
         recent = nums[0] if nums else 32
         return Int8Cache(capacity=capacity, reserve=reserve, recent=recent, **common)
     window, sinks = nums[-1], nums[0] if kind == "sink" else 0
-    return WindowCache(window=window, sinks=sinks, **common)
+    return WindowCache(window=window, sinks=sinks, reserve=reserve, **common)

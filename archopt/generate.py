@@ -220,13 +220,19 @@ def sample(
 
 
 def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    import math
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(temperature, int | float) or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
@@ -414,7 +420,15 @@ def reference_text(tokens: int | None = None, tokenizer=None) -> str:
 def perplexity(model, ids, *, cache: str | KVCache | None = "dense", chunk: int = 64) -> float:
     """exp(mean negative log-likelihood) of ``ids`` (1D), fed in ``chunk``-token steps through
     ``cache`` so that the cache's approximations (int8, a window) shape what is scored."""
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
+        raise ValueError(
+            f"perplexity scores one sequence: ids must be (length,) or (1, length), got shape "
+            f"{tuple(ids.shape)} (score the rows one by one)"
+        )
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    ids = ids.reshape(1, -1)
     n = ids.shape[1]
     if n < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {n}")

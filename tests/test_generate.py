@@ -593,3 +593,33 @@ def test_packed_weights_through_inductor_give_the_eager_tokens(backend):
     ids = rand_ids(1, 6)
     eager = generate(fast, ids, 12, cache="static")
     assert torch.equal(generate(fast, ids, 12, cache="static", compile=backend), eager)
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"temperature": -1.0}, "temperature must be >= 0, got -1.0"),
+        ({"top_k": 0}, "top_k must be an integer >= 1, got 0"),
+        ({"top_p": float("nan")}, "top_p must be in"),
+        ({"stop": "sometimes"}, "stop must be token ids, 'eos' or None"),
+        ({"compile": 2.5}, "compile must be True, False, one of"),
+    ],
+)
+def test_generate_checks_its_arguments(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate(model, rand_ids(1, 3), 4, **kwargs)
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer"):
+        generate(model, rand_ids(1, 3), 4.0)
+
+
+def test_perplexity_scores_one_sequence(model):
+    from archopt.generate import perplexity
+
+    ids = rand_ids(2, 20)
+    with pytest.raises(ValueError, match=r"ids must be \(length,\) or \(1, length\), got shape"):
+        perplexity(model, ids)
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1, got 0"):
+        perplexity(model, ids[0], chunk=0)
+    assert perplexity(model, ids[0]) == perplexity(model, ids[:1])

@@ -248,6 +248,7 @@ def measure_peak_memory(
     if method not in methods:
         raise ValueError(f"method must be one of {methods}, got {method!r}")
     call = _as_call(fn_or_model, inputs)
+    auto = method == "auto"
     if method == "auto":
         method = "cuda" if "cuda" in _devices(inputs) else "tensors"
     if method == "cuda":
@@ -259,8 +260,15 @@ def measure_peak_memory(
         return PeakMemory(torch.cuda.max_memory_allocated() - base, "cuda")
     if method == "tensors":
         tracker = _LiveTensorBytes()
-        with tracker:
-            out = call()
+        try:
+            with tracker:
+                out = call()
+        except RuntimeError:
+            # A frozen TorchScript graph (optimize_for_inference's "jit") cannot run under the
+            # tracking mode; "auto" measures it by the process's RSS instead.
+            if auto:
+                return measure_peak_memory(fn_or_model, inputs, method="rss")
+            raise
         del out
         return PeakMemory(tracker.peak, "tensors")
     if not os.path.exists("/proc/self/status"):

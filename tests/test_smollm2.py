@@ -41,7 +41,7 @@ def test_greedy_tokens_equal_transformers_on_the_real_gguf(ours, hf):
             attention_mask=torch.ones_like(ids),
             max_new_tokens=64,
             do_sample=False,
-            eos_token_id=None,
+            eos_token_id=ours.config.eos_ids,  # both stop at end-of-sequence
             pad_token_id=ours.config.pad_token_id,
         )
     out = generate(ours, ids, 64, cache="dense")
@@ -58,7 +58,7 @@ def test_chat_prompt_tokens_equal_transformers(ours, hf):
     with torch.no_grad():
         ref = hf.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
-            eos_token_id=None, pad_token_id=ours.config.pad_token_id,
+            eos_token_id=ours.config.eos_ids, pad_token_id=ours.config.pad_token_id,
         )  # fmt: skip
     out = generate(ours, ids, 24)
     assert torch.equal(out, ref)

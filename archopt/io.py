@@ -24,17 +24,58 @@ TMP_SUFFIX = ".tmp"
 STALE_TMP_S = 3600.0  # a temporary file older than this is from an interrupted write
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def remove_orphaned_temporaries(path: Path) -> int:
+    """Delete the temporary files of earlier writes of ``path`` whose process is gone (a
+    ``kill -9`` mid-write): their names carry the writer's pid."""
+    removed = 0
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*{TMP_SUFFIX}"):
+        parts = tmp.name[len(path.name) + 2 : -len(TMP_SUFFIX)].split(".")
+        if len(parts) == 2 and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    import glob
+
+    return glob.escape(name)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place."""
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    The file ends with the permissions the process's umask gives a new file (0644 usually),
+    whatever ``write`` created it with (safetensors makes 0600 files); temporaries that an
+    interrupted earlier write of ``path`` left behind are removed first.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A fresh name in the same folder (a rename across file systems is not atomic); created
-    # by ``write`` itself, so the file gets the usual permissions rather than mkstemp's 0600.
+    remove_orphaned_temporaries(path)
+    # A fresh name in the same folder (a rename across file systems is not atomic).
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

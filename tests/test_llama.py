@@ -1,6 +1,7 @@
 """Llama against Hugging Face LlamaForCausalLM: logits, greedy tokens, checkpoint formats."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -180,3 +181,46 @@ def test_state_dict_maps_to_hf_and_back(pair):
     back = llama_state_dict_from_hf(to_hf, ours.config)
     assert back.keys() == ours.state_dict().keys()
     assert all(torch.equal(back[k], v) for k, v in ours.state_dict().items())
+
+
+def _saved(tmp_path):
+    hf = hf_llama()
+    hf.save_pretrained(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/etc/hostname", "../outside.safetensors", "sub/../../outside.safetensors", "link"],
+)
+def test_an_index_naming_files_outside_the_folder_is_refused(tmp_path, name):
+    folder = _saved(tmp_path / "model")
+    outside = tmp_path / "outside.safetensors"
+    (folder / "model.safetensors").rename(outside)  # real weights, but outside the folder
+    (folder / "link").symlink_to(outside)
+    index = {"weight_map": {"model.embed_tokens.weight": name}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="weight files must be inside"):
+        load_llm(folder)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"num_attention_heads": 0}, "num_heads must be an integer >= 1, got 0"),
+        ({"hidden_size": "64"}, "hidden_size must be an integer >= 1, got '64'"),
+        ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number > 0"),
+        ({"rope_scaling": [1, 2]}, "rope_scaling must be an object or null"),
+        ({"eos_token_id": [2, -1]}, "eos_token_id must be token id"),
+        ({"num_hidden_layers": None}, "num_layers must be an integer >= 1, got None"),
+    ],
+)
+def test_bad_config_fields_are_named(tmp_path, change, message):
+    folder = _saved(tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(cfg | change))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_llm(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: Expecting property name"):
+        load_llm(folder)

@@ -18,6 +18,11 @@ _REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 def llama_config_from_hf(hf: dict) -> LlamaConfig:
     """Our config from a Hugging Face ``config.json`` dict (old and new rope forms)."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ValueError(f"config.json: {key} must be an object or null, got {hf[key]!r}")
     missing = [k for k in (*_REQUIRED_HF, "num_attention_heads") if k not in hf]
     if missing:
         raise ValueError(f"config.json is missing required field(s) {missing}")
@@ -122,13 +127,37 @@ def build_llama(cfg: LlamaConfig, state_dict: dict, dtype: torch.dtype | None = 
     return model.eval()
 
 
+def _indexed_files(index: Path) -> list[str]:
+    """The weight files ``index`` names, each a plain file name inside its folder: a name that
+    leads elsewhere (an absolute path, ``..``, a link out) is refused, never read."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(
+            f"{index}: expected JSON with a 'weight_map' of tensor name -> file name, got an "
+            f"unreadable index ({type(e).__name__}: {e})"
+        ) from e
+    folder = index.parent.resolve()
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{index}: weight file names must be strings, got {name!r}")
+        target = (index.parent / name).resolve()
+        if Path(name).is_absolute() or ".." in Path(name).parts or target.parent != folder:
+            raise ValueError(
+                f"{index}: weight files must be inside {folder}, got {name!r}, which leads to "
+                f"{target}"
+            )
+    return names
+
+
 def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     index = path / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _indexed_files(index)
     elif (path / "model.safetensors").exists():
         files = ["model.safetensors"]
     else:
@@ -153,7 +182,10 @@ def load_hf_llama(path: str | Path, *, dtype: torch.dtype | None = None, tokeniz
     config_file = path / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
-    cfg = llama_config_from_hf(json.loads(config_file.read_text()))
+    try:
+        cfg = llama_config_from_hf(json.loads(config_file.read_text()))
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{config_file}: {e}") from e
     model = build_llama(cfg, llama_state_dict_from_hf(_read_safetensors_dir(path), cfg), dtype)
     if tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         from transformers import AutoTokenizer

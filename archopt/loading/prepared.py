@@ -37,13 +37,12 @@ RECORD_FILE = "model.json"
 
 def entry_key(source: Path, weights: str, kernel: bool | str) -> str:
     """The name of the entry for ``source`` in ``weights`` (see the module docstring)."""
-    st = source.stat()
-    size = st.st_size if source.is_file() else sum(f.stat().st_size for f in source.iterdir())
+    files = [source] if source.is_file() else sorted(f for f in source.iterdir() if f.is_file())
+    stamps = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
     parts = [
         FORMAT,
         str(source.resolve()),
-        str(size),
-        str(st.st_mtime_ns),
+        json.dumps(stamps),
         weights,
         str(kernel),
         torch.__version__,

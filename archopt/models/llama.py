@@ -45,6 +45,7 @@ class LlamaConfig:
     extra: dict = field(default_factory=dict)  # e.g. the chat template, the GGUF name
 
     def __post_init__(self) -> None:
+        self._check_fields()
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.head_dim is None:
@@ -59,6 +60,42 @@ class LlamaConfig:
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                 f"({self.num_kv_heads})"
             )
+
+    def _check_fields(self) -> None:
+        """Types and ranges, so that a malformed checkpoint config fails here, by name, rather
+        than as a ZeroDivisionError or a shape error deep in the model."""
+        import math
+
+        def integer(name: str, low: int, optional: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"LlamaConfig.{name} must be an integer >= {low}, got {v!r}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
+            integer(name, 1)
+        integer("max_position_embeddings", 1)
+        integer("num_kv_heads", 1, optional=True)
+        integer("head_dim", 2, optional=True)
+        for name in ("rms_norm_eps", "rope_theta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ValueError(f"LlamaConfig.{name} must be a finite number > 0, got {v!r}")
+            if v <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a finite number > 0, got {v!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                raise ValueError(f"LlamaConfig.{name} must be a token id >= 0 or None, got {v!r}")
+        eos = self.eos_token_id
+        ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+        if not isinstance(ids, list | tuple) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids
+        ):
+            raise ValueError(f"LlamaConfig.eos_token_id must be token id(s) >= 0, got {eos!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"LlamaConfig.rope_scaling must be a dict or None, got {eos!r}")
 
     @property
     def eos_ids(self) -> list[int]:

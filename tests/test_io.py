@@ -1,0 +1,78 @@
+"""archopt.io: atomic writes, their leftovers and permissions, the cache folder."""
+
+import os
+
+import pytest
+
+from archopt.io import (
+    atomic_write,
+    atomic_write_text,
+    cache_dir,
+    cache_entries,
+    check_fits,
+    clear_cache,
+    writable_cache_dir,
+)
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "ckpt.json"
+    atomic_write_text(target, "old")
+
+    def broken(tmp):
+        tmp.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, broken)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.json"]  # no temporary left
+
+
+def test_files_get_the_umask_permissions_whatever_the_writer_made(tmp_path):
+    target = tmp_path / "weights.bin"
+
+    def private(tmp):
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)  # as safetensors creates them
+        os.write(fd, b"data")
+        os.close(fd)
+
+    old = os.umask(0o022)
+    try:
+        atomic_write(target, private)
+    finally:
+        os.umask(old)
+    assert oct(target.stat().st_mode & 0o777) == oct(0o644)
+
+
+def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
+    target = tmp_path / "model.safetensors"
+    dead = tmp_path / ".model.safetensors.999999999.0123abcd.tmp"  # no such pid
+    live = tmp_path / f".model.safetensors.{os.getpid()}.89abcdef.tmp"
+    other = tmp_path / ".other.999999999.0123abcd.tmp"
+    for p in (dead, live, other):
+        p.write_text("partial")
+    atomic_write_text(target, "done")
+    assert not dead.exists() and live.exists() and other.exists()
+    assert target.read_text() == "done"
+
+
+def test_cache_folder_from_the_environment_and_unwritable_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    assert writable_cache_dir("steps") == tmp_path / "c" / "steps"
+    assert cache_entries() == []
+    (tmp_path / "c" / "steps" / "half-built").mkdir()
+    (entry,) = cache_entries()
+    assert entry["detail"].startswith("incomplete")
+    assert clear_cache() == 1 and cache_entries() == []
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("ARCHOPT_CACHE", str(blocker))
+    assert writable_cache_dir("steps") is None
+
+
+def test_check_fits_names_the_request_and_the_machine():
+    check_fits("a small tensor", 1024)
+    with pytest.raises(ValueError, match=r"a planet needs about [\d,.]+ GiB and this machine has"):
+        check_fits("a planet", 1e18)

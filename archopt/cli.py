@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
         sp.add_argument(
             "--lr",
-            type=_float_in(0, 100, open_low=True),
+            type=_float_in(0, open_low=True),
             help="peak learning rate (sgd 0.1, adamw 2e-3)",
         )
         sp.add_argument("--resolution", type=RESOLUTION, help="image side (digits, CIFAR-10: 32)")

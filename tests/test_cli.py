@@ -6,7 +6,10 @@ from archopt.cli import main
 
 
 def run(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own checks exit from inside the parser
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -54,7 +57,10 @@ def test_export(capsys, tmp_path):
     "argv,msg",
     [
         (["table", "mobilenet_v2"], "unknown model 'mobilenet_v2'"),
-        (["table", "mobilenet_v1_100", "--width-mult", "0"], "width_mult must be > 0, got 0"),
+        (
+            ["table", "mobilenet_v1_100", "--width-mult", "0"],
+            "argument --width-mult: must be a finite number in (0, 16], got 0",
+        ),
         (["table", "mobilenet_v1_100", "--resolution", "16"], "at least 32x32"),
         (["table", "mobilenet_v1_100", "--set", "act=tanh"], "act must be one of"),
     ],
@@ -121,7 +127,7 @@ def test_train_json_then_resume_and_refusals(capsys, tmp_path):
         (["train", "mobilenet_v9"], "unknown model 'mobilenet_v9'"),
         (["train", "mobilenet_v1_025", "--data", "cifar10:/no/such/dir"], "does not exist"),
         (["train", "mobilenet_v1_025", "--data", "imagenet"], "unknown kind 'imagenet'"),
-        (["train", "mobilenet_v1_025", "--epochs", "0"], "epochs must be a positive integer"),
+        (["train", "mobilenet_v1_025", "--epochs", "0"], "--epochs: must be in [1, 100000], got 0"),
         (
             ["train", "mobilenet_v1_025", "--epochs", "1", "--lr", "1e12", "--bf16", "off"],
             "training diverged in epoch 1",
@@ -315,18 +321,14 @@ def _smollm2_or_skip():
         (["--compile", "inductor", "--cache", "sink:4:8"], "--compile inductor needs --cache"),
         (["--cache", "paged:x"], "unknown cache spec 'paged:x'"),
         (["--cache", "sliding:99999999999999999999"], "numbers must be at most 2**40"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
     ],
 )
 def test_generate_rejects_bad_flags_before_loading_anything(capsys, monkeypatch, argv, message):
     import archopt.loading.llm as llm
 
     monkeypatch.setattr(llm, "load_llm", lambda *a, **k: pytest.fail("a model was loaded"))
-    try:
-        code = main(["generate", *argv])
-    except SystemExit as e:  # argparse's own checks exit from inside the parser
-        code = e.code
-    out, err = capsys.readouterr()
+    code, out, err = run(capsys, "generate", *argv)
     assert code == 2 and out == ""  # nothing printed to stdout, not even the prompt
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
 

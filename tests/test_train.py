@@ -245,10 +245,12 @@ def test_build_model_sizes_for_the_data():
 
 
 def test_digits_accuracy_well_above_chance(tmp_path):
+    # 3 epochs (one of them warm-up) reached 0.74 on a 2-core AMD EPYC, where the conv kernels
+    # round differently from the Xeon this was first written on; 4 reach 0.87 there.
     r = train(
         "mobilenet_v1_025",
         "digits",
-        epochs=3,
+        epochs=4,
         resolution=32,
         batch_size=32,
         bf16="off",
@@ -256,10 +258,10 @@ def test_digits_accuracy_well_above_chance(tmp_path):
         progress=False,
         verbose=False,
     )
-    assert r.finished and r.epochs_done == 3 and r.params == 215_498
-    assert r.top1 >= 0.8, f"3 epochs on digits reached only {r.top1:.3f} (chance: 0.1)"
+    assert r.finished and r.epochs_done == 4 and r.params == 215_498
+    assert r.top1 >= 0.8, f"4 epochs on digits reached only {r.top1:.3f} (chance: 0.1)"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [row["epoch"] for row in rows] == [1, 2, 3]
+    assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
     assert set(rows[0]) == {"epoch", "train_loss", "val_loss", "val_top1", "lr", "time_s"}
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert json.loads((tmp_path / "result.json").read_text())["top1"] == r.top1

@@ -93,16 +93,18 @@ def _front_2d(a: np.ndarray) -> np.ndarray:
     order = np.lexsort((a[:, 1], a[:, 0]))
     x, y = a[order, 0], a[order, 1]
     keep = np.zeros(len(a), dtype=bool)
-    best_y = math.inf  # the smallest y among points with a strictly smaller x
+    best_y = None  # the smallest y among points with a strictly smaller x (none yet)
     start = 0
     while start < len(x):
         end = start
         while end < len(x) and x[end] == x[start]:
             end += 1
         group_min = y[start]  # sorted by y inside the group
-        if group_min < best_y:
+        # Not "< inf" for the first group: a point whose y is infinite is still on the front
+        # when no point has a smaller x.
+        if best_y is None or group_min < best_y:
             keep[order[start:end][y[start:end] == group_min]] = True
-        best_y = min(best_y, group_min)
+        best_y = group_min if best_y is None else min(best_y, group_min)
         start = end
     return keep
 

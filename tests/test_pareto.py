@@ -153,3 +153,30 @@ def test_pareto_study_trains_measures_and_reuses_runs(tmp_path):
     with pytest.raises(ValueError, match="width_mult must be > 0, got -1"):
         pareto_study(["mobilenet_v1_025", "mobilenet_v1_050:width_mult=-1"], **kw)
     assert not (tmp_path / "pareto.json").exists() and not (tmp_path / "pareto.csv").exists()
+
+
+def test_front_equals_the_definition_with_infinities_and_duplicates():
+    pytest.importorskip("hypothesis")
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from archopt.pareto import pareto_front, pareto_front_brute_force
+
+    value = st.sampled_from([-math.inf, -2.0, -0.5, 0.0, 0.0, 1.0, 3.0, math.inf])
+
+    @settings(max_examples=300, deadline=None, derandomize=True)
+    @given(
+        st.integers(1, 3).flatmap(
+            lambda k: st.tuples(
+                st.lists(st.sampled_from(["min", "max"]), min_size=k, max_size=k),
+                st.lists(st.lists(value, min_size=k, max_size=k), min_size=0, max_size=12),
+            )
+        )
+    )
+    def check(case):
+        objectives, points = case
+        assert pareto_front(points, objectives) == pareto_front_brute_force(points, objectives)
+
+    check()
+    # the case that was wrong: an infinite y with the smallest x is not dominated
+    assert pareto_front([(0.0, math.inf), (1.0, 5.0)], ["min", "min"]) == [0, 1]

@@ -123,15 +123,29 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "archopt"
 
 
+_SAID_UNWRITABLE: set[Path] = set()
+
+
 def writable_cache_dir(sub: str) -> Path | None:
-    """``cache_dir() / sub``, created; None when it cannot be written (callers run uncached)."""
+    """``cache_dir() / sub``, created; None when it cannot be written (callers run uncached,
+    and the first time in a process a warning says so)."""
     folder = cache_dir() / sub
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".probe.{os.getpid()}{TMP_SUFFIX}"
         probe.write_bytes(b"")
         probe.unlink()
-    except OSError:
+    except OSError as e:
+        if cache_dir() not in _SAID_UNWRITABLE:
+            _SAID_UNWRITABLE.add(cache_dir())
+            import logging
+
+            logging.getLogger("archopt").warning(
+                "archopt: the cache folder %s cannot be written (%s); running uncached (set "
+                "ARCHOPT_CACHE to a writable folder to keep compiled steps and loaded models)",
+                cache_dir(),
+                e.strerror or e,
+            )
         return None
     return folder
 

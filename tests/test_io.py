@@ -57,7 +57,7 @@ def test_temporaries_of_killed_writers_are_removed_and_live_ones_kept(tmp_path):
     assert target.read_text() == "done"
 
 
-def test_cache_folder_from_the_environment_and_unwritable_ones(tmp_path, monkeypatch):
+def test_cache_folder_from_the_environment_and_unwritable_ones(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "c"))
     assert cache_dir() == tmp_path / "c"
     assert writable_cache_dir("steps") == tmp_path / "c" / "steps"
@@ -69,7 +69,11 @@ def test_cache_folder_from_the_environment_and_unwritable_ones(tmp_path, monkeyp
     blocker = tmp_path / "file"
     blocker.write_text("")
     monkeypatch.setenv("ARCHOPT_CACHE", str(blocker))
-    assert writable_cache_dir("steps") is None
+    with caplog.at_level("WARNING", logger="archopt"):
+        assert writable_cache_dir("steps") is None
+        assert writable_cache_dir("llm") is None
+    said = [r for r in caplog.records if "cannot be written" in r.getMessage()]
+    assert len(said) == 1 and "running uncached" in said[0].getMessage()  # once
 
 
 def test_check_fits_names_the_request_and_the_machine():

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-CACHE_KINDS = ("none", "dense", "static", "sliding:W", "sink:S:W", "int8", "int8:R")
+CACHE_KINDS = ("none", "dense", "static", "sliding:W", "sink:S:W", "int8", "int8:R", "paged:B")
 
 
 class KVCache:
@@ -400,7 +400,7 @@ def make_cache(
     device: torch.device | str = "cpu",
 ) -> KVCache | None:
     """A cache from a spec string (``none``, ``dense``, ``static``) or an existing cache."""
-    if spec is None or isinstance(spec, KVCache):
+    if spec is None or isinstance(spec, KVCache) or hasattr(spec, "attend"):
         return spec
     if not isinstance(spec, str):
         raise ValueError(f"cache must be a spec string or a KVCache, got {type(spec).__name__}")
@@ -414,6 +414,7 @@ def make_cache(
         device=device,
     )
     arity = {"none": [0], "dense": [0], "static": [0], "sliding": [1], "sink": [2], "int8": [0, 1]}
+    arity["paged"] = [0, 1]
     if kind not in arity or len(params) not in arity[kind]:
         raise ValueError(f"unknown cache spec {spec!r}: expected one of {', '.join(CACHE_KINDS)}")
     try:
@@ -428,6 +429,11 @@ def make_cache(
         return DenseCache(capacity=capacity, reserve=reserve, **common)
     if kind == "static":
         return StaticCache(capacity=min(capacity, reserve or capacity), **common)
+    if kind == "paged":  # blocks of B tokens (default 16), one sequence per row
+        from archopt.ops.paged_kv import PagedKVCache
+
+        block = nums[0] if nums else 16
+        return PagedKVCache(capacity=capacity, reserve=reserve, block_size=block, **common)
     if kind == "int8":
         recent = nums[0] if nums else 32
         return Int8Cache(capacity=capacity, reserve=reserve, recent=recent, **common)

@@ -125,6 +125,10 @@ def cmd_bench(args) -> None:
         from archopt.bench.generate import main as bench_generate
 
         bench_generate(args.rest)
+    elif args.suite == "serve":
+        from archopt.bench.serve import main as bench_serve
+
+        bench_serve(args.rest)
 
 
 def cmd_generate(args) -> None:
@@ -175,6 +179,25 @@ def cmd_generate(args) -> None:
             f"cache {args.cache}, {torch.get_num_threads()} threads]",
             file=sys.stderr,
         )
+
+
+def cmd_serve(args) -> None:
+    from archopt.serve.app import serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    serve(
+        args.model,
+        weights=args.weights,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        block_size=args.block_size,
+        max_blocks=args.max_blocks,
+        prefill_chunk=args.prefill_chunk,
+        max_queue=args.max_queue,
+    )
 
 
 def cmd_train(args) -> None:
@@ -295,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
-    sp.add_argument("suite", choices=["attention", "generate"])
+    sp.add_argument("suite", choices=["attention", "generate", "serve"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
     sp.set_defaults(func=cmd_bench)
 
@@ -329,6 +352,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_generate)
+
+    sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, HF dir or .gguf")
+    sp.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
+    sp.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    sp.add_argument("--max-blocks", type=int, help="KV pool limit in blocks (default: max-batch "
+                    "full contexts)")  # fmt: skip
+    sp.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step")
+    sp.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    sp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("tour", help="re-measure the lecture's claims and write a report")
     sp.add_argument("--out", default="archopt-report", help="output folder")

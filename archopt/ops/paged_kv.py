@@ -231,14 +231,14 @@ class PagedKVCache:
     def stats(self) -> dict[str, int]:
         a = self.allocator
         return {
-            "blocks_total": a.num_blocks,
+            "blocks_in_pool": a.num_blocks,
             "blocks_used": a.num_blocks - a.num_free,
             "blocks_cached": a.num_cached,
             "blocks_free": a.num_free - a.num_cached,
             "block_size": self.block_size,
             "sequences": len(self.seqs),
-            "evictions": a.evictions,
-            "cow_copies": self.copies,
+            "evictions_total": a.evictions,
+            "cow_copies_total": self.copies,
         }
 
     def _new_block(self) -> int | None:

@@ -75,7 +75,7 @@ def test_allocator_refcounts_free_list_and_lru_eviction():
 def test_prefix_blocks_are_shared_and_outputs_unchanged(tiny):
     kv = paged(tiny, block_size=4)
     shared = list(range(100, 114))  # 3 full blocks + 2 tokens
-    a, b = shared + [1, 2, 3], shared + [7]
+    a, b = [*shared, 1, 2, 3], [*shared, 7]
     with torch.inference_mode():
         assert kv.add_sequence(0, a) == 0
         kv.bind([0])

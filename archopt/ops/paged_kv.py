@@ -404,14 +404,14 @@ class PagedKVCache:
                     f"sequence {sid} holds {seq.length} tokens: the next positions must "
                     f"continue from {seq.length}, got {real[0]}..{real[-1]}"
                 )
-            if (seq.length + len(real) - 1) // bs >= len(seq.blocks) or (
+            needs_blocks = (seq.length + len(real) - 1) // bs >= len(seq.blocks) or (
                 seq.length < len(seq.blocks) * bs and self._shared(seq.blocks[seq.length // bs])
-            ):
-                if not self.ensure(sid, len(real)):
-                    raise ValueError(
-                        f"the paged cache is full ({self.num_blocks} blocks of {bs}): "
-                        "raise max_blocks, or free sequences"
-                    )
+            )
+            if needs_blocks and not self.ensure(sid, len(real)):
+                raise ValueError(
+                    f"the paged cache is full ({self.num_blocks} blocks of {bs}): "
+                    "raise max_blocks, or free sequences"
+                )
             seq.length += len(real)
         tables = [self.seqs[s].blocks for s in self.rows]
         width = max(max((len(tb) for tb in tables), default=0), 1)

@@ -89,7 +89,7 @@ def _number(body: dict, key: str, default, *, kind=float, low=None, high=None, l
     return value
 
 
-def _sampling(body: dict, prompt_len: int, capacity: int, default_max: int | None) -> SamplingParams:
+def _sampling(body: dict, prompt_len: int, capacity: int, default_max: int | None):
     room = capacity - prompt_len
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, default_max, kind=int, low=1)
@@ -112,7 +112,8 @@ def _sampling(body: dict, prompt_len: int, capacity: int, default_max: int | Non
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, f"stop must be a string or a list of strings, got {stop!r}", param="stop")
+        msg = f"stop must be a string or a list of strings, got {stop!r}"
+        raise APIError(400, msg, param="stop")
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
         raise APIError(400, f"stop_token_ids must be a list of integers, got {stop_ids!r}")
@@ -212,7 +213,8 @@ def create_app(
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body must be valid JSON: {e}") from None
         if not isinstance(body, dict):
-            raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+            got = type(body).__name__
+            raise APIError(400, f"the request body must be a JSON object, got {got}")
         model = body.get("model")
         if model is not None and model != state.model_name:
             raise APIError(

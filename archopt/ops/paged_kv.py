@@ -18,13 +18,21 @@ digest is a 128-bit BLAKE2b, not Python's ``hash``, so a collision (wrong keys s
 request) is not a practical concern. Shared blocks are reference counted; a write into a shared
 (or registered) block first copies it (copy-on-write).
 
-Attention reads the pool in place (``attend``): the batch's blocks lie within one span of block
-ids, which is a strided view of each layer's pool; queries of all rows are scored against that
-span at once under a mask from the block tables (llama.cpp's unified KV cache does the same),
-so no step gathers a sequence's keys into a contiguous copy. A single sequence whose blocks are
-consecutive (the usual case: the allocator hands out the lowest free ids) reads exactly its
-slots with no mask, the same work as the dense cache. ``attention="gather"`` is the obviously
-correct reference: each row's blocks copied out in table order, then dense attention.
+Attention (``attend``) has three plans, chosen per step by ``attention``:
+
+- one sequence in consecutive blocks (the usual case at batch 1: the allocator hands out the
+  lowest free ids) reads its blocks in place, a strided view of each layer's pool: no copy;
+- ``"auto"`` (the default), for a batch: each row's blocks copied out in table order, padded to
+  the widest row, then one SDPA call. Both plans run the same kernel on the same numbers, and
+  padding never changes SDPA's sums, so a request gets bit-identical logits alone and batched
+  (with bf16 activations, as the GGUF kernels use, any other order of summation flips near
+  ties within a few dozen tokens);
+- ``"span"``: no copy at any batch size. The batch's blocks lie within one span of block ids, a
+  strided view of the pool; all rows are scored against the span at once under a mask from the
+  block tables (llama.cpp's unified KV cache does the same). It reads every slot once but
+  multiplies rows by slots, and its sums depend on where the other rows' blocks lie, so it is
+  exact only up to rounding.
+- ``"gather"``: the reference, every step copied out (what ``update`` returns too).
 
 Two ways in: the ``KVCache`` protocol (``make_cache("paged:16")``: one sequence per batch row,
 as ``generate`` uses it), and the engine's calls (``add_sequence`` with prefix matching,
@@ -428,39 +436,52 @@ class PagedKVCache:
         self.length += t
         self._step = (slots, self._plan(tables, positions))
 
-    def _plan(self, tables: list[list[int]], positions: torch.Tensor):
-        """(first slot, last slot + 1, additive mask or None) of the span every row reads."""
+    def _plan(self, tables: list[list[int]], positions: torch.Tensor) -> tuple:
+        """How this step's attention reads the pool: ``("view", lo, hi, mask)``, one
+        sequence in consecutive blocks read in place; ``("span", lo, hi, mask)``, every row
+        against the span of the batch's blocks; ``("gather", slots, mask)``, each row's blocks
+        copied out in table order. Masks are bool (B, 1, T, S), True = attend."""
         bs = self.block_size
-        used = [b for tb in tables for b in tb]
-        if not used:
-            return 0, 0, None
-        b, t = positions.shape
-        if b == 1 and tables[0] == list(range(tables[0][0], tables[0][0] + len(tables[0]))):
-            # One sequence in consecutive blocks: exactly its slots, as a dense cache reads.
-            lo = tables[0][0] * bs
-            hi = lo + int(positions.max()) + 1
-            if t == 1:
-                return lo, hi, None
-            q = positions[0][:, None]  # (T, 1)
-            k = self.slot_pos[lo:hi][None, :]
-            visible = (k >= 0) & (k <= q)
-            return lo, hi, self._additive(visible[None], 1)
-        lo_b, hi_b = min(used), max(used) + 1
-        member = torch.zeros(b, hi_b - lo_b, dtype=torch.bool)
-        for r, tb in enumerate(tables):
-            if tb:
-                member[r, torch.tensor(tb) - lo_b] = True
-        member = member.to(self.device).repeat_interleave(bs, dim=1)  # (B, S)
-        k = self.slot_pos[lo_b * bs : hi_b * bs]
-        visible = member[:, None, :] & (k >= 0) & (k <= positions[:, :, None])  # (B, T, S)
-        return lo_b * bs, hi_b * bs, self._additive(visible, b)
+        b = positions.shape[0]
+        first = tables[0] if b == 1 and tables[0] else None
+        consecutive = first and first == list(range(first[0], first[0] + len(first)))
+        if consecutive and self.attention != "gather":
+            lo = first[0] * bs
+            hi = lo + len(first) * bs  # whole blocks, as a gathered row: the same sums
+            return ("view", lo, hi, self._visible(positions, self.slot_pos[lo:hi][None]))
+        if self.attention == "span":
+            used = [x for tb in tables for x in tb]
+            lo_b, hi_b = min(used), max(used) + 1
+            member = torch.zeros(b, hi_b - lo_b, dtype=torch.bool)
+            for r, tb in enumerate(tables):
+                if tb:
+                    member[r, torch.tensor(tb) - lo_b] = True
+            member = member.to(self.device).repeat_interleave(bs, dim=1)  # (B, S)
+            k_pos = torch.where(member, self.slot_pos[lo_b * bs : hi_b * bs], -1)
+            return ("span", lo_b * bs, hi_b * bs, self._visible(positions, k_pos))
+        slots = self._table_slots(tables)  # (B, S)
+        return ("gather", slots, self._visible(positions, self.slot_pos[slots]))
 
-    def _additive(self, visible: torch.Tensor, b: int) -> torch.Tensor:
-        """(B, T, S) bool -> (B, 1, T, S) float, 0 where visible, -inf elsewhere; rows with
-        nothing visible (padding queries) fully open, as ``position_mask`` does."""
-        visible = visible | ~visible.any(dim=-1, keepdim=True)
-        mask = torch.zeros(visible.shape, dtype=self.dtype, device=self.device)
-        return mask.masked_fill_(~visible, float("-inf"))[:, None]
+    def _table_slots(self, tables: list[list[int]]) -> torch.Tensor:
+        """(B, S): each row's slots in table order, padded with the trash slot (never visible)
+        to the widest row, S a multiple of the block size."""
+        bs = self.block_size
+        width = max(max((len(tb) for tb in tables), default=0), 1)
+        table = torch.tensor([tb + [-1] * (width - len(tb)) for tb in tables], dtype=torch.long)
+        slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)
+        slots = torch.where(table.repeat_interleave(bs, dim=1) >= 0, slots, self._trash)
+        return slots.to(self.device)
+
+    @staticmethod
+    def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """(B, 1, T, S) bool: a query at p sees slots holding positions 0..p (rows that see
+        nothing, padding queries, fully open); None when every slot is visible."""
+        q, k = q_pos[:, :, None], k_pos[:, None, :]
+        visible = (k >= 0) & (k <= q)  # (B, T, S)
+        if q_pos.shape[1] == 1 and bool(visible.all()):
+            return None
+        visible |= ~visible.any(dim=-1, keepdim=True)
+        return visible[:, None]
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self._step[0]
@@ -480,28 +501,13 @@ class PagedKVCache:
         return self._gathered(layer, positions)
 
     def _gathered(self, layer: int, positions: torch.Tensor):
-        bs = self.block_size
-        tables = [self.seqs[s].blocks for s in self.rows]
-        width = max(max((len(tb) for tb in tables), default=0), 1)
-        slots = []
-        for tb in tables:
-            row = [b * bs + i for b in tb for i in range(bs)]
-            slots.append(row + [self._trash] * (width * bs - len(row)))
-        idx = torch.tensor(slots, device=self.device)  # (B, S)
-        keys = self.keys[layer][:, idx].transpose(0, 1)  # (B, Hkv, S, d)
-        values = self.values[layer][:, idx].transpose(0, 1)
-        k_pos = self.slot_pos[idx]  # (B, S)
-        q, kp = positions[:, :, None], k_pos[:, None, :]
-        visible = (kp >= 0) & (kp <= q)
-        visible |= ~visible.any(dim=-1, keepdim=True)
-        return keys, values, visible[:, None]
-
-    def _expand_mask(self, b: int, g: int, t: int) -> None:
-        """The step's mask for the (Hkv, B*g*T, S) score rows, made once for all layers."""
-        slots, (lo, hi, mask) = self._step
-        if mask is not None:
-            mask = mask.expand(b, g, t, hi - lo).reshape(b * g * t, hi - lo)
-        self._step = (slots, (lo, hi, mask))
+        slots = self._table_slots([self.seqs[s].blocks for s in self.rows])
+        b, h, d = slots.shape[0], self.kv_heads, self.head_dim
+        # (Hkv, B*S, d) -> (B, Hkv, S, d): every row's slots, copied out in table order
+        keys = self.keys[layer].index_select(1, slots.reshape(-1)).view(h, b, -1, d)
+        values = self.values[layer].index_select(1, slots.reshape(-1)).view(h, b, -1, d)
+        mask = self._visible(positions, self.slot_pos[slots])
+        return keys.transpose(0, 1), values.transpose(0, 1), mask
 
     def attend(
         self,
@@ -512,31 +518,50 @@ class PagedKVCache:
         positions: torch.Tensor,
     ) -> torch.Tensor:
         """Write ``k``/``v`` (B, Hkv, T, d) and return attention (B, Hq, T, d) for ``q``
-        (B, Hq, T, d), reading the pool in place (``attention="gather"``: the reference)."""
-        if layer == 0:
-            self._begin(positions)
-        self._write(layer, k, v)
+        (B, Hq, T, d), by the step's plan (see ``_plan``)."""
         b, hq, t, d = q.shape
         h = self.kv_heads
         g = hq // h
-        if self.attention == "gather":
-            keys, values, mask = self._gathered(layer, positions)
-            qg = q.reshape(b, h, g * t, d)
-            if g > 1:
-                mask = mask.repeat(1, 1, g, 1)
-            y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-            return y.view(b, hq, t, d)
         if layer == 0:
-            self._expand_mask(b, g, t)
-        lo, hi, mask = self._step[1]
+            self._begin(positions)
+            kind, *rest = self._step[1]
+            mask = rest[-1]
+            if mask is not None and t > 1 and g > 1:  # rows ordered as q's: (g, T)
+                mask = mask.repeat(1, 1, g, 1)
+            self._step = (self._step[0], (kind, *rest[:-1], mask))
+        self._write(layer, k, v)
+        kind, *where, mask = self._step[1]
+        if kind == "span":
+            return self._attend_span(q, layer, *where, mask)
+        if kind == "view":
+            lo, hi = where
+            keys = self.keys[layer][None, :, lo:hi]  # (1, Hkv, S, d), in place
+            values = self.values[layer][None, :, lo:hi]
+        else:
+            slots = where[0].reshape(-1)
+            keys = self.keys[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
+            values = self.values[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
+        qg = q.reshape(b, h, g * t, d)  # grouped-query heads as extra query rows
+        # SDPA's kernel, for decoding too: unlike matmul-softmax-matmul, its sums come out
+        # bit-identical when a row is padded further (batched with longer rows), so a request
+        # decodes the same tokens alone or batched even with bf16 activations.
+        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        return y.view(b, hq, t, d)
+
+    def _attend_span(self, q, layer, lo, hi, mask):
+        """Every row against the span of pool slots holding the batch's blocks, masked."""
+        b, hq, t, d = q.shape
+        h = self.kv_heads
+        g = hq // h
         keys, values = self.keys[layer][:, lo:hi], self.values[layer][:, lo:hi]  # (Hkv, S, d)
-        # Rows of every sequence and query head of a group against the shared span:
-        # (B, Hkv, g, T, d) -> (Hkv, B*g*T, d).
+        # (B, Hkv, g*T, d) -> (Hkv, B*g*T, d): all rows of a kv head against its span at once
         qs = q.reshape(b, h, g * t, d).transpose(0, 1).reshape(h, b * g * t, d)
-        if t == 1:  # decoding: a few rows, where SDPA's set-up costs more than the math
+        if mask is not None:  # (B, 1, g*T, S) -> (B*g*T, S), rows as qs's
+            mask = mask.expand(b, 1, g * t, hi - lo).reshape(b * g * t, hi - lo)
+        if t == 1:
             scores = torch.matmul(qs, keys.transpose(-1, -2)) * d**-0.5  # (Hkv, rows, S)
             if mask is not None:
-                scores = scores + mask
+                scores = scores.masked_fill(~mask, float("-inf"))
             y = torch.matmul(scores.softmax(dim=-1), values)
         else:
             y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)

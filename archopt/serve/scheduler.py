@@ -188,9 +188,11 @@ class Scheduler:
         failed: list[Request] = []
         budget = self.prefill_chunk
         for req in sorted((r for r in self.running if r.pending > 1), key=lambda r: r.key):
-            if budget <= 0:
+            # A request's chunks are the same alone or batched (whole chunks from its start),
+            # so its prompt runs through the same sums either way; the first always runs.
+            n = min(req.pending, self.prefill_chunk)
+            if prefill and n > budget:
                 break
-            n = min(req.pending, budget)
             if not self.cache.ensure(req.seq_id, n):
                 if not decode and not prefill and len(self.running) == 1:
                     failed.append(req)  # alone and still too big: it never fits

@@ -197,6 +197,7 @@ def cmd_serve(args) -> None:
         max_blocks=args.max_blocks,
         prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue,
+        attention=args.attention,
     )
 
 
@@ -364,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "full contexts)")  # fmt: skip
     sp.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per step")
     sp.add_argument("--max-queue", type=int, default=256, help="waiting requests before 503")
+    sp.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "span", "gather"],
+        help="auto: batched requests decode exactly as alone; span: no per-step copy",
+    )
     sp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     sp.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     sp.set_defaults(func=cmd_serve)

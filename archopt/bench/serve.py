@@ -317,6 +317,8 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="also time the compiled single-stream generate (slow first compile)",
     )
+    ap.add_argument("--attention", nargs="+", default=["auto", "span"],
+                    help="archopt serve's attention plans to run (auto, span, gather)")  # fmt: skip
     ap.add_argument("--llama-server", help="path of a llama.cpp llama-server binary")
     ap.add_argument("--no-llama-cpp-python", action="store_true")
     ap.add_argument("--json", help="write the report here")
@@ -355,14 +357,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     servers: list[tuple[str, object, str]] = []
-    port = free_port()
-    ours = Server(
-        "archopt serve",
-        [sys.executable, "-m", "archopt.cli", "serve", "--model", str(gguf), "--port", str(port),
-         "--threads", str(args.threads), "--max-batch", str(max(args.streams))],
-        port, health="/health", env=env,
-    )  # fmt: skip
-    servers.append(("archopt serve", lambda n: ours, "ignore_eos"))
+    if "auto" not in args.attention:
+        args.attention.insert(0, "auto")  # the default configuration is always measured
+    for attention in args.attention:
+        port = free_port()
+        name = "archopt serve" + ("" if attention == "auto" else f" --attention {attention}")
+        ours = Server(
+            name,
+            [sys.executable, "-m", "archopt.cli", "serve", "--model", str(gguf), "--port",
+             str(port), "--threads", str(args.threads), "--max-batch", str(max(args.streams)),
+             "--attention", attention],
+            port, health="/health", env=env,
+        )  # fmt: skip
+        servers.append((name, lambda n, srv=ours: srv, "ignore_eos"))
     if not args.no_llama_cpp_python:
         try:
             import llama_cpp.server  # noqa: F401
@@ -418,24 +425,26 @@ def main(argv: list[str] | None = None) -> dict:
                 shared.down()
         report["servers"][name] = runs
 
-    ours_runs = {r["streams"]: r for r in report["servers"]["archopt serve"]}
     best_single = max(v["tokens_per_s"] for v in report["single_stream"].values())
     ratios = {}
-    for n, r in ours_runs.items():
-        ratios[f"archopt serve, {n} streams / our best single-stream generate"] = (
-            r["tokens_per_s"] / best_single
-        )
-    for name, runs in report["servers"].items():
-        if name == "archopt serve":
+    for ours_name, ours_list in report["servers"].items():
+        if not ours_name.startswith("archopt serve"):
             continue
-        for r in runs:
-            if r["streams"] in ours_runs:
-                ratios[f"archopt serve / {name}, {r['streams']} streams"] = (
-                    ours_runs[r["streams"]]["tokens_per_s"] / r["tokens_per_s"]
-                )
+        ours_runs = {r["streams"]: r for r in ours_list}
+        for n, r in ours_runs.items():
+            key = f"{ours_name}, {n} streams / our best single-stream generate"
+            ratios[key] = r["tokens_per_s"] / best_single
+        for name, runs in report["servers"].items():
+            if name.startswith("archopt serve"):
+                continue
+            for r in runs:
+                if r["streams"] in ours_runs:
+                    key = f"{ours_name} / {name}, {r['streams']} streams"
+                    ratios[key] = ours_runs[r["streams"]]["tokens_per_s"] / r["tokens_per_s"]
     report["ratios"] = ratios
     texts = [r["texts"][0] for r in report["servers"]["archopt serve"]]
     report["greedy_same"] = all(t == texts[0] for t in texts)
+    report["greedy_texts"] = texts
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2, default=float))

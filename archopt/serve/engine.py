@@ -33,7 +33,9 @@ class Engine:
     """Continuous batching over a ``PagedKVCache`` for an archopt ``Llama``.
 
     ``max_blocks``: the pool's limit in blocks (default: ``max_batch`` sequences of the
-    model's full context); the pool starts at ``num_blocks`` and grows by doubling as needed.
+    model's full context); the pool starts at ``num_blocks`` (default: 256 tokens per batch
+    slot) and grows by doubling when no block is free or cached, so the memory held follows
+    the tokens in use (``metrics()``: ``kv_pool_bytes``).
     """
 
     def __init__(
@@ -58,7 +60,7 @@ class Engine:
         if max_blocks is None:
             max_blocks = max_batch * per_seq
         if num_blocks is None:
-            num_blocks = min(max_batch * -(-1024 // block_size), max_blocks)
+            num_blocks = min(max_batch * -(-256 // block_size), max_blocks)
         self.cache = PagedKVCache(
             num_layers=cfg.num_layers,
             kv_heads=cfg.num_kv_heads,

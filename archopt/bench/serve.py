@@ -417,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r = run_streams(srv.base, bodies, "/v1/completions")
                 r["server_start_s"] = srv.start_s
                 runs.append(r)
-                if name == "archopt serve" and n == args.streams[-1]:
+                if n == args.streams[-1]:
                     say(f"{name}: prefix reuse, 8 requests sharing {args.prefix_tokens} tokens")
                     report["prefix"][name] = prefix_reuse(srv.base, system, how=how, eos_id=eos)
         finally:

@@ -23,10 +23,12 @@ Attention (``attend``) has three plans, chosen per step by ``attention``:
 - one sequence in consecutive blocks (the usual case at batch 1: the allocator hands out the
   lowest free ids) reads its blocks in place, a strided view of each layer's pool: no copy;
 - ``"auto"`` (the default), for a batch: each row's blocks copied out in table order, padded to
-  the widest row, then one SDPA call. Both plans run the same kernel on the same numbers, and
-  padding never changes SDPA's sums, so a request gets bit-identical logits alone and batched
-  (with bf16 activations, as the GGUF kernels use, any other order of summation flips near
-  ties within a few dozen tokens);
+  the widest row, then one SDPA call. Both plans run the same kernel on the same numbers in
+  the same order, padded further when batched; in the cases tested, SDPA's sums do not change
+  with that padding, so a request decodes the same tokens alone and batched even with bf16
+  activations (as the GGUF kernels use), where any other order of summation flips near ties
+  within a few dozen tokens. Not guaranteed: SDPA tiles keys by their padded length in some
+  shapes (benchmarks/RESULTS.md, issue 18);
 - ``"span"``: no copy at any batch size. The batch's blocks lie within one span of block ids, a
   strided view of the pool; all rows are scored against the span at once under a mask from the
   block tables (llama.cpp's unified KV cache does the same). It reads every slot once but
@@ -542,9 +544,9 @@ class PagedKVCache:
             keys = self.keys[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
             values = self.values[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
         qg = q.reshape(b, h, g * t, d)  # grouped-query heads as extra query rows
-        # SDPA's kernel, for decoding too: unlike matmul-softmax-matmul, its sums come out
-        # bit-identical when a row is padded further (batched with longer rows), so a request
-        # decodes the same tokens alone or batched even with bf16 activations.
+        # SDPA's kernel, for decoding too: unlike matmul-softmax-matmul, its sums came out
+        # bit-identical when a row is padded further (batched with longer rows) in the cases
+        # tested, so a request decodes the same tokens alone or batched.
         y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
         return y.view(b, hq, t, d)
 

@@ -150,6 +150,10 @@ def cmd_bench(args) -> None:
         from archopt.bench.whole_process import main as bench_cli
 
         bench_cli(args.rest)
+    elif args.suite == "serve":
+        from archopt.bench.serve import main as bench_serve
+
+        bench_serve(args.rest)
 
 
 def cmd_generate(args) -> None:
@@ -238,6 +242,26 @@ def cmd_cache(args) -> None:
     if not entries:
         lines.append("  (empty)")
     _emit(entries, args.json, "\n".join(lines))
+
+
+def cmd_serve(args) -> None:
+    from archopt.serve.app import serve
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    serve(
+        args.model,
+        weights=args.weights,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        block_size=args.block_size,
+        max_blocks=args.max_blocks,
+        prefill_chunk=args.prefill_chunk,
+        max_queue=args.max_queue,
+        attention=args.attention,
+    )
 
 
 def cmd_train(args) -> None:
@@ -419,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
-    sp.add_argument("suite", choices=["attention", "generate", "cli"])
+    sp.add_argument("suite", choices=["attention", "generate", "cli", "serve"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
     sp.set_defaults(func=cmd_bench)
 
@@ -464,6 +488,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("action", choices=["list", "clear"])
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_cache)
+
+    sp = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching)")
+    sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, HF dir or .gguf")
+    sp.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES)
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    sp.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    sp.add_argument(
+        "--max-batch", type=_int_in(1, 4096), default=8, help="sequences decoded together"
+    )
+    sp.add_argument(
+        "--block-size", type=_int_in(1, 1 << 16), default=16, help="tokens per KV block"
+    )
+    sp.add_argument(
+        "--max-blocks", type=POSITIVE, help="KV pool limit in blocks (default: max-batch contexts)"
+    )
+    sp.add_argument("--prefill-chunk", type=POSITIVE, default=256, help="prompt tokens per step")
+    sp.add_argument("--max-queue", type=POSITIVE, default=256, help="waiting requests before 503")
+    sp.add_argument(
+        "--attention",
+        default="auto",
+        choices=["auto", "span", "gather"],
+        help="auto: batched requests decode exactly as alone; span: no per-step copy",
+    )
+    sp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")
+    sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("tour", help="re-measure the lecture's claims and write a report")
     sp.add_argument("--out", default="archopt-report", help="output folder")

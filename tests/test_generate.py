@@ -159,8 +159,8 @@ def test_bad_input(model):
         generate(model, [], 3)
     with pytest.raises(ValueError, match="left-padded"):
         generate(model, torch.tensor([[1, 2, 3]]), 3, attention_mask=torch.tensor([[1, 1, 0]]))
-    with pytest.raises(ValueError, match="unknown cache spec 'paged': expected one of"):
-        generate(model, [1, 2], 3, cache="paged")
+    with pytest.raises(ValueError, match="unknown cache spec 'radix': expected one of"):
+        generate(model, [1, 2], 3, cache="radix")
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1, got 0"):
         generate(model, [1, 2], 0)
     with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):

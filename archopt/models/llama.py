@@ -132,6 +132,9 @@ class Attention(nn.Module):
         q = qk[:, :, :hq].transpose(1, 2)  # (B, Hq, T, d)
         k = qk[:, :, hq:].transpose(1, 2)  # (B, Hkv, T, d)
         v = v.view(b, t, hkv, d).transpose(1, 2)
+        if hasattr(cache, "attend"):  # a paged cache: attention reads its block pool in place
+            y = cache.attend(layer, q, k, v, positions)  # (B, Hq, T, d)
+            return self.out(y.transpose(1, 2).reshape(b, t, self.q_size))
         if cache is None:
             mask = position_mask(positions, positions)
         else:
@@ -258,7 +261,8 @@ class Llama(nn.Module):
         self, kind: str | KVCache = "dense", *, batch: int = 1, reserve: int | None = None
     ) -> KVCache | None:
         """A cache for this model from a spec (``none``, ``dense``, ``static``, ``sliding:W``,
-        ``sink:S:W``, ``int8[:R]``; see archopt.ops.kv_cache); capacity: its max positions."""
+        ``sink:S:W``, ``int8[:R]``, ``paged[:B]``; see archopt.ops.kv_cache); capacity: its max
+        positions."""
         from archopt.ops.kv_cache import make_cache
 
         cfg = self.config

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-CACHE_KINDS = ("none", "dense", "static", "sliding:W", "sink:S:W", "int8", "int8:R")
+CACHE_KINDS = ("none", "dense", "static", "sliding:W", "sink:S:W", "int8", "int8:R", "paged:B")
 
 
 class KVCache:
@@ -429,7 +429,10 @@ def position_mask(
     return valid[:, None]
 
 
-_ARITY = {"none": [0], "dense": [0], "static": [0], "sliding": [1], "sink": [2], "int8": [0, 1]}
+_ARITY = {
+    "none": [0], "dense": [0], "static": [0], "sliding": [1], "sink": [2], "int8": [0, 1],
+    "paged": [0, 1],
+}  # fmt: skip
 MAX_SPEC_NUMBER = 1 << 40  # far past any context; bounds what a spec can ask to allocate
 
 
@@ -480,8 +483,9 @@ def make_cache(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
 ) -> KVCache | None:
-    """A cache from a spec string (``none``, ``dense``, ``static``, ...) or an existing cache."""
-    if spec is None or isinstance(spec, KVCache):
+    """A cache from a spec string (``none``, ``dense``, ``static``, ...) or an existing cache
+    (a ``KVCache``, or a cache that attends itself: ``archopt.ops.paged_kv.PagedKVCache``)."""
+    if spec is None or isinstance(spec, KVCache) or hasattr(spec, "attend"):
         return spec
     kind, nums = check_cache_spec(spec)
     if kind == "auto":
@@ -500,6 +504,11 @@ def make_cache(
         return DenseCache(capacity=capacity, reserve=reserve, **common)
     if kind == "static":
         return StaticCache(capacity=min(capacity, reserve or capacity), **common)
+    if kind == "paged":  # blocks of B tokens (default 16), one sequence per row
+        from archopt.ops.paged_kv import PagedKVCache
+
+        block = nums[0] if nums else 16
+        return PagedKVCache(capacity=capacity, reserve=reserve, block_size=block, **common)
     if kind == "int8":
         recent = nums[0] if nums else 32
         return Int8Cache(capacity=capacity, reserve=reserve, recent=recent, **common)

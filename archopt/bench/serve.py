@@ -1,0 +1,463 @@
+"""Serving throughput and latency: ``archopt serve`` against llama.cpp's servers, side by side.
+
+One run, on the same GGUF file and thread count: 1, 4 and 8 concurrent streams of
+``--new-tokens`` tokens each (greedy, end-of-sequence ignored), through each server's
+OpenAI-compatible ``/v1/completions`` with streaming; for each, aggregate tokens/s and the
+p50/p99 time to first token (TTFT) and inter-token latency (ITL), measured at the client.
+Anchors in the same run: archopt's single-stream ``generate`` (eager dense cache, and the
+compiled static-cache step when ``--compile`` is given), llama-cpp-python's
+``llama_cpp.server`` and, when given ``--llama-server PATH``, llama.cpp's own ``llama-server``
+started with ``-np`` equal to the stream count. Then prefix reuse: 8 chat requests sharing a
+512-token system prompt, the time to first token of the later ones against the cold first one.
+Every server is a subprocess bound to 127.0.0.1; every request loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from archopt.bench.common import machine_line
+
+PROMPTS = [
+    "Write a long story about a lighthouse keeper.",
+    "Explain in detail how a steam engine works.",
+    "Describe the history of the city of Rome.",
+    "Write a long letter to a friend about a journey by train.",
+    "Explain how computers store numbers, step by step.",
+    "Describe a walk through a forest in autumn.",
+    "Write an essay about the importance of sleep.",
+    "Tell the story of a chess tournament.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess on loopback; ``up()`` waits for its health check."""
+
+    def __init__(self, name: str, cmd: list[str], port: int, *, health: str, env=None):
+        self.name, self.cmd, self.port, self.health = name, cmd, port, health
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.start_s = 0.0
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def up(self, timeout: float = 300) -> Server:
+        import tempfile
+
+        import httpx
+
+        t0 = time.perf_counter()
+        # A file, not a pipe: a pipe nobody reads fills up and stalls a chatty server.
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in down())
+        self.proc = subprocess.Popen(
+            self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env
+        )
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                self.log.seek(0)
+                err = self.log.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {err}")
+            try:
+                if httpx.get(self.base + self.health, timeout=2).status_code == 200:
+                    self.start_s = time.perf_counter() - t0
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.down()
+        raise RuntimeError(f"{self.name} did not become healthy in {timeout} s")
+
+    def down(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if getattr(self, "log", None) is not None:
+            self.log.close()
+            self.log = None
+
+
+def stream_one(base: str, body: dict, path: str, out: dict, timeout: float) -> None:
+    """One streamed request; records send time, chunk arrival times, text and token count."""
+    import httpx
+
+    out["times"], out["text"], out["tokens"] = [], [], None
+    t0 = time.perf_counter()
+    out["t0"] = t0
+    with (
+        httpx.Client(timeout=timeout) as client,
+        client.stream("POST", base + path, json=body) as r,
+    ):
+        if r.status_code != 200:
+            out["error"] = f"HTTP {r.status_code}: {r.read()[:300]!r}"
+            return
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                out["tokens"] = event["usage"].get("completion_tokens")
+            for choice in event.get("choices") or []:
+                piece = choice.get("text")
+                if piece is None:
+                    piece = (choice.get("delta") or {}).get("content")
+                if piece:
+                    out["times"].append(time.perf_counter())
+                    out["text"].append(piece)
+    out["t_end"] = time.perf_counter()
+
+
+def model_id(base: str) -> str:
+    import httpx
+
+    return httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
+
+
+def run_streams(base: str, bodies: list[dict], path: str, timeout: float = 600) -> dict:
+    name = model_id(base)
+    bodies = [{**b, "model": name} for b in bodies]
+    outs = [{} for _ in bodies]
+    threads = [
+        threading.Thread(target=stream_one, args=(base, b, path, o, timeout))
+        for b, o in zip(bodies, outs)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 10)
+    errors = [o["error"] for o in outs if "error" in o]
+    if errors:
+        raise RuntimeError(errors[0])
+    start = min(o["t0"] for o in outs)
+    end = max(o["t_end"] for o in outs)
+    tokens = [o["tokens"] if o["tokens"] is not None else len(o["times"]) for o in outs]
+    ttft = [(o["times"][0] - o["t0"]) * 1e3 for o in outs if o["times"]]
+    itl = [(b - a) * 1e3 for o in outs for a, b in zip(o["times"], o["times"][1:])]
+    return {
+        "streams": len(bodies),
+        "tokens": sum(tokens),
+        "seconds": end - start,
+        "tokens_per_s": sum(tokens) / (end - start),
+        "ttft_p50_ms": _q(ttft, 0.5),
+        "ttft_p99_ms": _q(ttft, 0.99),
+        "itl_p50_ms": _q(itl, 0.5),
+        "itl_p99_ms": _q(itl, 0.99),
+        "texts": ["".join(o["text"]) for o in outs],
+    }
+
+
+def _q(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(int(q * len(xs)), len(xs) - 1)] if q < 1 else xs[-1]
+
+
+def completion_bodies(n: int, new_tokens: int, *, eos_id: int, how: str) -> list[dict]:
+    """``n`` greedy completions that run ``new_tokens`` tokens (end-of-sequence suppressed in
+    the way the server understands: ``ignore_eos``, or a logit bias)."""
+    bodies = []
+    for i in range(n):
+        b = {
+            "model": "m",
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if how == "ignore_eos":
+            b["ignore_eos"] = True
+        else:
+            b["logit_bias"] = {str(eos_id): -100}
+        bodies.append(b)
+    return bodies
+
+
+def prefix_reuse(base: str, system: str, *, requests: int = 8, how: str, eos_id: int) -> dict:
+    """TTFT of ``requests`` chat requests (one at a time) sharing the ``system`` prompt."""
+    ttfts = []
+    for i in range(requests):
+        body = {"model": "m", "max_tokens": 8, "temperature": 0, "stream": True,
+                "messages": [{"role": "system", "content": system},
+                             {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}  # fmt: skip
+        if how == "ignore_eos":
+            body["ignore_eos"] = True
+        r = run_streams(base, [body], "/v1/chat/completions")
+        ttfts.append(r["ttft_p50_ms"])
+    cold, warm = ttfts[0], statistics.median(ttfts[1:])
+    return {"cold_ttft_ms": cold, "cached_ttft_ms": warm, "ratio": warm / cold, "all": ttfts}
+
+
+def single_stream_generate(model, prompt_ids, new_tokens: int, compile: str | None) -> dict:
+    """archopt's own single-stream ``generate`` (in this process): tokens/s after warm-up."""
+    from archopt.generate import generate
+
+    kwargs = {"cache": "static", "compile": compile} if compile else {"cache": "dense"}
+    t0 = time.perf_counter()
+    generate(model, [prompt_ids], 8, stop=None, **kwargs)  # warm-up (and compile)
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        generate(model, [prompt_ids], new_tokens, stop=None, **kwargs)
+        times.append(time.perf_counter() - t0)
+    return {"tokens_per_s": new_tokens / min(times), "warmup_s": first}
+
+
+@torch.inference_mode()
+def paged_vs_dense_step(model, contexts=(128, 512), steps: int = 24) -> list[dict]:
+    """Decode-step time at batch 1, paged cache against dense, interleaved step by step."""
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for ctx in contexts:
+        ids = torch.randint(0, model.config.vocab_size, (1, ctx + steps), generator=gen)
+        caches = {k: model.make_cache(k, reserve=ctx + steps) for k in ("dense", "paged")}
+        for kv in caches.values():
+            model(ids[:, :ctx], cache=kv, last_only=True)
+        times = {k: [] for k in caches}
+        for i in range(steps):
+            for k, kv in caches.items() if i % 2 else reversed(caches.items()):
+                t0 = time.perf_counter()
+                model(ids[:, ctx + i : ctx + i + 1], cache=kv, last_only=True)
+                times[k].append(time.perf_counter() - t0)
+        d, p = (statistics.median(times[k]) * 1e3 for k in ("dense", "paged"))
+        rows.append({"context": ctx, "dense_ms": d, "paged_ms": p, "ratio": p / d})
+    return rows
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, runs in report["servers"].items():
+        xs = [r["streams"] for r in runs]
+        a.plot(xs, [r["tokens_per_s"] for r in runs], "o-", label=name)
+        b.plot(xs, [r["ttft_p50_ms"] for r in runs], "o-", label=name)
+    for name, v in report["single_stream"].items():
+        a.axhline(v["tokens_per_s"], ls="--", lw=1, color="gray")
+        a.annotate(name, (1, v["tokens_per_s"]), fontsize=7, color="gray")
+    a.set(xlabel="concurrent streams", ylabel="aggregate tokens/s", title="throughput")
+    b.set(xlabel="concurrent streams", ylabel="p50 time to first token (ms)", title="TTFT")
+    b.set_yscale("log")
+    a.legend(fontsize=8)
+    fig.suptitle(report["machine"], fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"machine: {report['machine']}", "",
+             "| server | streams | tokens/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms"
+             " |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, runs in report["servers"].items():
+        for r in runs:
+            lines.append(
+                f"| {name} | {r['streams']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | "
+                f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} | {r['itl_p99_ms']:.1f} |"
+            )
+    lines.append("")
+    for name, v in report["single_stream"].items():
+        lines.append(f"single stream, {name}: {v['tokens_per_s']:.1f} tokens/s")
+    for k, v in report.get("ratios", {}).items():
+        lines.append(f"{k}: {v:.2f}x")
+    for name, p in report.get("prefix", {}).items():
+        lines.append(
+            f"prefix reuse ({name}): cold TTFT {p['cold_ttft_ms']:.0f} ms, cached "
+            f"{p['cached_ttft_ms']:.0f} ms ({100 * p['ratio']:.1f}% of cold)"
+        )
+    for r in report.get("paged_step", []):
+        lines.append(
+            f"decode step at batch 1, context {r['context']}: dense {r['dense_ms']:.2f} ms, "
+            f"paged {r['paged_ms']:.2f} ms ({r['ratio']:.3f}x)"
+        )
+    if "greedy_same" in report:
+        lines.append(f"greedy text of stream 0, same at 1/4/8 streams: {report['greedy_same']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(prog="archopt bench serve", description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m", help="a name with a GGUF, or a .gguf")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefix-tokens", type=int, default=512)
+    ap.add_argument(
+        "--compile",
+        choices=["inductor", "inductor-cpp"],
+        default=None,
+        help="also time the compiled single-stream generate (slow first compile)",
+    )
+    ap.add_argument("--attention", nargs="+", default=["auto", "span"],
+                    help="archopt serve's attention plans to run (auto, span, gather)")  # fmt: skip
+    ap.add_argument("--llama-server", help="path of a llama.cpp llama-server binary")
+    ap.add_argument("--no-llama-cpp-python", action="store_true")
+    ap.add_argument("--json", help="write the report here")
+    ap.add_argument("--plot", help="write tokens/s and TTFT against streams here (PNG)")
+    args = ap.parse_args(argv)
+
+    from archopt.loading.llm import load_llm, resolve_llm
+
+    torch.set_num_threads(args.threads)
+    gguf = resolve_llm(args.model)
+    if gguf.suffix != ".gguf":
+        raise ValueError(
+            f"bench serve compares against llama.cpp: --model must have a GGUF file, got {gguf}"
+        )
+    report: dict = {"machine": machine_line(args.threads), "model": str(gguf), "servers": {},
+                    "single_stream": {}, "prefix": {}}  # fmt: skip
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    model = load_llm(args.model)
+    ids = model.tokenizer.encode(PROMPTS[0])
+    eos = model.config.eos_ids[0]
+    say("single-stream generate (eager, dense cache) ...")
+    report["single_stream"]["archopt generate (eager dense)"] = single_stream_generate(
+        model, ids, args.new_tokens, None
+    )
+    if args.compile:
+        say(f"single-stream generate (compiled {args.compile}, static cache) ...")
+        report["single_stream"][f"archopt generate ({args.compile})"] = single_stream_generate(
+            model, ids, args.new_tokens, args.compile
+        )
+    say("decode step at batch 1, paged against dense ...")
+    report["paged_step"] = paged_vs_dense_step(model)
+    tok = model.tokenizer
+    system = tok.decode(tok.encode(_system_text())[: args.prefix_tokens])
+    del model
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    servers: list[tuple[str, object, str]] = []
+    if "auto" not in args.attention:
+        args.attention.insert(0, "auto")  # the default configuration is always measured
+    for attention in args.attention:
+        port = free_port()
+        name = "archopt serve" + ("" if attention == "auto" else f" --attention {attention}")
+        ours = Server(
+            name,
+            [sys.executable, "-m", "archopt.cli", "serve", "--model", str(gguf), "--port",
+             str(port), "--threads", str(args.threads), "--max-batch", str(max(args.streams)),
+             "--attention", attention],
+            port, health="/health", env=env,
+        )  # fmt: skip
+        servers.append((name, lambda n, srv=ours: srv, "ignore_eos"))
+    if not args.no_llama_cpp_python:
+        try:
+            import llama_cpp.server  # noqa: F401
+
+            port2 = free_port()
+            lcp = Server(
+                "llama-cpp-python server",
+                [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host",
+                 "127.0.0.1", "--port", str(port2), "--n_threads", str(args.threads),
+                 "--n_threads_batch", str(args.threads), "--n_ctx", "4096",
+                 "--interrupt_requests", "False"],
+                port2, health="/v1/models", env=env,
+            )  # fmt: skip
+            servers.append(("llama-cpp-python server", lambda n: lcp, "logit_bias"))
+        except ImportError:
+            say("llama-cpp-python is not installed: its server is skipped")
+    if args.llama_server:
+
+        def llama_server(n: int) -> Server:
+            p = free_port()
+            return Server(
+                f"llama-server -np {n}",
+                [args.llama_server, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(p),
+                 "-t", str(args.threads), "-tb", str(args.threads), "-np", str(n),
+                 "-c", str(n * 2048), "--no-webui"],
+                p, health="/health", env=env,
+            )  # fmt: skip
+
+        servers.append(("llama-server", llama_server, "ignore_eos"))
+
+    for name, make, how in servers:
+        runs, shared = [], None
+        try:
+            for n in args.streams:
+                srv = make(n)
+                if srv is not shared:
+                    if shared is not None:
+                        shared.down()
+                    say(f"starting {srv.name} ...")
+                    shared = srv.up()
+                    warm = completion_bodies(1, 8, eos_id=eos, how=how)
+                    run_streams(srv.base, warm, "/v1/completions")
+                say(f"{name}: {n} streams of {args.new_tokens} tokens ...")
+                bodies = completion_bodies(n, args.new_tokens, eos_id=eos, how=how)
+                r = run_streams(srv.base, bodies, "/v1/completions")
+                r["server_start_s"] = srv.start_s
+                runs.append(r)
+                if n == args.streams[-1]:
+                    say(f"{name}: prefix reuse, 8 requests sharing {args.prefix_tokens} tokens")
+                    report["prefix"][name] = prefix_reuse(srv.base, system, how=how, eos_id=eos)
+        finally:
+            if shared is not None:
+                shared.down()
+        report["servers"][name] = runs
+
+    best_single = max(v["tokens_per_s"] for v in report["single_stream"].values())
+    ratios = {}
+    for ours_name, ours_list in report["servers"].items():
+        if not ours_name.startswith("archopt serve"):
+            continue
+        ours_runs = {r["streams"]: r for r in ours_list}
+        for n, r in ours_runs.items():
+            key = f"{ours_name}, {n} streams / our best single-stream generate"
+            ratios[key] = r["tokens_per_s"] / best_single
+        for name, runs in report["servers"].items():
+            if name.startswith("archopt serve"):
+                continue
+            for r in runs:
+                if r["streams"] in ours_runs:
+                    key = f"{ours_name} / {name}, {r['streams']} streams"
+                    ratios[key] = ours_runs[r["streams"]]["tokens_per_s"] / r["tokens_per_s"]
+    report["ratios"] = ratios
+    texts = [r["texts"][0] for r in report["servers"]["archopt serve"]]
+    report["greedy_same"] = all(t == texts[0] for t in texts)
+    report["greedy_texts"] = texts
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+    if args.plot:
+        plot(report, Path(args.plot))
+    return report
+
+
+def _system_text() -> str:
+    from archopt.generate import reference_text
+
+    return "You are a careful assistant. Here is a reference you may need:\n\n" + reference_text()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""Serving: continuous batching over a paged KV cache, and an OpenAI-compatible HTTP server.
+
+``Engine`` (engine.py) steps the model over many requests at once; ``Scheduler``
+(scheduler.py) decides who runs; ``app.py`` serves it over HTTP (starlette and uvicorn,
+imported only there).
+"""
+
+from archopt.serve.engine import Engine
+from archopt.serve.scheduler import QueueFull, Request, SamplingParams, Scheduler
+
+__all__ = ["Engine", "QueueFull", "Request", "SamplingParams", "Scheduler"]

@@ -1,0 +1,313 @@
+"""The serving engine: a model, a paged KV cache and the scheduler, stepped in one thread.
+
+Each step runs at most two forwards through the model: one over the decoding requests (one
+token each, a (B, 1) batch: the weights are read once for B tokens, which is where batching
+wins, since decoding is memory-bound) and one over this step's prompt chunks (left-padded, each
+row attending its own cached prefix). Every request samples with its own settings and its own
+random generator, so its tokens do not depend on who else is in the batch. Outputs go to each
+request's ``on_output`` callback as text deltas; stop tokens, stop strings and ``max_tokens``
+end a request, and its blocks go back to the pool (full ones into the prefix cache).
+
+Threads: ``start()`` runs the step loop in a background thread; ``submit`` and ``abort`` may
+be called from any thread (the HTTP server's event loop). ``generate`` runs requests to the
+end in the calling thread, for tests and scripts.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from archopt.generate import sample
+from archopt.ops.paged_kv import PagedKVCache
+from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
+
+__all__ = ["Engine", "QueueFull", "Request", "SamplingParams"]
+
+
+class Engine:
+    """Continuous batching over a ``PagedKVCache`` for an archopt ``Llama``.
+
+    ``max_blocks``: the pool's limit in blocks (default: ``max_batch`` sequences of the
+    model's full context); the pool starts at ``num_blocks`` (default: 256 tokens per batch
+    slot) and grows by doubling when no block is free or cached, so the memory held follows
+    the tokens in use (``metrics()``: ``kv_pool_bytes``).
+    """
+
+    def __init__(
+        self,
+        model,
+        *,
+        tokenizer=None,
+        max_batch: int = 8,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        max_blocks: int | None = None,
+        prefill_chunk: int = 256,
+        max_queue: int = 256,
+        prefix_cache: bool = True,
+        attention: str = "auto",
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        self.capacity = cfg.max_position_embeddings
+        per_seq = -(-self.capacity // block_size)
+        if max_blocks is None:
+            max_blocks = max_batch * per_seq
+        if num_blocks is None:
+            num_blocks = min(max_batch * -(-256 // block_size), max_blocks)
+        self.cache = PagedKVCache(
+            num_layers=cfg.num_layers,
+            kv_heads=cfg.num_kv_heads,
+            head_dim=cfg.head_dim,
+            capacity=self.capacity,
+            block_size=block_size,
+            num_blocks=num_blocks,
+            max_blocks=max_blocks,
+            dtype=model.embed.weight.dtype,
+            device=model.embed.weight.device,
+            prefix_cache=prefix_cache,
+            attention=attention,
+        )
+        self.scheduler = Scheduler(
+            self.cache, max_batch=max_batch, max_queue=max_queue, prefill_chunk=prefill_chunk
+        )
+        self.eos_ids = set(cfg.eos_ids)
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        if eos is not None:
+            self.eos_ids.add(int(eos))
+        self.pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+        self._cond = threading.Condition()
+        self._inbox: collections.deque[Request] = collections.deque()
+        self._aborts: collections.deque[str] = collections.deque()
+        self._by_id: dict[str, Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._recent: collections.deque[tuple[float, int]] = collections.deque()
+        self.steps = self.generated_tokens = self.prompt_tokens = self.finished = 0
+        self.error: str | None = None
+
+    # -- submitting ------------------------------------------------------------------------
+    def check_prompt(self, prompt: Sequence[int]) -> None:
+        """ValueError unless ``prompt`` fits: non-empty, under the context, ids in the vocab."""
+        if not prompt:
+            raise ValueError("prompt must have at least one token, got an empty prompt")
+        if len(prompt) >= self.capacity:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens, and this model's context holds "
+                f"{self.capacity} (prompt and completion together): shorten the prompt"
+            )
+        vocab = self.model.config.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids must be in [0, {vocab}), got {bad[0]}")
+
+    def submit(self, req: Request) -> Request:
+        """Queue ``req`` (thread-safe); QueueFull when the bounded queue has no room."""
+        self.check_prompt(req.prompt)
+        with self._cond:
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.scheduler.max_queue:
+                raise QueueFull(
+                    f"the server's queue is full ({self.scheduler.max_queue} requests "
+                    "waiting): retry later"
+                )
+            if req.request_id in self._by_id:
+                raise ValueError(f"request id {req.request_id!r} is already in use")
+            self._by_id[req.request_id] = req
+            self._inbox.append(req)
+            self._cond.notify()
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks at the next step boundary (thread-safe)."""
+        with self._cond:
+            self._aborts.append(request_id)
+            self._cond.notify()
+
+    # -- one step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Admit, run one decode batch and one prefill batch, sample, retire. Returns the
+        number of tokens sampled."""
+        with self._cond:
+            inbox, aborts = list(self._inbox), list(self._aborts)
+            self._inbox.clear()
+            self._aborts.clear()
+        for req in inbox:
+            self.scheduler.add(req)
+        for rid in aborts:
+            req = self._by_id.get(rid)
+            if req is not None and req.status != FINISHED:
+                self._finish(req, "abort")
+        plan = self.scheduler.schedule()
+        for req in plan.failed:
+            self._finish(req, "error")
+        sampled = 0
+        if plan.decode:
+            logits = self._forward([(r, [r.tokens[-1]]) for r in plan.decode])
+            sampled += self._sample_and_emit(plan.decode, logits)
+        if plan.prefill:
+            rows = [(r, r.tokens[r.computed : r.computed + n]) for r, n in plan.prefill]
+            logits = self._forward(rows)
+            done = [i for i, (r, _) in enumerate(plan.prefill) if r.pending == 0]
+            if done:
+                reqs = [plan.prefill[i][0] for i in done]
+                sampled += self._sample_and_emit(reqs, logits[done])
+            self.prompt_tokens += sum(n for _, n in plan.prefill)
+        self.steps += 1
+        self.generated_tokens += sampled
+        now = time.perf_counter()
+        self._recent.append((now, sampled))
+        while self._recent and now - self._recent[0][0] > 10:
+            self._recent.popleft()
+        return sampled
+
+    def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
+        """Logits (rows, vocab) at each row's last token; rows left-padded to one width."""
+        width = max(len(t) for _, t in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        pos = torch.full((len(rows), width), -1, dtype=torch.long)
+        for i, (req, toks) in enumerate(rows):
+            n = len(toks)
+            ids[i, width - n :] = torch.tensor(toks)
+            pos[i, width - n :] = torch.arange(req.computed, req.computed + n)
+        device = self.model.embed.weight.device
+        self.cache.bind([r.seq_id for r, _ in rows])
+        logits = self.model(
+            ids.to(device), positions=pos.to(device), cache=self.cache, last_only=True
+        )
+        for req, toks in rows:
+            req.computed += len(toks)
+            self.cache.commit(req.seq_id, toks)
+        return logits[:, -1].float()
+
+    def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor) -> int:
+        tokens = logits.argmax(dim=-1).tolist()  # greedy rows; others sample on their own
+        for i, req in enumerate(reqs):
+            p = req.params
+            if p.temperature > 0:
+                tokens[i] = int(
+                    sample(
+                        logits[i : i + 1],
+                        temperature=p.temperature,
+                        top_k=p.top_k,
+                        top_p=p.top_p,
+                        generator=req.generator,
+                    )[0]
+                )
+            self._append(req, tokens[i])
+        return len(reqs)
+
+    def _append(self, req: Request, token: int) -> None:
+        now = time.perf_counter()
+        if req.first_token_time is None:
+            req.first_token_time = now
+        req.output.append(token)
+        p = req.params
+        finish = None
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        if token in stops:
+            finish = "stop"
+        elif self.tokenizer is not None:
+            text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+            if p.stop:
+                start = max(req.emitted - max(len(s) for s in p.stop), 0)
+                hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
+                if hits:
+                    text, finish = text[: min(hits)], "stop"
+            req.text = text
+        if finish is None and (len(req.output) >= p.max_tokens or len(req.tokens) >= self.capacity):
+            finish = "length"
+        if finish is not None:
+            self._finish(req, finish)
+        else:
+            self._emit(req, done=False)
+
+    def _emit(self, req: Request, *, done: bool) -> None:
+        text, end = req.text, len(req.text)
+        if not done:
+            if req.params.stop:  # hold back what may be the start of a stop string
+                end -= max(len(s) for s in req.params.stop) - 1
+            while end > req.emitted and text[end - 1] == "\ufffd":  # an incomplete character
+                end -= 1
+        delta = text[req.emitted : end] if end > req.emitted else ""
+        req.emitted += len(delta)
+        if req.on_output is not None and (delta or done):
+            req.on_output(req, delta, done)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.scheduler.retire(req)
+        req.finish_reason = reason
+        req.finish_time = time.perf_counter()
+        self.finished += 1
+        self._by_id.pop(req.request_id, None)
+        self._emit(req, done=True)
+
+    # -- running ---------------------------------------------------------------------------
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+    ) -> list[Request]:
+        """Run ``prompts`` to the end in this thread (all submitted at once); the finished
+        requests, in order (``output``: token ids, ``text``, ``finish_reason``)."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        reqs = [self.submit(Request(list(p), sp)) for p, sp in zip(prompts, params)]
+        while any(r.status != FINISHED for r in reqs):
+            self.step()
+        return reqs
+
+    def start(self) -> None:
+        """Run the step loop in a background thread until ``stop()``."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="archopt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (
+                    self._stopping or self._inbox or self._aborts or self.scheduler.has_work()
+                ):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # a failed step fails its requests, not the server
+                self.error = f"{type(e).__name__}: {e}"
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self._finish(req, "error")
+
+    def metrics(self) -> dict[str, float]:
+        now = time.perf_counter()
+        window = [(t, n) for t, n in self._recent if now - t <= 10]
+        span = now - window[0][0] if len(window) > 1 else 0.0
+        rate = sum(n for _, n in window[1:]) / span if span > 0 else 0.0
+        return {
+            "queue_length": len(self.scheduler.waiting) + len(self._inbox),
+            "running_sequences": len(self.scheduler.running),
+            **self.cache.stats(),
+            "kv_pool_bytes": self.cache.nbytes,
+            "tokens_per_second": rate,
+            "generated_tokens_total": self.generated_tokens,
+            "prompt_tokens_total": self.prompt_tokens,
+            "prefix_cached_tokens_total": self.scheduler.cached_tokens,
+            "preemptions_total": self.scheduler.preemptions,
+            "requests_finished_total": self.finished,
+            "steps_total": self.steps,
+        }

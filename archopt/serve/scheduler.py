@@ -1,0 +1,206 @@
+"""Requests and the continuous-batching policy: who runs in the next step, with how many tokens.
+
+The policy (vLLM's, simplified): every step decodes one token for each running request that
+has finished its prompt, and spends a token budget (``prefill_chunk``) on the prompts still
+being read, first come first served, a chunk at a time, so a long prompt never stalls the
+running decodes for more than one chunk. Waiting requests join the running batch at any step,
+while it has fewer than ``max_batch`` requests and the pool has the blocks for their prompt.
+When a decode finds no free block, the request of lowest priority (then the latest to arrive)
+is preempted: its blocks are freed and it goes back to the front of the queue with its output
+so far appended to its prompt, to be recomputed (its full blocks usually still sit in the
+prefix cache, so recomputing them is a lookup).
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (the OpenAI API's, plus top_k and ignore_eos)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or absent), got {self.top_k!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. ``tokens`` = prompt + output; the cache holds ``tokens[:computed]``."""
+
+    prompt: list[int]
+    params: SamplingParams
+    on_output: Callable[[Request, str, bool], None] | None = None  # (request, text delta, done)
+    priority: int = 0  # lower runs first; among equals, the earlier arrival
+    request_id: str = ""
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.perf_counter)
+    output: list[int] = field(default_factory=list)
+    computed: int = 0
+    cached: int = 0  # prompt tokens found in the prefix cache at the last admission
+    status: str = WAITING
+    finish_reason: str | None = None
+    text: str = ""  # the output decoded so far (stop strings cut off)
+    emitted: int = 0  # characters of text handed to on_output
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    preemptions: int = 0
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt:
+            raise ValueError("prompt must have at least one token, got an empty prompt")
+        if not self.request_id:
+            self.request_id = f"req-{self.seq_id}"
+        if self.params.temperature > 0:
+            seed = self.params.seed
+            if seed is None:
+                seed = secrets.randbits(62)
+            self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet in the cache (1 when decoding: the last sampled token)."""
+        return len(self.prompt) + len(self.output) - self.computed
+
+    @property
+    def key(self) -> tuple[int, float]:
+        return (self.priority, self.arrival)
+
+
+@dataclass
+class StepPlan:
+    decode: list[Request]
+    prefill: list[tuple[Request, int]]  # (request, tokens to run this step)
+    preempted: list[Request]
+    failed: list[Request] = field(default_factory=list)  # can never fit in the pool
+
+
+class Scheduler:
+    """The waiting queue and the running batch over a ``PagedKVCache``."""
+
+    def __init__(self, cache, *, max_batch: int = 8, max_queue: int = 256, prefill_chunk=256):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1 token, got {prefill_chunk}")
+        self.cache = cache
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.preemptions = 0
+        self.cached_tokens = 0  # prompt tokens served from the prefix cache
+
+    def add(self, req: Request) -> None:
+        if len(self.waiting) >= self.max_queue:
+            raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _blocks_for(self, req: Request, cached: int) -> int:
+        bs = self.cache.block_size
+        return -(-(len(req.tokens) + 1) // bs) - cached // bs
+
+    def _admit(self) -> None:
+        self.waiting.sort(key=lambda r: r.key)
+        while self.waiting and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            cached = self.cache.add_sequence(req.seq_id, req.tokens)
+            if self._blocks_for(req, cached) > self.cache.allocator.num_free and self.running:
+                self.cache.free(req.seq_id)  # wait for blocks (unless nothing else runs)
+                break
+            self.waiting.pop(0)
+            req.status, req.computed, req.cached = RUNNING, cached, cached
+            self.cached_tokens += cached
+            self.running.append(req)
+
+    def preempt(self, req: Request) -> None:
+        """Free ``req``'s blocks and queue it again to be recomputed, output included."""
+        self.cache.free(req.seq_id)
+        self.running.remove(req)
+        req.status, req.computed = WAITING, 0
+        req.preemptions += 1
+        self.preemptions += 1
+        self.waiting.insert(0, req)
+
+    def retire(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            self.cache.free(req.seq_id)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        req.status = FINISHED
+
+    def schedule(self) -> StepPlan:
+        self._admit()
+        preempted: list[Request] = []
+        decode: list[Request] = []
+        for req in sorted((r for r in self.running if r.pending == 1), key=lambda r: r.key):
+            if req.status != RUNNING:
+                continue  # preempted below while making room
+            while not self.cache.ensure(req.seq_id, 1):
+                victim = max(self.running, key=lambda r: r.key)
+                self.preempt(victim)
+                preempted.append(victim)
+                if victim in decode:
+                    decode.remove(victim)
+                if victim is req:
+                    break
+            if req.status == RUNNING:
+                decode.append(req)
+        prefill: list[tuple[Request, int]] = []
+        failed: list[Request] = []
+        budget = self.prefill_chunk
+        for req in sorted((r for r in self.running if r.pending > 1), key=lambda r: r.key):
+            # A request's chunks are the same alone or batched (whole chunks from its start),
+            # so its prompt runs through the same sums either way; the first always runs.
+            n = min(req.pending, self.prefill_chunk)
+            if prefill and n > budget:
+                break
+            if not self.cache.ensure(req.seq_id, n):
+                if not decode and not prefill and len(self.running) == 1:
+                    failed.append(req)  # alone and still too big: it never fits
+                break  # blocks free up as requests finish
+            prefill.append((req, n))
+            budget -= n
+        return StepPlan(decode, prefill, preempted, failed)
+
+
+class QueueFull(RuntimeError):
+    """The bounded queue has no room: the caller should retry later (HTTP 503)."""

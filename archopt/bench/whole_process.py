@@ -110,6 +110,13 @@ def run(args) -> dict:
             result["runs"].setdefault(name, []).append(_timed(contenders[name], env))
         print(f"  round {r + 1}/{args.runs}", file=sys.stderr)
 
+    if args.compare_inductor:  # the other way to keep a compile: inductor's own disk caches
+        ind_env = dict(env, TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"))
+        cmd = _ours(args, args.new_tokens, "--compile", "inductor-cpp", "--cache", "static")
+        print("inductor-cpp, its disk caches cold then warm ...", file=sys.stderr)
+        result["runs"]["ours inductor-cpp, cold inductor cache"] = [_timed(cmd, ind_env)]
+        result["runs"]["ours inductor-cpp, warm inductor cache"] = [_timed(cmd, ind_env)]
+
     modules = ["torch", "archopt"] + (["llama_cpp"] if cpp else [])
     result["imports"] = {m: _stats(v) for m, v in _import_times(modules, args.runs, env).items()}
 
@@ -208,6 +215,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--build-limit", type=float, default=900, help="seconds to wait for it")
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--no-exact-check", action="store_true")
+    p.add_argument(
+        "--compare-inductor",
+        action="store_true",
+        help="also time torch.compile (inductor-cpp) with its disk caches cold and warm",
+    )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if args.runs < 1 or args.new_tokens < 1 or args.threads < 1:

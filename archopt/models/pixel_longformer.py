@@ -52,7 +52,8 @@ class PixelLongformerConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.img_size % self.patch_size:
             raise ValueError(
-                f"img_size must be a multiple of patch_size ({self.patch_size}), got {self.img_size}"
+                f"img_size must be a multiple of patch_size ({self.patch_size}), got "
+                f"{self.img_size}"
             )
         if self.hidden_size % self.num_heads:
             raise ValueError(

@@ -10,10 +10,10 @@ linear layer, a pooling ...), keyed by everything that decides its cost: its str
 global tokens. Each key is timed in isolation, on the module itself with the inputs it got
 inside the network, the first time any candidate needs it, and kept in a JSON table in
 archopt's cache folder (one table per CPU, torch version and thread count). What the kernels do
-not cover (the containers' calls, a flatten, the Python around them) is a linear calibration
-``measured = a * sum + b`` fitted per space on a few candidates measured whole; the candidates
-a search then predicts are held out from that fit, and the search measures every one of them
-to report how close the prediction was.
+not cover (the containers' calls, a flatten, the Python around them) is a calibration
+``measured = a * sum`` (the median ratio) fitted per space on a few candidates measured whole;
+the candidates a search then predicts are held out from that fit, and the search measures
+every one of them to report how close the prediction was.
 
 Latency here is the fastest of the timed repeats, for the kernels and for whole models alike:
 on a machine shared with other work the median moves with the others' load, the minimum much
@@ -236,8 +236,8 @@ class LatencyPredictor:
         return p
 
     def calibrate(self, name: str, models, *, repeats: int = 20) -> dict:
-        """Fit ``measured = a * kernel_sum + b`` on ``models`` (``[(model, inputs), ...]``),
-        or reuse the fit stored under ``name`` in the table. Returns the calibration."""
+        """Fit ``measured = a * kernel_sum`` (the median ratio) on ``models``, a list of
+        ``(model, inputs)``, or reuse the fit stored under ``name``; returns the calibration."""
         stored = self.table.calibrations.get(name)
         if stored is None:
             sums, measured = [], []
@@ -247,14 +247,10 @@ class LatencyPredictor:
                     model, inputs, warmup=3, repeats=repeats, threads=self.threads
                 )
                 measured.append(lat.min_ms)
-            if len(sums) >= 2 and np.ptp(sums) > 0:
-                a, b = (float(v) for v in np.polyfit(sums, measured, 1))
-                if a <= 0:  # noise on a narrow range: fall back to a ratio
-                    a, b = float(np.sum(measured) / np.sum(sums)), 0.0
-            elif sums:
-                a, b = float(np.sum(measured) / np.sum(sums)), 0.0
-            else:
-                a, b = 1.0, 0.0
+            # A ratio, not a line: with a handful of noisy timings an intercept can come out
+            # anywhere (negative predictions); the median ratio cannot.
+            ratios = [m / s for s, m in zip(sums, measured) if s > 0]
+            a, b = (float(np.median(ratios)) if ratios else 1.0), 0.0
             stored = {
                 "a": a,
                 "b": b,

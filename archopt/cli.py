@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--sections",
         metavar="NAME[,NAME]",
-        help="run only these: mobilenet, longformer, mobilevit, kv_cache (the summary follows)",
+        help="run only these: mobilenet, longformer, mobilevit, kv_cache, search (the summary "
+        "follows)",
     )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_tour)

@@ -264,6 +264,7 @@ def test_search_writes_records_front_and_plots_and_resumes_identically(tmp_path)
     from archopt.search.loop import RECORDS, front_of, hypervolume, minimized, search
 
     kw = dict(budget=5, objectives="accuracy,latency,params", seed=3, pop_size=4, **FAST)
+    kw["max_latency_ms"] = 1e6  # no rejections: every proposal is trained
     full = search(TINY, out_dir=tmp_path / "full", **kw)
     assert full["evaluations"] == 5 and len(full["candidates"]) == 5
     assert full["accuracy_proxy"].startswith("validation top-1 after 1 epochs from scratch")

@@ -304,7 +304,7 @@ def test_search_writes_records_front_and_plots_and_resumes_identically(tmp_path)
     assert [e["key"] for e in resumed["candidates"]] == [e["key"] for e in full["candidates"]]
 
     # A larger budget extends the finished search; other settings are refused.
-    with pytest.raises(ValueError, match=r"cannot continue the search .* seed: records have 3"):
+    with pytest.raises(ValueError, match=r"cannot continue the search .*seed: records have 3"):
         search(TINY, out_dir=part, **{**kw, "seed": 4})
 
 

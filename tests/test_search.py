@@ -267,7 +267,7 @@ def test_search_writes_records_front_and_plots_and_resumes_identically(tmp_path)
     kw["max_latency_ms"] = 1e6  # no rejections: every proposal is trained
     full = search(TINY, out_dir=tmp_path / "full", **kw)
     assert full["evaluations"] == 5 and len(full["candidates"]) == 5
-    assert full["accuracy_proxy"].startswith("validation top-1 after 1 epochs from scratch")
+    assert full["accuracy_proxy"].startswith("validation top-1 after 1 epoch(s) from scratch")
     for name in (
         "search.json",
         "search.csv",

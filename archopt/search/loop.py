@@ -64,7 +64,7 @@ OBJECTIVES = {
 ALGORITHMS = ("nsga2", "random")
 RECORDS = "records.jsonl"
 OUTPUTS = ("search.json", "search.csv")
-ACCURACY_PROXY = "validation top-1 after {epochs} epochs from scratch (an early-stopped proxy)"
+ACCURACY_PROXY = "validation top-1 after {epochs} epoch(s) from scratch (an early-stopped proxy)"
 CSV_COLUMNS = (
     "kind",
     "index",
@@ -264,6 +264,7 @@ def _train_and_measure(ctx: _Context, cand: Candidate) -> dict:
         batch_size=r["batch_size"],
         optimizer=r["optimizer"],
         lr=r["lr"],
+        warmup_epochs=r["warmup_epochs"],
         resolution=cand.resolution,
         channels=images.in_chans,
         model_overrides=cand.overrides,
@@ -436,6 +437,7 @@ def search(
     recipe.setdefault("batch_size", 64)
     recipe.setdefault("optimizer", "sgd")
     recipe.setdefault("lr", None)
+    recipe.setdefault("warmup_epochs", 1.0)
     _check_int("epochs", recipe["epochs"], 1)
     pop = pop_size if pop_size is not None else max(4, min(16, budget // 4))
     _check_int("pop_size", pop, 2)

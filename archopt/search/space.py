@@ -53,7 +53,7 @@ SPACE_KEYS = (
     "recipe",
     "hand_designed",
 )
-RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "lr")
+RECIPE_KEYS = ("epochs", "batch_size", "optimizer", "lr", "warmup_epochs")
 
 
 @dataclass(frozen=True)
@@ -384,7 +384,9 @@ class SearchSpace:
 
 _WIDTHS = [0.25, 0.5, 0.75, 1.0]
 _MOBILENET_BLOCKS = ["conv", "ds", "ir"]
-_SGD = {"epochs": 3, "batch_size": 64, "optimizer": "sgd", "lr": 0.1}
+# One epoch at batch 16 (90 steps on the digits): every network of these spaces learns
+# something in it (measured: 0.3-0.8 top-1), where 20 steps at batch 64 left most at chance.
+_SGD = {"epochs": 1, "batch_size": 16, "optimizer": "sgd", "lr": 0.05, "warmup_epochs": 0.25}
 
 
 def _mnv1(label: str, width: float, res: int) -> dict:

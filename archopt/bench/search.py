@@ -193,6 +193,7 @@ def _plot(runs, report: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     from archopt.search.loop import front_of
 
@@ -234,6 +235,9 @@ def _plot(runs, report: dict, path: Path) -> Path:
         ratio = row["ratio_equal_evals"]
         ax.set_title(f"seed {seed}: HV ratio {ratio:.2f}" if ratio else f"seed {seed}", fontsize=9)
         ax.set_xscale("log")
+        # plain numbers on the log axis (a 3x range reads badly as 3x10^0)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel("measured latency, batch 1 (ms, fastest repeat)")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"validation top-1 ({report['accuracy_proxy'].split(' (')[0]})")

@@ -772,6 +772,7 @@ def plot_search(report: dict, out: Path) -> dict[str, str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     names = report["objectives"]
     cands, hand = report["candidates"], report["hand_designed"]
@@ -831,6 +832,9 @@ def plot_search(report: dict, out: Path) -> dict[str, str]:
                     color="C0",
                 )
         ax.set_xscale("log")
+        # plain numbers on the log axis (a 3x range reads badly as 3x10^0)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_xlabel(f"{ox.label} ({'lower' if ox.direction == 'min' else 'higher'} is better)")
         ax.set_ylabel(f"{oy.label} ({'lower' if oy.direction == 'min' else 'higher'} is better)")
         ax.set_title(

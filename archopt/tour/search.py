@@ -39,7 +39,7 @@ def search_section(
     from archopt.search.loop import format_search, search
     from archopt.search.space import MOBILENET
 
-    space, budget, kw = MOBILENET, 12, dict(epochs=2, train_size=600, pop_size=6)
+    space, budget, kw = MOBILENET, 12, dict(pop_size=6)  # the space's recipe: 1 epoch
     if quick:  # one resolution, two hand-designed models, a few short trainings
         hand = [h for h in MOBILENET.hand_designed if h["label"].endswith(("1.0-32",))]
         hand.append({**hand[0], "label": "MobileNet v1 0.25-32", "overrides": {"width_mult": 0.25}})

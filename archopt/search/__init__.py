@@ -2,8 +2,9 @@
 
 ``archopt.search.space`` (declarative spaces over archopt's operators) and
 ``archopt.search.predictor`` (nn-Meter-style per-layer latency table) need only torch;
-``archopt.search.loop`` runs NSGA-II and the hypervolume from pymoo, imported when a search
-runs, so ``import archopt`` never needs pymoo.
+``archopt.search.loop`` runs NSGA-II from pymoo and ``archopt.search.report`` the hypervolume,
+the table and the plots; pymoo is imported when a search runs, so ``import archopt`` never
+needs it.
 """
 
 from archopt.search.predictor import LatencyPredictor, LatencyTable, check_predictions

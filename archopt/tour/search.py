@@ -46,8 +46,8 @@ def search_section(
         space = dataclasses.replace(
             MOBILENET, name="mobilenet-quick", resolution=(32,), hand_designed=tuple(hand)
         )
-        # all 1,437 training images: on fewer, one epoch leaves most networks at chance
-        budget, kw = 4, dict(epochs=1, pop_size=4, calibration_size=3)
+        # 600 training images (38 steps): on 240, one epoch left the networks at chance
+        budget, kw = 3, dict(epochs=1, train_size=600, pop_size=4, calibration_size=2)
     run_dir = out / "search-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a tour measures afresh
     _log(f"search: NSGA-II on the {space.name} space, {budget} candidates", progress)

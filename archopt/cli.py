@@ -152,6 +152,11 @@ def cmd_bench(args) -> None:
 
         bench_serve(args.rest)
 
+    elif args.suite == "search":
+        from archopt.bench.search import main as bench_search
+
+        bench_search(args.rest)
+
 
 def _process_age_s() -> float | None:
     """Seconds since this process started (Linux's /proc), or None where that is unknown."""
@@ -400,6 +405,53 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"archopt: error: {message} (see `{self.prog} --help`)\n")
 
 
+def cmd_search(args) -> None:
+    from archopt.search.loop import format_search, format_spaces, list_spaces, search
+
+    if args.list_spaces:
+        spaces = list_spaces()
+        _emit(spaces, args.json, format_spaces(spaces))
+        return
+    if args.space is None:
+        raise ValueError("search needs --space NAME or --space path.json (see --list-spaces)")
+    if args.budget is None:
+        raise ValueError("search needs --budget N (how many candidates to train), got none")
+    bound = args.max_latency
+    if bound not in ("auto", "none"):
+        try:
+            bound = float(bound)
+        except ValueError:
+            raise ValueError(
+                f"--max-latency must be a number of ms, auto or none, got {bound!r}"
+            ) from None
+    try:
+        report = search(
+            args.space,
+            budget=args.budget,
+            objectives=args.objectives,
+            data=args.data,
+            out_dir=args.out,
+            seed=args.seed,
+            algorithm=args.algorithm,
+            pop_size=args.pop_size,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            train_size=args.train_size,
+            threads=args.threads,
+            repeats=args.repeats,
+            max_latency_ms=None if bound == "none" else bound,
+            hand_designed=not args.no_hand_designed,
+            stop_after=args.stop_after,
+            progress=False if args.no_progress else None,
+            verbose=not args.json,
+        )
+    except FloatingPointError as e:  # a candidate diverged under the shared recipe
+        raise ValueError(str(e)) from e
+    _emit(report, args.json, format_search(report) + f"\nrecords, table and plots in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from archopt.generate import COMPILE_MODES
     from archopt.loading.llm import WEIGHT_CHOICES
@@ -456,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
-    sp.add_argument("suite", choices=["attention", "generate", "cli", "serve"])
+    sp.add_argument("suite", choices=["attention", "generate", "cli", "serve", "search"])
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
     sp.set_defaults(func=cmd_bench)
 
@@ -538,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--sections",
         metavar="NAME[,NAME]",
-        help="run only these: mobilenet, longformer, mobilevit, kv_cache (the summary follows)",
+        help="run only these: mobilenet, longformer, mobilevit, kv_cache, search (the summary "
+        "follows)",
     )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_tour)
@@ -602,6 +655,48 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=POSITIVE, default=20, help="timed latency repeats")
     sp.add_argument("--logx", action="store_true", help="log-scale cost axis")
     sp.set_defaults(func=cmd_pareto)
+
+    sp = sub.add_parser(
+        "search", help="architecture search (NSGA-II) on the measured accuracy / cost front"
+    )
+    sp.add_argument("--space", help="a built-in space (see --list-spaces) or a JSON file")
+    sp.add_argument("--list-spaces", action="store_true", help="print the built-in spaces")
+    sp.add_argument(
+        "--budget", type=_int_in(1, 100_000), help="candidates to train (rejections are free)"
+    )
+    sp.add_argument(
+        "--objectives", default="accuracy,latency", help="two or more of accuracy, latency, "
+        "macs, params",
+    )  # fmt: skip
+    sp.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
+    sp.add_argument(
+        "--out", default="archopt-search", help="output folder (resumed if it has records)"
+    )
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--algorithm", choices=["nsga2", "random"], default="nsga2")
+    sp.add_argument(
+        "--pop-size", type=_int_in(2, 10_000), help="NSGA-II population (default: budget/4, 4-16)"
+    )
+    sp.add_argument(
+        "--epochs", type=_int_in(1, 100_000), help="training epochs per candidate (space's default)"
+    )
+    sp.add_argument("--batch-size", type=_int_in(1, 1 << 20))
+    sp.add_argument("--optimizer", choices=["sgd", "adamw"])
+    sp.add_argument("--lr", type=_float_in(0, open_low=True))
+    sp.add_argument(
+        "--train-size", type=POSITIVE, help="train on the first N images only (a proxy)"
+    )
+    sp.add_argument("--threads", type=THREADS, help="torch threads for latency (default: torch's)")
+    sp.add_argument("--repeats", type=POSITIVE, default=20, help="timed latency repeats")
+    sp.add_argument(
+        "--max-latency", default="auto", metavar="MS|auto|none",
+        help="reject candidates predicted slower (auto: the slowest hand-designed model)",
+    )  # fmt: skip
+    sp.add_argument("--no-hand-designed", action="store_true", help="do not train them")
+    sp.add_argument("--stop-after", type=POSITIVE, metavar="N", help="stop after N, resumable")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.set_defaults(func=cmd_search)
     return p
 
 

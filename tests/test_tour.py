@@ -14,6 +14,7 @@ TITLES = [
     "Longformer local attention",
     "MobileViT and the ViT baseline",
     "KV caching in LLaMA decoding",
+    "Architecture search on the measured Pareto front",
 ]
 
 
@@ -54,7 +55,7 @@ def test_tour_writes_report(tour):
         assert f"## {title}" in md
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == sorted(report["plots"])
-    assert len(pngs) == 4 and all((out / p).stat().st_size > 10_000 for p in pngs)
+    assert len(pngs) == 5 and all((out / p).stat().st_size > 10_000 for p in pngs)
 
 
 def test_tour_trains_and_finds_fronts(tour):
@@ -102,6 +103,29 @@ def test_tour_kv_cache_section(tour):
     assert gen["prompt"] == "Lionel Messi is a" and len(gen["text"].strip()) > 0
     md = (out / "report.md").read_text()
     assert "Lionel Messi is a" + gen["text"] in md
+
+
+def test_tour_search_section(tour):
+    """The quick search: a front of trained, measured candidates beside the hand-designed."""
+    pytest.importorskip("pymoo")
+    _, report = tour
+    search = report["sections"]["Architecture search on the measured Pareto front"]
+    assert search["evaluations"] == 3 and search["front"]
+    assert {h["label"] for h in search["hand_designed"]} == {
+        "MobileNet v1 1.0-32",
+        "MobileNet v1 0.25-32",
+    }
+    assert search["predictor"]["n"] == 3
+    # the hypervolume is pymoo's on the front's measured (error, ms), against the point shown
+    from archopt.search.report import hypervolume, minimized
+
+    front = [r for r in search["candidates"] if r["index"] in search["front"]]
+    ref = [search["reference_point"][o] for o in ("accuracy", "latency")]
+    points = [[minimized(r, o) for o in ("accuracy", "latency")] for r in front]
+    assert search["hypervolume"] == pytest.approx(hypervolume(points, ref))
+    claims = [c for c in report["claims"] if c["section"].startswith("Architecture search")]
+    assert claims[0]["held"] == bool(search["dominated_hand_designed"])
+    assert "search_front_latency.png" in report["plots"]
 
 
 def test_tour_summary_verdicts_follow_the_measurements(tour):

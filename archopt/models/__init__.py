@@ -1,10 +1,20 @@
 """Model families; importing this package registers every model."""
 
-from archopt.models import llama, longformer, mobilenet_v1, mobilevit, vit
+from archopt.models import (
+    llama,
+    longformer,
+    mobilenet_v1,
+    mobilevit,
+    pixel_longformer,
+    stagenet,
+    vit,
+)
 from archopt.models.llama import Llama, LlamaConfig
 from archopt.models.longformer import LongformerConfig, LongformerModel, LongformerSelfAttention
 from archopt.models.mobilenet_v1 import MobileNetV1, MobileNetV1Config
 from archopt.models.mobilevit import MobileViT, MobileViTBlock, MobileViTConfig
+from archopt.models.pixel_longformer import PixelLongformer, PixelLongformerConfig
+from archopt.models.stagenet import Stage, StageNet, StageNetConfig
 from archopt.models.vit import VisionTransformer, ViTConfig
 
 __all__ = [
@@ -18,11 +28,18 @@ __all__ = [
     "MobileViT",
     "MobileViTBlock",
     "MobileViTConfig",
+    "PixelLongformer",
+    "PixelLongformerConfig",
+    "Stage",
+    "StageNet",
+    "StageNetConfig",
     "ViTConfig",
     "VisionTransformer",
     "llama",
     "longformer",
     "mobilenet_v1",
     "mobilevit",
+    "pixel_longformer",
+    "stagenet",
     "vit",
 ]

@@ -21,6 +21,7 @@ from archopt.tour.longformer import longformer_section
 from archopt.tour.mobilenet import _table1_check, _table2, mobilenet_section
 from archopt.tour.mobilevit import mobilevit_section
 from archopt.tour.report import SUMMARY_TITLE, render_html, summary_section
+from archopt.tour.search import search_section
 
 MISSING = [
     ("Triton GPU kernel for local attention", "issue 8"),
@@ -32,6 +33,7 @@ SECTIONS: dict[str, Callable[..., Section]] = {
     "longformer": longformer_section,
     "mobilevit": mobilevit_section,
     "kv_cache": kv_cache_section,
+    "search": search_section,
 }
 OUTPUTS = ("report.html", "report.md", "report.json")
 
@@ -123,6 +125,7 @@ __all__ = [
     "mobilenet_section",
     "mobilevit_section",
     "run_tour",
+    "search_section",
 ]
 # Re-exported: sections written outside this package and tests use them.
 _ = (_md_table, _table1_check, _table2)

@@ -1,0 +1,21 @@
+"""Architecture search on the measured Pareto front: spaces, a latency predictor, the search.
+
+``archopt.search.space`` (declarative spaces over archopt's operators) and
+``archopt.search.predictor`` (nn-Meter-style per-layer latency table) need only torch;
+``archopt.search.loop`` runs NSGA-II from pymoo and ``archopt.search.report`` the hypervolume,
+the table and the plots; pymoo is imported when a search runs, so ``import archopt`` never
+needs it.
+"""
+
+from archopt.search.predictor import LatencyPredictor, LatencyTable, check_predictions
+from archopt.search.space import SPACES, Candidate, SearchSpace, get_space
+
+__all__ = [
+    "SPACES",
+    "Candidate",
+    "LatencyPredictor",
+    "LatencyTable",
+    "SearchSpace",
+    "check_predictions",
+    "get_space",
+]

@@ -38,7 +38,7 @@ def kv_cache_section(
     out: Path, *, threads: int | None, repeats: int, progress: bool, quick: bool = False
 ) -> Section:
     """Decoding with and without a KV cache on SmolLM2-135M, and what each cache kind costs."""
-    from archopt.bench.generate import plot, step_times
+    from archopt.bench.decode import plot, step_times
     from archopt.generate import perplexity, reference_text, stream_text
     from archopt.measure import num_threads
 

@@ -64,6 +64,7 @@ def cmd_table(args) -> None:
 def cmd_measure(args) -> None:
     from archopt.measure import measure_model
     from archopt.optimize import optimize_for_inference
+    from archopt.report import log
 
     results = []
     for name in args.models:
@@ -77,7 +78,7 @@ def cmd_measure(args) -> None:
                 compile=None if args.compile == "none" else args.compile,
                 dtype=dtype,
             )
-        print(f"measuring {name} {shape} ...", file=sys.stderr, flush=True)
+        log(f"measuring {name} {shape} ...")
         m = measure_model(
             run, shape, name=name, threads=args.threads, repeats=args.repeats, counted_model=model
         )
@@ -122,19 +123,21 @@ def cmd_tour(args) -> None:
         print((__import__("pathlib").Path(args.out) / "report.md").read_text())
 
 
+# ``archopt bench SUITE``: the module of archopt.bench that runs it (its ``main(argv)``).
+BENCH_SUITES = {
+    "attention": "attention",
+    "attention-gpu": "attention_gpu",
+    "generate": "generate",
+    "cli": "whole_process",
+    "vision": "vision",
+    "quant-linear": "quant_linear",
+}
+
+
 def cmd_bench(args) -> None:
-    if args.suite == "attention":
-        from archopt.bench.attention import main as bench_attention
+    import importlib
 
-        bench_attention(args.rest)
-    elif args.suite == "generate":
-        from archopt.bench.generate import main as bench_generate
-
-        bench_generate(args.rest)
-    elif args.suite == "cli":
-        from archopt.bench.whole_process import main as bench_cli
-
-        bench_cli(args.rest)
+    importlib.import_module(f"archopt.bench.{BENCH_SUITES[args.suite]}").main(args.rest)
 
 
 def cmd_generate(args) -> None:
@@ -349,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
-    sp.add_argument("suite", choices=["attention", "generate", "cli"])
+    sp.add_argument("suite", choices=list(BENCH_SUITES))
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
     sp.set_defaults(func=cmd_bench)
 

@@ -273,8 +273,8 @@ def test_auto_on_cpu_is_blocked(monkeypatch):
 @not_interp
 @pytest.mark.slow
 def test_gpu_benchmark_dry_run():
-    """benchmarks/bench_attention_gpu.py end to end on a tiny shape (CPU, interpreter)."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention_gpu.py"), "--dry-run"]
+    """``archopt bench attention-gpu`` end to end on a tiny shape (CPU, interpreter)."""
+    cmd = [sys.executable, "-m", "archopt.bench.attention_gpu", "--dry-run"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]

@@ -7,15 +7,19 @@ from archopt.ops.conv import (
     fold_batchnorm,
     fuse_conv_bn,
     make_activation,
+    make_divisible,
     tf_same_pad,
 )
+from archopt.ops.inverted_residual import InvertedResidual
 
 __all__ = [
     "ConvNormAct",
     "DepthwiseSeparableConv2d",
+    "InvertedResidual",
     "fold_batchnorm",
     "fuse_conv_bn",
     "local_attention",
     "make_activation",
+    "make_divisible",
     "tf_same_pad",
 ]

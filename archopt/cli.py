@@ -231,30 +231,18 @@ def cmd_cache(args) -> None:
 def cmd_train(args) -> None:
     import os
 
-    from archopt.train import train
+    from archopt.train import TrainConfig, parse_data_spec, train
 
     overrides = _parse_overrides(args.set or [])
     if args.width_mult is not None:
         overrides["width_mult"] = args.width_mult
     out = args.out or f"runs/{args.model}"
+    # The options are named after TrainConfig's fields: one place says what a run is.
+    options = {**vars(args), "data": str(parse_data_spec(args.data))}
+    config = TrainConfig.from_options(options, model_overrides=overrides)
     try:
         result = train(
-            args.model,
-            args.data,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            warmup_epochs=args.warmup,
-            label_smoothing=args.label_smoothing,
-            resolution=args.resolution,
-            channels=args.channels,
-            model_overrides=overrides,
-            bf16=args.bf16,
-            seed=args.seed,
-            num_workers=args.workers,
+            config,
             out_dir=out,
             resume=args.resume,
             stop_after=args.stop_after,
@@ -436,14 +424,22 @@ def build_parser() -> argparse.ArgumentParser:
     recipe_opts(sp, epochs=10)
     sp.add_argument("--weight-decay", type=float, help="default: sgd 5e-4, adamw 0.05")
     sp.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    sp.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, in epochs")
+    sp.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        dest="warmup_epochs",
+        help="linear warm-up, in epochs",
+    )
     sp.add_argument("--label-smoothing", type=float, default=0.1)
     sp.add_argument("--width-mult", type=float, help="width multiplier alpha")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     sp.add_argument("--out", help="run folder (default: runs/MODEL)")
     sp.add_argument("--resume", action="store_true", help="continue the run in --out")
     sp.add_argument("--stop-after", type=int, metavar="N", help="stop after epoch N, resumable")
-    sp.add_argument("--workers", type=int, default=0, help="data loader workers (folders)")
+    sp.add_argument(
+        "--workers", type=int, default=0, dest="num_workers", help="data loader workers (folders)"
+    )
     sp.set_defaults(func=cmd_train)
 
     sp = sub.add_parser(

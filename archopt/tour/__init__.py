@@ -4,6 +4,11 @@ Each technique of the lecture gets a section that exists only once archopt imple
 the report says which are still missing, and ends with a summary table of every claim with
 the figure measured here and whether it held. Output: ``report.html`` (self-contained, plots
 embedded), ``report.md``, ``report.json`` and the PNG plots in the output folder.
+
+One module per section (``mobilenet``, ``longformer``, ``mobilevit``, ``kvcache``), each
+returning a ``common.Section`` with its claims; ``report`` renders the summary and the HTML.
+The tour stands with the benchmarks on the floor under the CLI: it may use anything below
+(measure, train, pareto, bench), never the CLI.
 """
 
 from __future__ import annotations

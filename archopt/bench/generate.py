@@ -89,3 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         atomic_write_text(args.json, json.dumps(result, indent=2, default=float))
     return result
+
+
+if __name__ == "__main__":
+    main()

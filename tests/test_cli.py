@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from archopt.cli import main
 
@@ -36,11 +37,29 @@ def test_measure_json(capsys):
     assert r["latency_ms"] > 0 and r["peak_memory_bytes"] > 0
 
 
-def test_measure_optimized(capsys):
+def test_measure_optimized_times_the_optimized_model(capsys, monkeypatch):
+    """--optimize: what is timed is the optimized model (a different module computing the
+    same function); parameters and MACs are counted on the model as built."""
+    import archopt.measure
+
+    real, calls = archopt.measure.measure_model, []
+
+    def spy(model, shape, **kwargs):
+        calls.append((model, kwargs["counted_model"]))
+        return real(model, shape, **kwargs)
+
+    monkeypatch.setattr(archopt.measure, "measure_model", spy)
     code, out, _ = run(
-        capsys, "measure", "mobilenet_v1_025", "--optimize", "--repeats", "2", "--batch-size", "2"
-    )
-    assert code == 0 and "470,072" in out
+        capsys, "measure", "mobilenet_v1_025", "--optimize", "--repeats", "2", "--batch-size",
+        "2", "--json",
+    )  # fmt: skip
+    (r,) = json.loads(out)
+    ((timed, built),) = calls
+    assert code == 0 and r["params"] == 470_072 and r["input_shape"] == [2, 3, 224, 224]
+    assert timed is not built
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(timed(x), built(x), rtol=1e-4, atol=1e-4)
 
 
 def test_export(capsys, tmp_path):
@@ -289,10 +308,20 @@ def test_llama_cpp_anchor_runs_in_a_child_and_reports_failures(tmp_path, monkeyp
     assert bad == {"error": expected}
 
 
-def test_bench_attention_dilation_alone(capsys):
+def test_bench_attention_dilation_alone(capsys, monkeypatch):
+    from archopt.bench import attention
     from archopt.bench.attention import main as bench
 
-    bench(["--dilation-alone", "--lengths", "96", "--rounds", "1", "--heads", "2", "--window", "8"])
+    argv = ["--dilation-alone", "--lengths", "96", "--rounds", "1", "--heads", "2", "--window", "8"]
+    bench(argv)
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| 96 |"))
-    assert row.count("x |") == 2  # the two ratios
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:4])  # measured, ms
+    # The ratios are the dilated time over the undilated one: fixed timings, exact cells.
+    monkeypatch.setattr(
+        attention, "interleaved", lambda fns, **kw: {d: {"median_ms": 4.0 * d**0.5} for d in fns}
+    )
+    bench(argv)
+    out = capsys.readouterr().out
+    assert "| 96 | 4.0 | 5.7 | 8.0 | 1.41x | 2.00x |" in out.splitlines()

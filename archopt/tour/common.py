@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from archopt.report import log
+from archopt.report import log, markdown_table
 
 
 @dataclass
@@ -32,3 +32,8 @@ class Section:
 def tour_log(msg: str, progress: bool) -> None:
     """A progress line of the tour: ``[tour HH:MM:SS] msg`` on stderr."""
     log(msg, progress, tag="tour")
+
+
+# The names sections used before archopt.report; new code uses tour_log and markdown_table.
+_log = tour_log
+_md_table = markdown_table

@@ -3,6 +3,9 @@
 Depthwise separable convolutions and MobileNet v1, local attention and Longformer, MobileViT
 and ViT, LLaMA with KV caches; every claim measured as params, MACs, latency, memory,
 accuracy and tokens/s, and judged on a Pareto front.
+
+The package is built in floors, imports going down only (README, "Layout"):
+ops -> models -> loading -> generate/measure -> pareto/train -> bench/tour -> cli.
 """
 
 from archopt import measure, models, ops

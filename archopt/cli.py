@@ -76,6 +76,7 @@ def cmd_table(args) -> None:
 def cmd_measure(args) -> None:
     from archopt.measure import measure_model
     from archopt.optimize import optimize_for_inference
+    from archopt.report import log
 
     results = []
     for name in args.models:
@@ -89,7 +90,7 @@ def cmd_measure(args) -> None:
                 compile=None if args.compile == "none" else args.compile,
                 dtype=dtype,
             )
-        print(f"measuring {name} {shape} ...", file=sys.stderr, flush=True)
+        log(f"measuring {name} {shape} ...")
         m = measure_model(
             run, shape, name=name, threads=args.threads, repeats=args.repeats, counted_model=model
         )
@@ -134,28 +135,23 @@ def cmd_tour(args) -> None:
         print((__import__("pathlib").Path(args.out) / "report.md").read_text())
 
 
+# ``archopt bench SUITE``: the module of archopt.bench that runs it (its ``main(argv)``).
+BENCH_SUITES = {
+    "attention": "attention",
+    "attention-gpu": "attention_gpu",
+    "generate": "generate",
+    "cli": "whole_process",
+    "vision": "vision",
+    "quant-linear": "quant_linear",
+    "serve": "serve",
+    "search": "search",
+}
+
+
 def cmd_bench(args) -> None:
-    if args.suite == "attention":
-        from archopt.bench.attention import main as bench_attention
+    import importlib
 
-        bench_attention(args.rest)
-    elif args.suite == "generate":
-        from archopt.bench.generate import main as bench_generate
-
-        bench_generate(args.rest)
-    elif args.suite == "cli":
-        from archopt.bench.whole_process import main as bench_cli
-
-        bench_cli(args.rest)
-    elif args.suite == "serve":
-        from archopt.bench.serve import main as bench_serve
-
-        bench_serve(args.rest)
-
-    elif args.suite == "search":
-        from archopt.bench.search import main as bench_search
-
-        bench_search(args.rest)
+    importlib.import_module(f"archopt.bench.{BENCH_SUITES[args.suite]}").main(args.rest)
 
 
 def _process_age_s() -> float | None:
@@ -285,30 +281,18 @@ def cmd_serve(args) -> None:
 def cmd_train(args) -> None:
     import os
 
-    from archopt.train import train
+    from archopt.train import TrainConfig, parse_data_spec, train
 
     overrides = _parse_overrides(args.set or [])
     if args.width_mult is not None:
         overrides["width_mult"] = args.width_mult
     out = args.out or f"runs/{args.model}"
+    # The options are named after TrainConfig's fields: one place says what a run is.
+    options = {**vars(args), "data": str(parse_data_spec(args.data))}
+    config = TrainConfig.from_options(options, model_overrides=overrides)
     try:
         result = train(
-            args.model,
-            args.data,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            optimizer=args.optimizer,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            momentum=args.momentum,
-            warmup_epochs=args.warmup,
-            label_smoothing=args.label_smoothing,
-            resolution=args.resolution,
-            channels=args.channels,
-            model_overrides=overrides,
-            bf16=args.bf16,
-            seed=args.seed,
-            num_workers=args.workers,
+            config,
             out_dir=out,
             resume=args.resume,
             stop_after=args.stop_after,
@@ -508,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("bench", help="benchmarks against the reference implementations")
-    sp.add_argument("suite", choices=["attention", "generate", "cli", "serve", "search"])
+    sp.add_argument("suite", choices=list(BENCH_SUITES))
     sp.add_argument("rest", nargs=argparse.REMAINDER, help="the suite's own options (--help)")
     sp.set_defaults(func=cmd_bench)
 
@@ -626,7 +610,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--weight-decay", type=_float_in(0, 10), help="default: sgd 5e-4, adamw 0.05")
     sp.add_argument("--momentum", type=_float_in(0, 1), default=0.9, help="SGD momentum")
     sp.add_argument(
-        "--warmup", type=_float_in(0, 100_000), default=1.0, help="linear warm-up, in epochs"
+        "--warmup",
+        type=_float_in(0, 100_000),
+        default=1.0,
+        dest="warmup_epochs",
+        help="linear warm-up, in epochs",
     )
     sp.add_argument("--label-smoothing", type=_float_in(0, 1), default=0.1)
     sp.add_argument(
@@ -639,7 +627,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-after", type=POSITIVE, metavar="N", help="stop after epoch N, resumable"
     )
     sp.add_argument(
-        "--workers", type=_int_in(0, 256), default=0, help="data loader workers (folders)"
+        "--workers",
+        type=_int_in(0, 256),
+        default=0,
+        dest="num_workers",
+        help="data loader workers (folders)",
     )
     sp.set_defaults(func=cmd_train)
 

@@ -190,10 +190,9 @@ def plot_front(
     The step line is the front's attainment curve: with ``x`` minimized and ``y`` maximized,
     the best ``y`` reachable within a budget of ``x``, so everything under it is beaten.
     """
-    import matplotlib
+    from archopt.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib import ticker
 
     records = list(records)

@@ -29,7 +29,7 @@ rc=$?
 if [ $rc -ne 0 ]; then status=1; echo "GPU tests: exit $rc (124 = time limit)"; fi
 
 echo; echo "== benchmark =="
-timeout -k 10 130 "$PY" benchmarks/bench_attention_gpu.py --budget-s 100 --flex-budget-s 50
+timeout -k 10 130 "$PY" -m archopt.bench.attention_gpu --budget-s 100 --flex-budget-s 50
 rc=$?
 if [ $rc -ne 0 ]; then status=1; echo "benchmark: exit $rc (124 = time limit)"; fi
 exit $status

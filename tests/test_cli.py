@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from archopt.cli import main
 
@@ -39,11 +40,29 @@ def test_measure_json(capsys):
     assert r["latency_ms"] > 0 and r["peak_memory_bytes"] > 0
 
 
-def test_measure_optimized(capsys):
+def test_measure_optimized_times_the_optimized_model(capsys, monkeypatch):
+    """--optimize: what is timed is the optimized model (a different module computing the
+    same function); parameters and MACs are counted on the model as built."""
+    import archopt.measure
+
+    real, calls = archopt.measure.measure_model, []
+
+    def spy(model, shape, **kwargs):
+        calls.append((model, kwargs["counted_model"]))
+        return real(model, shape, **kwargs)
+
+    monkeypatch.setattr(archopt.measure, "measure_model", spy)
     code, out, _ = run(
-        capsys, "measure", "mobilenet_v1_025", "--optimize", "--repeats", "2", "--batch-size", "2"
-    )
-    assert code == 0 and "470,072" in out
+        capsys, "measure", "mobilenet_v1_025", "--optimize", "--repeats", "2", "--batch-size",
+        "2", "--json",
+    )  # fmt: skip
+    (r,) = json.loads(out)
+    ((timed, built),) = calls
+    assert code == 0 and r["params"] == 470_072 and r["input_shape"] == [2, 3, 224, 224]
+    assert timed is not built
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(timed(x), built(x), rtol=1e-4, atol=1e-4)
 
 
 def test_export(capsys, tmp_path):
@@ -295,13 +314,23 @@ def test_llama_cpp_anchor_runs_in_a_child_and_reports_failures(tmp_path, monkeyp
     assert bad == {"error": expected}
 
 
-def test_bench_attention_dilation_alone(capsys):
+def test_bench_attention_dilation_alone(capsys, monkeypatch):
+    from archopt.bench import attention
     from archopt.bench.attention import main as bench
 
-    bench(["--dilation-alone", "--lengths", "96", "--rounds", "1", "--heads", "2", "--window", "8"])
+    argv = ["--dilation-alone", "--lengths", "96", "--rounds", "1", "--heads", "2", "--window", "8"]
+    bench(argv)
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("| 96 |"))
-    assert row.count("x |") == 2  # the two ratios
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 6 and all(float(c) > 0 for c in cells[1:4])  # measured, ms
+    # The ratios are the dilated time over the undilated one: fixed timings, exact cells.
+    monkeypatch.setattr(
+        attention, "interleaved", lambda fns, **kw: {d: {"median_ms": 4.0 * d**0.5} for d in fns}
+    )
+    bench(argv)
+    out = capsys.readouterr().out
+    assert "| 96 | 4.0 | 5.7 | 8.0 | 1.41x | 2.00x |" in out.splitlines()
 
 
 def _smollm2_or_skip():
@@ -319,7 +348,7 @@ def _smollm2_or_skip():
         (["--weights", "int3"], "argument --weights: invalid choice: 'int3' (choose from 'auto',"),
         (["--compile", "aot", "--cache", "dense"], "--compile aot needs --cache static"),
         (["--compile", "inductor", "--cache", "sink:4:8"], "--compile inductor needs --cache"),
-        (["--cache", "paged:x"], "unknown cache spec 'paged:x'"),
+        (["--cache", "ring:x"], "unknown cache spec 'ring:x'"),
         (["--cache", "sliding:99999999999999999999"], "numbers must be at most 2**40"),
         (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
     ],
@@ -375,11 +404,8 @@ def test_a_second_generate_uses_the_compiled_step_and_the_eager_tokens(capsys):
     runs = [
         run(capsys, *args, *extra) for extra in (["--compile", "off"], ["--compile", "aot"], [])
     ]
-    assert [code for code, _, _ in runs] == [
-        0,
-        0,
-        0,
-    ]  # eager; builds it (a minute or two); finds it
+    # eager; builds it (a minute or two); finds it
+    assert [code for code, _, _ in runs] == [0, 0, 0]
     eager, built, cached = (json.loads(out) for _, out, _ in runs)
     assert "compiled now" in built["decode"] and "from cache" in cached["decode"]
     assert eager["text"] == built["text"] == cached["text"]

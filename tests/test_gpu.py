@@ -21,9 +21,14 @@ def test_mobilenet_on_cuda_matches_cpu():
     torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
 
-def test_cuda_latency_and_memory():
+def test_cuda_latency_waits_for_the_gpu_and_memory():
+    small, big = torch.randn(1024, 1024, device="cuda"), torch.randn(4096, 4096, device="cuda")
+    lat_small = measure_latency(lambda a: a @ a, small, repeats=5)
+    lat_big = measure_latency(lambda a: a @ a, big, repeats=5)
+    assert lat_small.device == lat_big.device == "cuda"
+    # 64x the work. A timer that stopped when the kernel was queued, not done, would see two
+    # launches of about the same cost.
+    assert lat_big.median_ms > 8 * lat_small.median_ms
     x = torch.randn(2048, 2048, device="cuda")
-    lat = measure_latency(lambda a: a @ a, x, repeats=5)
-    assert lat.device == "cuda" and lat.median_ms > 0
     mem = measure_peak_memory(lambda a: a @ a, x)
     assert mem.method == "cuda" and mem.bytes >= 2048 * 2048 * 4

@@ -64,9 +64,9 @@ def test_table1_row_by_row():
 
 
 def test_table2_shares():
-    from archopt.tour import _table2
+    from archopt.tour.mobilenet import table2_shares
 
-    shares = _table2(archopt.create_model("mobilenet_v1_100"))
+    shares = table2_shares(archopt.create_model("mobilenet_v1_100"))
     for kind in ("Conv 1x1", "Conv DW 3x3", "Fully Connected"):
         assert shares[kind][0] == pytest.approx(ref.MOBILENET_V1_TABLE2[kind][0], abs=0.005)
         assert shares[kind][1] == pytest.approx(ref.MOBILENET_V1_TABLE2[kind][1], abs=0.03)

@@ -8,8 +8,8 @@ import archopt
 from archopt.cli import main as cli_main
 from archopt.loading import mobilevit_config_from_hf, mobilevit_from_hf, mobilevit_from_timm
 from archopt.measure import count_macs, count_params, layer_table
-from archopt.models.mobilenetv2_blocks import InvertedResidual
 from archopt.models.mobilevit import MobileViT, MobileViTBlock, MobileViTConfig
+from archopt.ops.inverted_residual import InvertedResidual
 from archopt.ops.transformer import TransformerLayer
 
 from .conftest import randomize_bn

@@ -404,9 +404,26 @@ def test_bf16_autocast_on_and_auto_decision_recorded(tmp_path):
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
     model = tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert isinstance(choose_bf16("auto", model, x, y), bool)
+    choose_bf16("auto", model, x, y)  # times a copy, where the CPU has native bf16
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
-    assert choose_bf16("off", model, x, y) is False
+
+
+def test_bf16_auto_takes_bf16_only_when_measured_faster(monkeypatch):
+    from archopt.train import runtime
+
+    x, y, model = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)), tiny()
+    seconds = {False: 1.0, True: 0.8}
+    monkeypatch.setattr(runtime, "_time_steps", lambda m, x, y, bf16: seconds[bf16])
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert choose_bf16("auto", model, x, y) is True  # 20% faster
+    seconds[True] = 0.95
+    assert choose_bf16("auto", model, x, y) is False  # within 10%: not worth the rounding
+    seconds[True] = 1.2
+    assert choose_bf16("auto", model, x, y) is False
+    assert choose_bf16("on", model, x, y) is True and choose_bf16("off", model, x, y) is False
+    seconds[True] = 0.5
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    assert choose_bf16("auto", model, x, y) is False  # emulated bf16: never, however timed
 
 
 def _free_port() -> int:

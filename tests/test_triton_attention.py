@@ -26,7 +26,7 @@ import torch
 pytest.importorskip("triton")
 
 import archopt.ops.attention as attention
-from archopt.ops.attention import local_attention, triton_band
+from archopt.ops.attention import local_attention, triton_band, triton_kernels
 
 from .test_local_attention import padding_mask as _padding_mask
 
@@ -273,8 +273,8 @@ def test_auto_on_cpu_is_blocked(monkeypatch):
 @not_interp
 @pytest.mark.slow
 def test_gpu_benchmark_dry_run():
-    """benchmarks/bench_attention_gpu.py end to end on a tiny shape (CPU, interpreter)."""
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_attention_gpu.py"), "--dry-run"]
+    """``archopt bench attention-gpu`` end to end on a tiny shape (CPU, interpreter)."""
+    cmd = [sys.executable, "-m", "archopt.bench.attention_gpu", "--dry-run"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
@@ -326,9 +326,9 @@ def _compile_cases(dtype, head_dim, n_global=16):
     for ``n_global`` listed rows)."""
     tiles = triton_band.choose_tiles(head_dim, dtype)
     kernels = (
-        (triton_band._fwd_kernel, tiles.fwd, 0, "HAS_GKEYS"),
-        (triton_band._dq_kernel, tiles.dq, 0, "HAS_GKEYS"),
-        (triton_band._dkdv_kernel, tiles.dkdv, 1, "HAS_GROWS"),
+        (triton_kernels.fwd_kernel, tiles.fwd, 0, "HAS_GKEYS"),
+        (triton_kernels.dq_kernel, tiles.dq, 0, "HAS_GKEYS"),
+        (triton_kernels.dkdv_kernel, tiles.dkdv, 1, "HAS_GROWS"),
     )
     for kernel, config, owned, extra in kernels:
         for gather in (False, True):
@@ -340,7 +340,7 @@ def _compile_cases(dtype, head_dim, n_global=16):
                 flags = dict(HAS_FLAGS=True, CAUSAL=causal, **{extra: not gather})
                 yield kernel, tuple(config_), gather, flags
     plain = dict(HAS_FLAGS=False, HAS_GKEYS=False, CAUSAL=False)
-    yield triton_band._fwd_kernel, tiles.fwd, False, plain
+    yield triton_kernels.fwd_kernel, tiles.fwd, False, plain
 
 
 @not_interp

@@ -1,18 +1,85 @@
-"""The anchors archopt's benchmarks measure themselves against, run in processes of their
-own: llama.cpp through llama-cpp-python (decode rate, and whole processes from start to exit).
+"""The anchors archopt's benchmarks measure themselves against: Hugging Face transformers
+on the same weights, and llama.cpp through llama-cpp-python (decode rate, and whole processes
+from start to exit).
 
-Each runs in a child process: llama.cpp and torch each bring an OpenMP runtime and thread
+llama.cpp runs in a child process: llama.cpp and torch each bring an OpenMP runtime and thread
 settings, and a crash in a native build (seen: a llama.cpp built with AMX kernels that
 segfault on this VM) must not take the benchmark down. A failure is reported as an error.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
+
+
+def hf_twin(model):
+    """A transformers ``LlamaForCausalLM`` holding exactly ``model``'s weights (a ``Llama``)."""
+    import transformers
+
+    from archopt.loading.llama import llama_state_dict_to_hf
+
+    cfg = model.config
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=cfg.rope_theta,
+        rope_scaling=cfg.rope_scaling,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+    )
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(hf_cfg)
+    sd = llama_state_dict_to_hf(model.state_dict(), cfg)
+    sd.setdefault("lm_head.weight", model.embed.weight)  # tied: HF still names its head
+    hf.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, assign=True, strict=False)
+    if cfg.tie_word_embeddings:
+        hf.tie_weights()
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)  # buffers off the meta device
+    return hf.eval()
+
+
+@functools.cache
+def hf_cache_arg() -> str:
+    """The keyword transformers takes a Cache by: ``cache`` in recent releases."""
+    import transformers
+
+    params = inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def hf_greedy(
+    hf, ids: torch.Tensor, new_tokens: int, *, exact: bool = False
+) -> Callable[[], torch.Tensor]:
+    """A call of HF ``generate``: up to ``new_tokens`` greedy tokens after ``ids`` (``exact``:
+    never fewer, as a timed run must)."""
+    mask = torch.ones_like(ids)
+    at_least = {"min_new_tokens": new_tokens} if exact else {}
+
+    def call() -> torch.Tensor:
+        with torch.inference_mode():
+            return hf.generate(
+                ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                eos_token_id=None, pad_token_id=0, **at_least,
+            )  # fmt: skip
+
+    return call
 
 
 def have_llama_cpp() -> bool:

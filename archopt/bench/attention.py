@@ -6,7 +6,7 @@ FlexAttention (compiled, same mask), dense SDPA with a band mask, and Hugging Fa
 projections). Run:
 
     archopt bench attention --threads 2 [--lengths 1024 ... 16384] [--plot out.png]
-    (or python benchmarks/bench_attention.py with the same flags)
+    (or python -m archopt.bench.attention with the same flags)
 """
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 import warnings
 
 import torch
 
-from archopt.bench.common import interleaved, machine_line, matmul_gflops
-from archopt.measure import measure_peak_memory
+from archopt.bench.common import machine_line, matmul_gflops
+from archopt.io import atomic_write_text
+from archopt.measure import interleaved, measure_peak_memory
 from archopt.ops.attention import blocked, local_attention
 from archopt.ops.attention import flex as flex_backend
 from archopt.ops.attention.reference import band_mask
+from archopt.report import log, markdown_table, pyplot, table_head, table_row
 
 
 def op_contenders(n, args, dilation, n_global):
@@ -200,11 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# {machine_line(args.threads)}; fp32 matmul 2048^3: {rate:.0f} GFLOP/s")
     what = "forward + backward" if args.backward else "forward"
     print(f"# B=1, H={args.heads}, d={args.head_dim}, w={args.window} (one-sided), {what}, fp32\n")
-    print(
-        "| N | variant | contender | median ms | p10-p90 ms | vs ours | band GFLOP/s "
-        "| peak RSS MiB |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    head = ["N", "variant", "contender", "median ms", "p10-p90 ms", "vs ours", "band GFLOP/s"]
+    print(table_head([*head, "peak RSS MiB"]))
     results = []
     variants = [("w", 1, 0)]
     if args.variants:
@@ -217,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
                 if label == "w" and n <= args.hf_max:
                     modules = module_contenders(n, args).items()
                     fns.update({k: _step(f, args.backward) for k, f in modules})
-                print(f"N={n} {label}", file=sys.stderr, flush=True)
+                log(f"N={n} {label}")
                 stats = interleaved(
                     fns, rounds=args.rounds, per_round=1, warmup=1, min_round_ms=args.min_round_ms
                 )
@@ -228,32 +226,26 @@ def main(argv: list[str] | None = None) -> None:
                 for name, s in stats.items():
                     mem = measure_peak_memory(fns[name], method="rss").bytes / 2**20
                     gflops = band_flops / (s["median_ms"] * 1e6)
-                    print(
-                        f"| {n} | {label} | {name} | {s['median_ms']:.1f} | "
-                        f"{s['p10_ms']:.1f}-{s['p90_ms']:.1f} | {s['median_ms'] / base:.2f}x | "
-                        f"{gflops:.0f} | {mem:.1f} |",
-                        flush=True,
-                    )
+                    cells = [
+                        n, label, name, f"{s['median_ms']:.1f}",
+                        f"{s['p10_ms']:.1f}-{s['p90_ms']:.1f}", f"{s['median_ms'] / base:.2f}x",
+                        f"{gflops:.0f}", f"{mem:.1f}",
+                    ]  # fmt: skip
+                    print(table_row(cells), flush=True)
                     results.append(
                         {"n": n, "variant": label, "contender": name, "peak_mib": mem, **s}
                     )
     print("\n" + summary(results, lambda n: 4 * args.heads * n * args.head_dim))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
+        record = {"machine": machine_line(args.threads), "results": results}
+        atomic_write_text(args.json, json.dumps(record, indent=2))
     if args.plot:
         plot(results, args.plot)
 
 
 def dilation_alone(args) -> str:
     """Ours at dilation 1, 2 and 4 on the same inputs, nothing else in the rounds."""
-    from archopt.ops.attention import local_attention
-
-    lines = [f"# {machine_line(args.threads)}; ours only, forward, fp32, w={args.window}"]
-    lines += [
-        "| N | d=1 ms | d=2 ms | d=4 ms | d=2 / d=1 | d=4 / d=1 |",
-        "|---|---|---|---|---|---|",
-    ]
+    rows = []
     for n in args.lengths:
         qkv = [torch.randn(1, args.heads, n, args.head_dim) for _ in range(3)]
         fns = {
@@ -262,11 +254,13 @@ def dilation_alone(args) -> str:
         }
         with torch.inference_mode():
             t = {d: s["median_ms"] for d, s in interleaved(fns, rounds=args.rounds).items()}
-        lines.append(
-            f"| {n} | {t[1]:.1f} | {t[2]:.1f} | {t[4]:.1f} | {t[2] / t[1]:.2f}x | "
-            f"{t[4] / t[1]:.2f}x |"
-        )
-    return "\n".join(lines)
+        rows.append([
+            n, f"{t[1]:.1f}", f"{t[2]:.1f}", f"{t[4]:.1f}", f"{t[2] / t[1]:.2f}x",
+            f"{t[4] / t[1]:.2f}x",
+        ])  # fmt: skip
+    head = ["N", "d=1 ms", "d=2 ms", "d=4 ms", "d=2 / d=1", "d=4 / d=1"]
+    title = f"# {machine_line(args.threads)}; ours only, forward, fp32, w={args.window}"
+    return title + "\n" + markdown_table(head, rows)
 
 
 def summary(results, output_bytes) -> str:
@@ -274,11 +268,11 @@ def summary(results, output_bytes) -> str:
 
     ``output_bytes(n)``: the size of the attention output, the floor of peak memory."""
     at = {(r["n"], r["variant"], r["contender"]): r for r in results}
-    lines = [
-        "| N | Flex / ours | d=2 / d=1 | d=4 / d=1 | output MiB | ours peak MiB "
-        "| ours, smallest spare: peak MiB, time | Flex peak MiB |"
-    ]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    head = [
+        "N", "Flex / ours", "d=2 / d=1", "d=4 / d=1", "output MiB", "ours peak MiB",
+        "ours, smallest spare: peak MiB, time", "Flex peak MiB",
+    ]  # fmt: skip
+    lines = []
     for n in sorted({r["n"] for r in results}):
         ours, flex = at.get((n, "w", "ours")), at.get((n, "w", "flex (compiled)"))
         spares = [
@@ -294,19 +288,15 @@ def summary(results, output_bytes) -> str:
         u2, u4 = (at.get((n, f"dilation {d}", "ours, dilation 1")) for d in (2, 4))
         mem = lambda r: f"{r['peak_mib']:.1f}" if r else "-"  # noqa: E731
         low_cell = f"{mem(low)}, {ratio(low, ours)}" if low else "-"
-        lines.append(
-            f"| {n} | {ratio(flex, ours)} | {ratio(d2, u2)} | {ratio(d4, u4)} | "
-            f"{output_bytes(n) / 2**20:.1f} | {mem(ours)} | {low_cell} | {mem(flex)} |"
-        )
-    return "\n".join(lines)
+        lines.append([
+            n, ratio(flex, ours), ratio(d2, u2), ratio(d4, u4), f"{output_bytes(n) / 2**20:.1f}",
+            mem(ours), low_cell, mem(flex),
+        ])  # fmt: skip
+    return markdown_table(head, lines)
 
 
 def plot(results, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     names = sorted(
         {r["contender"] for r in results if r["variant"] == "w" and "chunks" not in r["contender"]}

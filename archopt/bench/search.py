@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from archopt.bench.common import interleaved, machine_line
+from archopt.bench.common import machine_line
+from archopt.measure import interleaved
 
 
 def _hv(records: list[dict], objectives: list[str], ref: list[float]) -> float:

@@ -1,5 +1,12 @@
 """Checkpoints: ``load_llm`` (the door for language models), GGUF, and the key maps of the
-reference implementations (timm, Hugging Face) for the image models and Longformer."""
+reference implementations (timm, Hugging Face) for the image models and Longformer.
+
+``llm``: ``load_llm`` and the one ``WEIGHT_FORMATS`` table; ``prepared``: loaded models kept in
+the cache folder; ``gguf/``: llama.cpp's files; ``llama``, ``tokenizer``: Hugging Face Llama
+checkpoints and tokenizers; ``keymap``, ``mobilenet_v1``, ``mobilevit``, ``vit``,
+``longformer``: key maps. Imports ops and models (blocks from ops, never from models' files);
+never generate, measure or above.
+"""
 
 from archopt.loading.keymap import rename_keys
 from archopt.loading.llama import llama_config_from_hf

@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from archopt.loading.keymap import rename_keys
-from archopt.models.mobilenet_v1 import make_divisible
 from archopt.models.mobilevit import MobileViTConfig
+from archopt.ops.conv import make_divisible
 
 _BN = r"(weight|bias|running_mean|running_var|num_batches_tracked)"
 _WB = r"(weight|bias)"

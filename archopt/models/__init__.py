@@ -1,4 +1,9 @@
-"""Model families; importing this package registers every model."""
+"""Model families, one file each, readable like its paper (``llama``, ``longformer``,
+``mobilenet_v1``, ``mobilevit``, ``vit``; ``image``: what the image classifiers share).
+Importing this package registers every model in ``_registry`` (the table; lookups are
+``archopt.registry``). Models are built from ``archopt.ops``; they never import loading or
+anything above it.
+"""
 
 from archopt.models import (
     llama,

@@ -19,7 +19,7 @@ from torch import nn
 
 from archopt.models._registry import register_model, with_overrides
 from archopt.models.image import check_classifier_config, check_image, random_images
-from archopt.ops.conv import ConvNormAct, DepthwiseSeparableConv2d
+from archopt.ops.conv import ConvNormAct, DepthwiseSeparableConv2d, make_divisible
 
 STEM_CHANNELS = 32
 # (out_channels, stride) of the 13 depthwise separable blocks at width 1.0 (Table 1).
@@ -35,14 +35,6 @@ BLOCKS: tuple[tuple[int, int], ...] = (
     (1024, 1),
 )
 TOTAL_STRIDE = 32
-
-
-def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
-    """Round a scaled channel count to a multiple of ``divisor``, never below 90% (timm's rule)."""
-    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
-    if rounded < round_limit * value:
-        rounded += divisor
-    return rounded
 
 
 @dataclass

@@ -29,8 +29,8 @@ from torch import nn
 
 from archopt.models._registry import register_model, with_overrides
 from archopt.models.image import check_classifier_config, check_image, random_images
-from archopt.models.mobilenetv2_blocks import InvertedResidual
 from archopt.ops.conv import ConvNormAct
+from archopt.ops.inverted_residual import InvertedResidual
 from archopt.ops.transformer import TransformerLayer
 
 TOTAL_STRIDE = 32

@@ -10,7 +10,7 @@ archopt already has:
 
 - ``conv``: a full k x k convolution + BN + act (the paper's Table 4 "Conv MobileNet" block),
 - ``ds``: the depthwise separable convolution (``ops.conv.DepthwiseSeparableConv2d``),
-- ``ir``: MobileNetV2's inverted residual (``models.mobilenetv2_blocks.InvertedResidual``),
+- ``ir``: MobileNetV2's inverted residual (``ops.inverted_residual.InvertedResidual``),
 - ``mvit``: a MobileViT stage, a strided inverted residual then a MobileViT block whose
   transformer has ``depth`` layers of width ``dim`` (``models.mobilevit.MobileViTBlock``).
 
@@ -32,9 +32,9 @@ from torch import nn
 
 from archopt.models._registry import register_model, with_overrides
 from archopt.models.image import check_classifier_config, check_image, random_images
-from archopt.models.mobilenetv2_blocks import InvertedResidual
 from archopt.models.mobilevit import MobileViTBlock
 from archopt.ops.conv import ConvNormAct, DepthwiseSeparableConv2d
+from archopt.ops.inverted_residual import InvertedResidual
 
 BLOCK_TYPES = ("conv", "ds", "ir", "mvit")
 

@@ -1,4 +1,13 @@
-"""Building blocks with no model knowledge."""
+"""Building blocks with no model knowledge, each tested against a reference:
+
+- ``conv``: ``ConvNormAct``, ``DepthwiseSeparableConv2d``, BN folding, ``make_divisible``;
+  ``inverted_residual``: MobileNetV2's block (MobileViT's conv stages);
+- ``transformer``, ``rope``, ``norms``: attention layers, rotary embeddings, RMSNorm;
+- ``attention/``: local (Longformer) attention, one function over interchangeable backends;
+- ``kv_cache``: the KV caches of decoding; ``quant``: int8 / int4 weight-only linears.
+
+Imports: torch, and ``archopt.io`` / ``archopt.report`` at most; never models or above.
+"""
 
 from archopt.ops.attention import local_attention
 from archopt.ops.conv import (
@@ -7,15 +16,19 @@ from archopt.ops.conv import (
     fold_batchnorm,
     fuse_conv_bn,
     make_activation,
+    make_divisible,
     tf_same_pad,
 )
+from archopt.ops.inverted_residual import InvertedResidual
 
 __all__ = [
     "ConvNormAct",
     "DepthwiseSeparableConv2d",
+    "InvertedResidual",
     "fold_batchnorm",
     "fuse_conv_bn",
     "local_attention",
     "make_activation",
+    "make_divisible",
     "tf_same_pad",
 ]

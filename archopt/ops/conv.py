@@ -1,4 +1,5 @@
-"""Convolution building blocks: ``ConvNormAct``, ``DepthwiseSeparableConv2d``, BN folding.
+"""Convolution building blocks: ``ConvNormAct``, ``DepthwiseSeparableConv2d``, BN folding,
+and ``make_divisible`` (how width multipliers round channel counts).
 
 The depthwise separable convolution (Howard et al., 2017, "MobileNets", Sec. 3.1) factors a
 K x K convolution C_in -> C_out into a depthwise K x K convolution (one filter per input
@@ -38,6 +39,14 @@ def tf_same_pad(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple
     out = math.ceil(size / stride)
     total = max((out - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
     return total // 2, total - total // 2
+
+
+def make_divisible(value: float, divisor: int = 8, round_limit: float = 0.9) -> int:
+    """Round a scaled channel count to a multiple of ``divisor``, never below 90% (timm's rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    if rounded < round_limit * value:
+        rounded += divisor
+    return rounded
 
 
 def _check_positive(name: str, value: int) -> None:

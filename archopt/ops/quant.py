@@ -16,7 +16,7 @@ bytes; for several rows the weight is dequantized once and multiplied normally.
 int4 kernel (``torch._weight_int4pack_mm_for_cpu``: bf16 activations, a bf16 scale and zero per
 group, w = scale * (q - 8) + zero). An int4 weight is one 4-bit plane; an int8 weight is two,
 exactly (q + 128 = 16 a + b, so w = d q = 16 d (a - 8) + 8 d + d (b - 8)), multiplied in one
-call with the input repeated. benchmarks/bench_quant_linear.py (2 threads, SmolLM2 shapes, one
+call with the input repeated. `archopt bench quant-linear` (2 threads, SmolLM2 shapes, one
 row, ~150 MB of distinct weights, each product feeding the next as in a decode step) measured
 3072 x 576 in 111 us (int4) and 189 us (int8) against 376 us for fp32 and 260 / 213 us for the
 inductor-fused Int4Linear / Int8Linear, whose fusion with the consumer's reduction can serialize

@@ -36,9 +36,9 @@ from torch import nn
 from archopt.io import atomic_write_text, cache_dir, writable_cache_dir
 from archopt.measure import cpu_name, measure_latency, num_threads
 from archopt.models.longformer import LongformerLayer
-from archopt.models.mobilenetv2_blocks import InvertedResidual
 from archopt.models.mobilevit import MobileViTBlock
 from archopt.ops.conv import ConvNormAct, DepthwiseSeparableConv2d
+from archopt.ops.inverted_residual import InvertedResidual
 from archopt.ops.transformer import TransformerLayer
 
 KERNEL_TYPES: tuple[type[nn.Module], ...] = (

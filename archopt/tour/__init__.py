@@ -4,6 +4,11 @@ Each technique of the lecture gets a section that exists only once archopt imple
 the report says which are still missing, and ends with a summary table of every claim with
 the figure measured here and whether it held. Output: ``report.html`` (self-contained, plots
 embedded), ``report.md``, ``report.json`` and the PNG plots in the output folder.
+
+One module per section (``mobilenet``, ``longformer``, ``mobilevit``, ``kvcache``), each
+returning a ``common.Section`` with its claims; ``report`` renders the summary and the HTML.
+The tour stands with the benchmarks on the floor under the CLI: it may use anything below
+(measure, train, pareto, bench), never the CLI.
 """
 
 from __future__ import annotations
@@ -15,16 +20,20 @@ from pathlib import Path
 
 import torch
 
-from archopt.tour.common import Claim, Section, _log, _md_table
+from archopt.tour.common import Claim, Section, tour_log
 from archopt.tour.kvcache import kv_cache_section
 from archopt.tour.longformer import longformer_section
-from archopt.tour.mobilenet import _table1_check, _table2, mobilenet_section
+from archopt.tour.mobilenet import mobilenet_section
 from archopt.tour.mobilevit import mobilevit_section
 from archopt.tour.report import SUMMARY_TITLE, render_html, summary_section
 from archopt.tour.search import search_section
 
+# What the tour does not measure, and where it is measured instead.
 MISSING = [
-    ("Triton GPU kernel for local attention", "issue 8"),
+    (
+        "Triton GPU kernel for local attention",
+        "needs a CUDA GPU: `bash benchmarks/gpu_check.sh` runs its tests and benchmark there",
+    ),
 ]
 
 # Name (for --sections) -> section function, in report order. The summary always follows.
@@ -76,7 +85,7 @@ def run_tour(
             SECTIONS[name](out, threads=threads, repeats=repeats, progress=progress, quick=quick)
         )
         timings[name] = time.time() - t0
-        _log(f"section {name} done in {timings[name]:.0f} s", progress)
+        tour_log(f"section {name} done in {timings[name]:.0f} s", progress)
     summary = summary_section(done)
     every = [summary, *done]  # the verdicts first: the details follow for whoever doubts one
 
@@ -110,7 +119,7 @@ def run_tour(
     atomic_write_text(out / "report.md", markdown)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     atomic_write_text(out / "report.html", render_html(markdown, out, title))
-    _log(f"wrote {out / 'report.html'} (and .md, .json) in {report['seconds']:.0f} s", progress)
+    tour_log(f"wrote {out / 'report.html'} (and .md, .json) in {report['seconds']:.0f} s", progress)
     return report
 
 
@@ -127,5 +136,3 @@ __all__ = [
     "run_tour",
     "search_section",
 ]
-# Re-exported: sections written outside this package and tests use them.
-_ = (_md_table, _table1_check, _table2)

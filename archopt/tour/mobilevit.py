@@ -7,7 +7,8 @@ from pathlib import Path
 from archopt.measure import measure_model
 from archopt.optimize import optimize_for_inference
 from archopt.registry import create_model
-from archopt.tour.common import Claim, Section, _log, _md_table
+from archopt.report import markdown_table
+from archopt.tour.common import Claim, Section, tour_log
 
 # The models trained on the embedded digits: (label, registered name, overrides, optimizer).
 # Each family gets its usual optimizer (the papers': SGD for MobileNet, AdamW for ViT and
@@ -41,7 +42,7 @@ def mobilevit_section(
     ]
     results = []
     for i, (name, kind) in enumerate(models):
-        _log(f"MobileViT: measuring {name} ({i + 1}/{len(models)})", progress)
+        tour_log(f"MobileViT: measuring {name} ({i + 1}/{len(models)})", progress)
         model = create_model(name).eval()
         (x,) = model.example_inputs(batch=1)
         eager = measure_model(model, tuple(x.shape), name=name, threads=threads, repeats=repeats)
@@ -79,7 +80,7 @@ def mobilevit_section(
         "Batch 1. MobileViT runs at 256x256 (its native size), the others at 224x224. MACs "
         "include the attention matmuls.",
         "",
-        _md_table(
+        markdown_table(
             [
                 "model",
                 "kind",
@@ -127,7 +128,7 @@ def _accuracy_study(
     shape = (1, images.in_chans, resolution, resolution)
     rows = []
     for i, (label, name, overrides, optimizer) in enumerate(trained):
-        _log(f"MobileViT: training {label}, {epochs} epochs ({i + 1}/{len(trained)})", progress)
+        tour_log(f"MobileViT: training {label}, {epochs} epochs ({i + 1}/{len(trained)})", progress)
         result = train(
             name,
             images,
@@ -176,7 +177,7 @@ def _accuracy_study(
         plots[axis] = path.name
     differ = sorted(set(fronts["macs"]) ^ set(fronts["latency"]))
 
-    table = _md_table(
+    table = markdown_table(
         ["model", "optimizer", "top-1", "M params", "MMACs", "latency ms", "train s"],
         [
             [

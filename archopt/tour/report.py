@@ -12,7 +12,8 @@ import html
 import re
 from pathlib import Path
 
-from archopt.tour.common import Claim, Section, _md_table
+from archopt.report import markdown_table
+from archopt.tour.common import Claim, Section
 
 SUMMARY_TITLE = "Summary: every claim, measured here"
 
@@ -29,7 +30,7 @@ def summary_section(sections: list[Section]) -> Section:
         "measurement with the rule shown; the rules are deliberately loose, so 'NOT held' "
         "means the effect was clearly not there in this run, not that it missed a decimal.",
         "",
-        _md_table(["claim", "measured here", "verdict", "rule", "section"], rows)
+        markdown_table(["claim", "measured here", "verdict", "rule", "section"], rows)
         if rows
         else "No section with claims ran.",
     ]

@@ -11,7 +11,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
-from archopt.tour.common import Claim, Section, _log, _md_table
+from archopt.report import markdown_table
+from archopt.tour.common import Claim, Section, tour_log
 
 TITLE = "Architecture search on the measured Pareto front"
 
@@ -50,7 +51,7 @@ def search_section(
         budget, kw = 3, dict(epochs=1, train_size=600, pop_size=4, calibration_size=2)
     run_dir = out / "search-run"
     shutil.rmtree(run_dir, ignore_errors=True)  # a tour measures afresh
-    _log(f"search: NSGA-II on the {space.name} space, {budget} candidates", progress)
+    tour_log(f"search: NSGA-II on the {space.name} space, {budget} candidates", progress)
     report = search(
         space,
         budget=budget,
@@ -104,7 +105,7 @@ def search_section(
         "cache folder. The hand-designed MobileNet v1 variants are trained with the same "
         "recipe.",
         "",
-        _md_table(
+        markdown_table(
             ["model", "top-1", "latency ms", "predicted ms", "MMACs", "M params", "res", "stages"],
             rows,
         ),

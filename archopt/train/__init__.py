@@ -1,6 +1,18 @@
 """Training from scratch: local data, the training loop (one process or torchrun), checkpoints.
 
-``train(model, data, epochs=...)`` is the entry point; ``archopt train`` wraps it.
+``train(TrainConfig(...))`` (or ``train(model, data, epochs=...)``) is the entry point;
+``archopt train`` builds the ``TrainConfig`` from its options and calls it. What lives where:
+
+- ``config``: ``TrainConfig`` (what decides a run, checked) and ``TrainResult``;
+- ``loop``: ``train``, a run's preparation and one epoch (``run_epoch``);
+- ``resume``: a run's folder: may it continue, what each epoch and the end write;
+- ``build``: the model sized for the data, and its optimizer; ``evaluate``: validation;
+- ``data``: digits, CIFAR-10, image folders (``files`` reads them); ``schedule``: seeds,
+  batches, learning rate;
+- ``runtime``: processes (DDP), bf16 decision; ``checkpoint``: safetensors files;
+- ``study``: train and measure several models for a Pareto front (``archopt pareto``).
+
+Imports stay below: ops, models, loading, measure, pareto; never bench, tour or the CLI.
 """
 
 from archopt.io import atomic_write
@@ -11,8 +23,12 @@ from archopt.train.checkpoint import (
     save_checkpoint,
     save_weights,
 )
+from archopt.train.config import TrainConfig, TrainResult
 from archopt.train.data import DataSpec, ImageData, load_data, parse_data_spec
-from archopt.train.loop import TrainConfig, TrainResult, evaluate, lr_at, read_result, train
+from archopt.train.evaluate import evaluate
+from archopt.train.loop import train
+from archopt.train.resume import read_result
+from archopt.train.schedule import lr_at
 
 __all__ = [
     "DataSpec",

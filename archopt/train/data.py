@@ -17,13 +17,12 @@ Images are kept as uint8 (B, C, H, W) at the training resolution; ``augment`` an
 ``normalize`` run on whole batches in the training loop, drawing from an explicit generator,
 so that data order and augmentation depend only on (seed, epoch) and a resumed run sees the
 same batches as an uninterrupted one.
+
+The files themselves (CIFAR-10's pickles, folder trees) are read by ``archopt.train.files``.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from archopt.train.files import (
+    CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+    check_tree,
+    cifar10_folder,
+    read_cifar_batches,
+    read_pickle,
+    scan_tree,
+)
+
 DATA_KINDS = ("digits", "cifar10", "folder")
-CIFAR10_FOLDER = "cifar-10-batches-py"
-CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_TEST_FILE = "test_batch"
 CIFAR10_CLASSES = (
     "airplane",
     "automobile",
@@ -48,7 +54,6 @@ CIFAR10_CLASSES = (
     "ship",
     "truck",
 )
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 # ImageNet statistics: a folder tree is read lazily, so its own statistics are not computed.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -287,99 +292,10 @@ def _load_digits(resolution: int, channels: int, val_fraction: float) -> ImageDa
     )
 
 
-class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles plain containers and numpy arrays, nothing else.
-
-    CIFAR-10's python format is a pickle, and unpickling runs whatever the file names; a
-    downloaded data set is not trusted code, so only what the format needs is allowed.
-    """
-
-    ALLOWED = frozenset(
-        {
-            ("numpy.core.multiarray", "_reconstruct"),
-            ("numpy._core.multiarray", "_reconstruct"),
-            ("numpy.core.multiarray", "scalar"),
-            ("numpy._core.multiarray", "scalar"),
-            ("numpy", "ndarray"),
-            ("numpy", "dtype"),
-            # Protocol-2 pickles written by Python 3 spell bytes as _codecs.encode(str).
-            ("_codecs", "encode"),
-        }
-    )
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(
-                f"refusing to load {module}.{name}: a CIFAR-10 batch holds only dicts, lists, "
-                "strings and numpy arrays"
-            )
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # numpy.core -> numpy._core
-            return super().find_class(module, name)
-
-
-def _read_pickle(path: Path) -> dict:
-    try:
-        # latin1: the published files were written by Python 2; it keeps array bytes intact.
-        obj = _ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch: {e}") from e
-    if not isinstance(obj, dict):
-        raise ValueError(
-            f"{path} is not a CIFAR-10 python batch: expected a dict, got a {type(obj).__name__}"
-        )
-    # Keys are str with latin1 decoding, bytes with encoding='bytes': accept both.
-    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
-
-
-def cifar10_folder(path: Path) -> Path:
-    """The folder holding the CIFAR-10 batches: ``path`` itself or ``path/cifar-10-batches-py``."""
-    path = Path(path)
-    expected = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
-    for candidate in (path / CIFAR10_FOLDER, path):
-        if candidate.is_dir() and any((candidate / f).is_file() for f in expected):
-            missing = [f for f in expected if not (candidate / f).is_file()]
-            if missing:
-                raise ValueError(
-                    f"incomplete CIFAR-10 python data in {candidate}: expected "
-                    f"{', '.join(expected)}, missing {', '.join(missing)}"
-                )
-            return candidate
-    found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
-    raise ValueError(
-        f"expected CIFAR-10 in its python format at {path}: a folder holding "
-        f"{', '.join(expected)} (torchvision's '{CIFAR10_FOLDER}'), or its parent; "
-        f"found {found or 'nothing'}"
-    )
-
-
-def _read_cifar_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
-    images, labels = [], []
-    for name in names:
-        d = _read_pickle(folder / name)
-        data, lab = d.get("data"), d.get("labels", d.get("fine_labels"))
-        if data is None or lab is None:
-            raise ValueError(
-                f"{folder / name} is not a CIFAR-10 python batch: expected keys 'data' and "
-                f"'labels', got {sorted(d)}"
-            )
-        data = np.asarray(data)
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(
-                f"{folder / name}: expected 'data' as uint8 rows of 3072 values (3x32x32), got "
-                f"{data.dtype} {data.shape}"
-            )
-        if len(lab) != data.shape[0]:
-            raise ValueError(f"{folder / name}: {data.shape[0]} images but {len(lab)} labels")
-        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(np.asarray(lab), dtype=torch.long))
-    return torch.cat(images), torch.cat(labels)
-
-
 def _load_cifar10(path: Path, resolution: int, channels: int) -> ImageData:
     folder = cifar10_folder(path)
-    train_x, train_y = _read_cifar_batches(folder, CIFAR10_TRAIN_FILES)
-    val_x, val_y = _read_cifar_batches(folder, (CIFAR10_TEST_FILE,))
+    train_x, train_y = read_cifar_batches(folder, CIFAR10_TRAIN_FILES)
+    val_x, val_y = read_cifar_batches(folder, (CIFAR10_TEST_FILE,))
     bad = torch.cat([train_y, val_y])
     if bad.min() < 0 or bad.max() >= len(CIFAR10_CLASSES):
         raise ValueError(
@@ -388,7 +304,7 @@ def _load_cifar10(path: Path, resolution: int, channels: int) -> ImageData:
     classes = list(CIFAR10_CLASSES)
     meta = folder / "batches.meta"
     if meta.is_file():
-        names = _read_pickle(meta).get("label_names")
+        names = read_pickle(meta).get("label_names")
         if isinstance(names, list) and len(names) == len(classes):
             classes = [str(n) for n in names]
     train_x = _set_channels(_resize_uint8(train_x, resolution), channels)
@@ -408,32 +324,12 @@ def _load_cifar10(path: Path, resolution: int, channels: int) -> ImageData:
     )
 
 
-def _scan_tree(root: Path) -> tuple[list[str], list[Path], list[int]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files, labels = [], []
-    for c, name in enumerate(classes):
-        for f in sorted((root / name).rglob("*")):
-            if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(f)
-                labels.append(c)
-    return classes, files, labels
-
-
-def _check_tree(root: Path, classes: list[str], files: list[Path]) -> None:
-    if len(classes) < 2 or not files:
-        raise ValueError(
-            f"expected an ImageFolder tree at {root}: one sub-folder of images per class (at "
-            f"least 2 classes), optionally under train/ and val/; found {len(classes)} class "
-            f"folder(s) and {len(files)} image(s) ({', '.join(IMAGE_EXTENSIONS)})"
-        )
-
-
 def _load_folder(path: Path, resolution: int, channels: int, val_fraction: float) -> ImageData:
     val_dir = next((path / n for n in ("val", "validation", "test") if (path / n).is_dir()), None)
     if (path / "train").is_dir() and val_dir is not None:
-        classes, files, labels = _scan_tree(path / "train")
-        _check_tree(path / "train", classes, files)
-        val_classes, val_files, val_labels = _scan_tree(val_dir)
+        classes, files, labels = scan_tree(path / "train")
+        check_tree(path / "train", classes, files)
+        val_classes, val_files, val_labels = scan_tree(val_dir)
         if val_classes != classes:
             raise ValueError(
                 f"the class folders of {path / 'train'} and {val_dir} must match, got "
@@ -442,8 +338,8 @@ def _load_folder(path: Path, resolution: int, channels: int, val_fraction: float
         train = FolderImages(files, labels, resolution, channels)
         val = FolderImages(val_files, val_labels, resolution, channels)
     else:
-        classes, files, labels = _scan_tree(path)
-        _check_tree(path, classes, files)
+        classes, files, labels = scan_tree(path)
+        check_tree(path, classes, files)
         train_idx, val_idx = _stratified_split(torch.tensor(labels), val_fraction)
         train = FolderImages(
             [files[i] for i in train_idx], [labels[i] for i in train_idx], resolution, channels

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import re
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch
 
 from archopt.io import atomic_write_text
 from archopt.pareto import pareto_front, plot_front
+from archopt.report import log
 from archopt.train.data import load_data, parse_data_spec
 from archopt.train.loop import train
 
@@ -139,8 +139,7 @@ def pareto_study(
     images = load_data(parse_data_spec(data), resolution=resolution, channels=channels)
     rows = []
     for spec, (name, overrides) in zip(specs, parsed):
-        if verbose:
-            print(f"[pareto] {spec}: training (or reading) ...", file=sys.stderr, flush=True)
+        log(f"[pareto] {spec}: training (or reading) ...", verbose)
         result = train(
             name,
             images,
@@ -160,8 +159,7 @@ def pareto_study(
         )
         model = result.model.to("cpu").eval()
         shape = (1, images.in_chans, images.resolution, images.resolution)
-        if verbose:
-            print(f"[pareto] {spec}: measuring {shape} ...", file=sys.stderr, flush=True)
+        log(f"[pareto] {spec}: measuring {shape} ...", verbose)
         m = measure_model(model, shape, name=spec, threads=threads, repeats=repeats)
         rows.append(
             {

@@ -4,9 +4,11 @@
 ``local_attention`` checks its inputs once and dispatches to
 
 - ``"reference"`` (reference.py): dense masked attention from the definition, O(N^2); the oracle.
-- ``"blocked"`` (blocked.py): the exact CPU fast path, O(N*w) memory, plain autograd.
+- ``"blocked"`` (blocked.py, with blocked_chunks.py, blocked_short.py, blocked_rows.py): the
+  exact CPU fast path, O(N*w) memory, its backward pass by hand.
 - ``"flex"`` (flex.py): the same mask through ``torch.nn.attention.flex_attention``, to compare.
-- ``"triton"`` (triton_band.py): FlashAttention-2 style Triton kernels, forward and backward,
+- ``"triton"`` (triton_band.py: planning, launch, autograd; triton_kernels.py: the kernels):
+  FlashAttention-2 style Triton kernels, forward and backward,
   for CUDA tensors (fp16/bf16/fp32, head dims 16-128, dv == d). CPU tensors only under
   ``TRITON_INTERPRET=1`` (Triton's interpreter: slow, for tests). Triton is imported lazily,
   so nothing here needs it unless this backend is asked for.

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from archopt.models.mobilenet_v1 import make_divisible
-from archopt.ops.conv import ConvNormAct
+from archopt.ops.conv import ConvNormAct, make_divisible
 
 
 class InvertedResidual(nn.Module):

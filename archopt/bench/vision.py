@@ -1,10 +1,10 @@
 """Vision models on the CPU: ours (eager, optimized, compiled) vs timm eager vs onnxruntime.
 
-MobileNet v1 and its full-conv baseline (issue 2), MobileViT XXS/XS/S and ViT-Tiny (issue 4).
+MobileNet v1 and its full-conv baseline, MobileViT XXS/XS/S and ViT-Tiny.
 Every contender runs the same weights in the same process, interleaved round by round, so the
 ratios are fair even when the machine drifts. Run:
 
-    python benchmarks/bench_vision.py --threads 2 [--models ...] [--batch 1 8] [--inductor]
+    archopt bench vision --threads 2 [--models ...] [--batch 1 8] [--inductor]
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import warnings
 
@@ -20,9 +19,11 @@ import torch
 
 import archopt
 from archopt import loading
-from archopt.bench.common import interleaved, machine_line, matmul_gflops
-from archopt.measure import count_macs
+from archopt.bench.common import machine_line, matmul_gflops
+from archopt.io import atomic_write_text
+from archopt.measure import count_macs, interleaved
 from archopt.optimize import OnnxRuntimeModule, choose_backend
+from archopt.report import log, table_head, table_row
 
 # our registered name -> (timm name, key map); models without an entry have no timm column
 TIMM_ANCHORS = {
@@ -48,7 +49,7 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
             ours.load_state_dict(key_map(ref.state_dict()))
             fns["timm eager"] = ref
         except ImportError:
-            print("timm not installed: no timm column", file=sys.stderr)
+            log("timm not installed: no timm column")
     fns["ours eager"] = ours
     fns["ours optimized"] = archopt.optimize_for_inference(ours, x)
     fns["ours optimized jit"] = archopt.optimize_for_inference(ours, x, compile="jit")
@@ -67,7 +68,7 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
             path = archopt.export_onnx(ours, os.path.join(d, "m.onnx"), x)
             fns["onnxruntime"] = OnnxRuntimeModule(str(path), threads=threads)
     except ImportError:
-        print("onnxruntime not installed: no onnxruntime column", file=sys.stderr)
+        log("onnxruntime not installed: no onnxruntime column")
 
     errors = {}
     with torch.inference_mode():
@@ -88,15 +89,15 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
     return {k: call(v) for k, v in fns.items()}, errors, count_macs(ours, x.shape)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="archopt bench vision", description=__doc__)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--models", nargs="+", default=["mobilenet_v1_100", "conv_mobilenet_v1_100"])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--inductor", action="store_true", help="also torch.compile (slow to build)")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     rate, rate_bf16 = matmul_gflops(), matmul_gflops(dtype=torch.bfloat16)
@@ -107,7 +108,7 @@ def main() -> None:
     results = []
     for name in args.models:
         for batch in args.batch:
-            print(f"{name} batch {batch}", file=sys.stderr, flush=True)
+            log(f"{name} batch {batch}")
             fns, errors, macs = contenders_for(name, batch, args.inductor, args.threads)
             per_round = max(2, 10 // batch)
             stats = interleaved(fns, rounds=args.rounds, per_round=per_round)
@@ -116,26 +117,23 @@ def main() -> None:
             base_timm = stats.get("timm eager", {}).get("median_ms")
             base_ort = stats.get("onnxruntime", {}).get("median_ms")
             print(f"## {name}, batch {batch}, {macs / 1e6:.0f} MMACs, floor {floor_ms:.2f} ms\n")
-            print(
-                "| contender | median ms | p10-p90 ms | vs timm | vs onnxruntime | floor/time "
-                "| max rel err |"
-            )
-            print("|---|---|---|---|---|---|---|")
+            head = ["contender", "median ms", "p10-p90 ms", "vs timm", "vs onnxruntime"]
+            print(table_head([*head, "floor/time", "max rel err"]))
             for label, s in stats.items():
                 vt = f"{s['median_ms'] / base_timm:.2f}x" if base_timm else "-"
                 vo = f"{s['median_ms'] / base_ort:.2f}x" if base_ort else "-"
                 floor = floor_bf16_ms if "bf16" in label else floor_ms
-                print(
-                    f"| {label} | {s['median_ms']:.2f} | {s['p10_ms']:.2f}-{s['p90_ms']:.2f} "
-                    f"| {vt} | {vo} | {floor / s['median_ms']:.0%} | {errors[label]:.1e} |"
-                )
+                print(table_row([
+                    label, f"{s['median_ms']:.2f}", f"{s['p10_ms']:.2f}-{s['p90_ms']:.2f}", vt,
+                    vo, f"{floor / s['median_ms']:.0%}", f"{errors[label]:.1e}",
+                ]))  # fmt: skip
                 results.append(
                     {"model": name, "batch": batch, "contender": label, "err": errors[label], **s}
                 )
             print(flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": machine_line(args.threads), "results": results}, f, indent=2)
+        record = {"machine": machine_line(args.threads), "results": results}
+        atomic_write_text(args.json, json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ inductor graph per contender, each product feeding the next. Contenders are inte
 by round. Prints microseconds per weight and the weight bytes read per
 second. Run:
 
-    python benchmarks/bench_quant_linear.py --threads 2
+    archopt bench quant-linear --threads 2
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import warnings
 import torch
 from torch import nn
 
-from archopt.bench.common import interleaved, machine_line
+from archopt.bench.common import machine_line
+from archopt.measure import interleaved
 from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear
+from archopt.report import markdown_table
 
 SHAPES = [(3072, 576), (960, 576), (576, 1536), (49152, 576)]  # gate_up, qkv, down, lm_head
 
@@ -100,7 +102,7 @@ def _group(n_in: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="archopt bench quant-linear", description=__doc__)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--mb", type=float, default=150, help="int8 megabytes of distinct weights")
@@ -119,11 +121,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"# {machine_line(args.threads)}; one row, median us per weight (GB/s of its bytes)")
     names = list(dict.fromkeys(r["name"] for r in rows))
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
-    print("| contender | " + " | ".join(shapes) + " |")
-    print("|---" * (len(shapes) + 1) + "|")
+    table = []
     for name in names:
         cells = [next(r for r in rows if r["name"] == name and r["shape"] == s) for s in shapes]
-        print(f"| {name} | " + " | ".join(f"{c['us']:.0f} ({c['gbs']:.1f})" for c in cells) + " |")
+        table.append([name, *(f"{c['us']:.0f} ({c['gbs']:.1f})" for c in cells)])
+    print(markdown_table(["contender", *shapes], table))
     return rows
 
 

@@ -17,9 +17,10 @@ A contender that fails (out of memory, a compile error, ...) gets its error in i
 run goes on; a global ``--budget-s`` (and ``--flex-budget-s`` for FlexAttention's compiles)
 keeps the whole run short: what does not fit is marked "skipped".
 
-    bash benchmarks/gpu_check.sh                      # the GPU tests, then this
-    python benchmarks/bench_attention_gpu.py [--lengths 4096 16384] [--budget-s 120]
-    python benchmarks/bench_attention_gpu.py --dry-run  # CPU, Triton interpreter, tiny shape
+    bash benchmarks/gpu_check.sh                       # the GPU tests, then this
+    archopt bench attention-gpu [--lengths 4096 16384] [--budget-s 120]
+    archopt bench attention-gpu --dry-run  # CPU, Triton interpreter, tiny shape
+    (or python -m archopt.bench.attention_gpu with the same flags)
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+
+from archopt.report import markdown_table
 
 
 @dataclass
@@ -261,11 +264,11 @@ def fmt_ms(r: Result) -> str:
 
 
 def table(rows: list[Row], args, peak: float) -> str:
-    head = (
-        "| N | w | dil | glob | pass | ours ms | flex ms | sdpa ms | flex/ours | "
-        "ours TFLOP/s (% mm) | flex TFLOP/s | MiB ours/flex/sdpa | notes |"
-    )
-    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    head = [
+        "N", "w", "dil", "glob", "pass", "ours ms", "flex ms", "sdpa ms", "flex/ours",
+        "ours TFLOP/s (% mm)", "flex TFLOP/s", "MiB ours/flex/sdpa", "notes",
+    ]  # fmt: skip
+    lines = []
     for row in rows:
         r = {name: row.results.get(name, Result(note="-")) for name in ("ours", "flex", "sdpa")}
         flops = band_flops(row, args.heads, args.head_dim)
@@ -278,12 +281,12 @@ def table(rows: list[Row], args, peak: float) -> str:
             flex_tf = f"{flops / r['flex'].ms / 1e9:.1f}"
         mib = "/".join(f"{x.mib:.0f}" if x.mib is not None else "-" for x in r.values())
         notes = "; ".join(f"{name}: {x.note}" for name, x in r.items() if x.note)
-        lines.append(
-            f"| {row.n} | {row.window} | {row.dilation} | {row.n_global} | "
-            f"{'fwd+bwd' if row.backward else 'fwd'} | {fmt_ms(r['ours'])} | {fmt_ms(r['flex'])} "
-            f"| {fmt_ms(r['sdpa'])} | {ratio} | {ours_tf} | {flex_tf} | {mib} | {notes} |"
-        )
-    return "\n".join(lines)
+        lines.append([
+            row.n, row.window, row.dilation, row.n_global, "fwd+bwd" if row.backward else "fwd",
+            fmt_ms(r["ours"]), fmt_ms(r["flex"]), fmt_ms(r["sdpa"]), ratio, ours_tf, flex_tf,
+            mib, notes,
+        ])  # fmt: skip
+    return markdown_table(head, lines)
 
 
 class _Stopped(BaseException):  # not caught by the per-contender `except Exception`
@@ -295,6 +298,8 @@ def _stop(signum, frame):
 
 
 def main(argv=None) -> int:
+    if "--dry-run" in (sys.argv if argv is None else argv):
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton's import below, which reads it
     args = parse_args(argv)
     start = time.perf_counter()
     device = "cpu" if args.dry_run else "cuda"

@@ -20,15 +20,14 @@ request) is not a practical concern. Shared blocks are reference counted; a writ
 
 Attention (``attend``) has three plans, chosen per step by ``attention``:
 
-- one sequence in consecutive blocks (the usual case at batch 1: the allocator hands out the
-  lowest free ids) reads its blocks in place, a strided view of each layer's pool: no copy;
-- ``"auto"`` (the default), for a batch: each row's blocks copied out in table order, padded to
-  the widest row, then one SDPA call. Both plans run the same kernel on the same numbers in
-  the same order, padded further when batched; in the cases tested, SDPA's sums do not change
-  with that padding, so a request decodes the same tokens alone and batched even with bf16
-  activations (as the GGUF kernels use), where any other order of summation flips near ties
-  within a few dozen tokens. Not guaranteed: SDPA tiles keys by their padded length in some
-  shapes (benchmarks/RESULTS.md, issue 18);
+- ``"auto"`` (the default): every row alone, as if it were the only sequence. A row whose
+  blocks are consecutive (the usual case: the allocator hands out the lowest free ids) reads
+  them in place, a strided view of each layer's pool; other rows copy their own blocks out.
+  One SDPA call per row, over that row's whole blocks only: its sums are then the same numbers
+  in the same order whether it runs alone or batched, which is what keeps greedy decoding
+  identical alone and batched even with bf16 activations (as the GGUF kernels use), where any
+  other order of summation flips near ties. Padding rows to a common width does not: SDPA
+  tiles keys by their padded length (benchmarks/RESULTS.md, issue 18);
 - ``"span"``: no copy at any batch size. The batch's blocks lie within one span of block ids, a
   strided view of the pool; all rows are scored against the span at once under a mask from the
   block tables (llama.cpp's unified KV cache does the same). It reads every slot once but
@@ -439,18 +438,17 @@ class PagedKVCache:
         self._step = (slots, self._plan(tables, positions))
 
     def _plan(self, tables: list[list[int]], positions: torch.Tensor) -> tuple:
-        """How this step's attention reads the pool: ``("view", lo, hi, mask)``, one
-        sequence in consecutive blocks read in place; ``("span", lo, hi, mask)``, every row
-        against the span of the batch's blocks; ``("gather", slots, mask)``, each row's blocks
-        copied out in table order. Masks are bool (B, 1, T, S), True = attend."""
+        """How this step's attention reads the pool: ``("rows", [row plan, ...])``, every row
+        alone (``_row_plan``); ``("span", lo, hi, mask)``, every row against the span of the
+        batch's blocks; ``("gather", slots, mask)``, each row's blocks copied out in table
+        order, padded to the widest. Masks are bool (B, 1, T, S), True = attend."""
         bs = self.block_size
         b = positions.shape[0]
-        first = tables[0] if b == 1 and tables[0] else None
-        consecutive = first and first == list(range(first[0], first[0] + len(first)))
-        if consecutive and self.attention != "gather":
-            lo = first[0] * bs
-            hi = lo + len(first) * bs  # whole blocks, as a gathered row: the same sums
-            return ("view", lo, hi, self._visible(positions, self.slot_pos[lo:hi][None]))
+        if self.attention == "auto":
+            return (
+                "rows",
+                [self._row_plan(tb, positions[r : r + 1]) for r, tb in enumerate(tables)],
+            )
         if self.attention == "span":
             used = [x for tb in tables for x in tb]
             lo_b, hi_b = min(used), max(used) + 1
@@ -463,6 +461,16 @@ class PagedKVCache:
             return ("span", lo_b * bs, hi_b * bs, self._visible(positions, k_pos))
         slots = self._table_slots(tables)  # (B, S)
         return ("gather", slots, self._visible(positions, self.slot_pos[slots]))
+
+    def _row_plan(self, table: list[int], positions: torch.Tensor) -> tuple:
+        """One row alone: ``(lo, hi, mask)`` for consecutive blocks read in place, or
+        ``(slots, None, mask)`` for its own blocks copied out; whole blocks either way."""
+        bs = self.block_size
+        if table and table == list(range(table[0], table[0] + len(table))):
+            lo, hi = table[0] * bs, (table[0] + len(table)) * bs
+            return (lo, hi, self._visible(positions, self.slot_pos[lo:hi][None]))
+        slots = self._table_slots([table])
+        return (slots.reshape(-1), None, self._visible(positions, self.slot_pos[slots]))
 
     def _table_slots(self, tables: list[list[int]]) -> torch.Tensor:
         """(B, S): each row's slots in table order, padded with the trash slot (never visible)
@@ -527,28 +535,35 @@ class PagedKVCache:
         if layer == 0:
             self._begin(positions)
             kind, *rest = self._step[1]
-            mask = rest[-1]
-            if mask is not None and t > 1 and g > 1:  # rows ordered as q's: (g, T)
-                mask = mask.repeat(1, 1, g, 1)
-            self._step = (self._step[0], (kind, *rest[:-1], mask))
+            if kind == "rows":
+                rows = [(a, z, _grouped(m, t, g)) for a, z, m in rest[0]]
+                self._step = (self._step[0], (kind, rows))
+            else:
+                self._step = (self._step[0], (kind, *rest[:-1], _grouped(rest[-1], t, g)))
         self._write(layer, k, v)
-        kind, *where, mask = self._step[1]
+        kind, *where = self._step[1]
+        qg = q.reshape(b, h, g * t, d)  # grouped-query heads as extra query rows
+        if kind == "rows":
+            out = [self._attend_row(qg[r : r + 1], layer, *plan) for r, plan in enumerate(where[0])]
+            return torch.cat(out).view(b, hq, t, d)
+        *where, mask = where
         if kind == "span":
             return self._attend_span(q, layer, *where, mask)
-        if kind == "view":
-            lo, hi = where
+        slots = where[0].reshape(-1)
+        keys = self.keys[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
+        values = self.values[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
+        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+        return y.view(b, hq, t, d)
+
+    def _attend_row(self, q, layer, lo, hi, mask):
+        """One row's attention over its own blocks: in place (``lo:hi``) or copied (slots)."""
+        if hi is not None:
             keys = self.keys[layer][None, :, lo:hi]  # (1, Hkv, S, d), in place
             values = self.values[layer][None, :, lo:hi]
         else:
-            slots = where[0].reshape(-1)
-            keys = self.keys[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
-            values = self.values[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
-        qg = q.reshape(b, h, g * t, d)  # grouped-query heads as extra query rows
-        # SDPA's kernel, for decoding too: unlike matmul-softmax-matmul, its sums came out
-        # bit-identical when a row is padded further (batched with longer rows) in the cases
-        # tested, so a request decodes the same tokens alone or batched.
-        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        return y.view(b, hq, t, d)
+            keys = self.keys[layer].index_select(1, lo)[None]
+            values = self.values[layer].index_select(1, lo)[None]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     def _attend_span(self, q, layer, lo, hi, mask):
         """Every row against the span of pool slots holding the batch's blocks, masked."""
@@ -569,3 +584,10 @@ class PagedKVCache:
             y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
         # (Hkv, B*g*T, d) -> (B, Hq, T, d)
         return y.view(h, b, g * t, d).transpose(0, 1).reshape(b, hq, t, d)
+
+
+def _grouped(mask: torch.Tensor | None, t: int, g: int) -> torch.Tensor | None:
+    """A (B, 1, T, S) mask for queries laid out as (g, T) rows per kv head."""
+    if mask is not None and t > 1 and g > 1:
+        return mask.repeat(1, 1, g, 1)
+    return mask

@@ -318,3 +318,23 @@ def test_smollm2_gguf_greedy_batched_equals_alone():
     engine = Engine(model, max_batch=4)
     assert [r.output for r in engine.generate(prompts, params)] == alone_
     assert_no_leaks(engine)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone():
+    """The benchmark's load: 8 streams of 128 greedy tokens (a padded batch drifted from
+    token 83 here, before attention went row by row)."""
+    from archopt.bench.serve import PROMPTS
+    from archopt.loading.llm import load_llm, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model = load_llm("smollm2-135m")
+    prompts = [model.tokenizer.encode(t) for t in PROMPTS[:8]]
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    alone_ = [Engine(model).generate([p], params)[0].output for p in prompts]
+    engine = Engine(model, max_batch=8)
+    assert [r.output for r in engine.generate(prompts, params)] == alone_
+    assert_no_leaks(engine)

@@ -5,7 +5,8 @@ One run, on the same GGUF file and thread count: 1, 4 and 8 concurrent streams o
 OpenAI-compatible ``/v1/completions`` with streaming; for each, aggregate tokens/s and the
 p50/p99 time to first token (TTFT) and inter-token latency (ITL), measured at the client.
 Anchors in the same run: archopt's single-stream ``generate`` (eager dense cache, and the
-compiled static-cache step when ``--compile`` is given), llama-cpp-python's
+compiled static-cache step: by default the ahead-of-time step that plain ``generate`` uses,
+built into the cache folder once), llama-cpp-python's
 ``llama_cpp.server`` and, when given ``--llama-server PATH``, llama.cpp's own ``llama-server``
 started with ``-np`` equal to the stream count. Then prefix reuse: 8 chat requests sharing a
 512-token system prompt, the time to first token of the later ones against the cold first one.
@@ -313,9 +314,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prefix-tokens", type=int, default=512)
     ap.add_argument(
         "--compile",
-        choices=["inductor", "inductor-cpp"],
-        default=None,
-        help="also time the compiled single-stream generate (slow first compile)",
+        choices=["aot", "inductor", "inductor-cpp", "off"],
+        default="aot",
+        help="the compiled single-stream generate to time beside the eager one (aot: the "
+        "default path's step, from the cache folder, built there once; off: none)",
     )
     ap.add_argument("--attention", nargs="+", default=["auto", "span"],
                     help="archopt serve's attention plans to run (auto, span, gather)")  # fmt: skip
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["single_stream"]["archopt generate (eager dense)"] = single_stream_generate(
         model, ids, args.new_tokens, None
     )
-    if args.compile:
+    if args.compile != "off":
         say(f"single-stream generate (compiled {args.compile}, static cache) ...")
         report["single_stream"][f"archopt generate ({args.compile})"] = single_stream_generate(
             model, ids, args.new_tokens, args.compile

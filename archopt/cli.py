@@ -729,5 +729,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """The ``archopt`` command: ``main``, then exit. Objects alive at exit are frozen first, so
+    the interpreter's last garbage collection skips torch's hundreds of thousands of them:
+    0.6 s of every process's wall time on the machine of benchmarks/RESULTS.md (issue 15)."""
+    import gc
+
+    code = main()
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -339,13 +339,23 @@ def test_q8_0_gguf_equals_what_transformers_loads(tmp_path):
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
-def test_keep_quantized_holds_the_blocks_bit_for_bit(tmp_path, qtype, tied):
+def test_keep_quantized_holds_the_blocks_bit_for_bit(tmp_path, qtype, tied, monkeypatch):
     from archopt.generate import generate
+    from archopt.loading.gguf.reader import GGUFTensor
     from archopt.ops.quant import Int4Linear, Int8Linear
 
     path = _write_hf_llama(tmp_path / "q.gguf", _hf_llama(tied, 2), qtype)
     ref = load_gguf_llama(path)
+    read, dequantize = [], GGUFTensor.dequantize
+    monkeypatch.setattr(GGUFTensor, "dequantize", lambda t: read.append(t.name) or dequantize(t))
     kept = load_gguf_llama(path, keep_quantized=True, kernel=False)
+    # the kept layers' blocks are never dequantized: only the embedding table and the norms
+    assert {n.split(".")[-2] for n in read} == {
+        "token_embd",
+        "attn_norm",
+        "ffn_norm",
+        "output_norm",
+    }
     kind = Int8Linear if qtype == Q.Q8_0 else Int4Linear
     assert kept.config.extra["gguf_weights"] == {qtype.name: 4 * kept.config.num_layers + 1}
     assert not any(isinstance(m, torch.nn.Linear) for m in kept.modules())

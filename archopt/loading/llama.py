@@ -54,6 +54,15 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
     )
 
 
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``; of meta tensors (placeholders), a meta tensor of the fused shape,
+    made directly: torch's meta ``cat`` imports torch._dynamo, two seconds of a cold load."""
+    if all(t.is_meta for t in parts):
+        rows = sum(t.shape[0] for t in parts)
+        return torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=0)
+
+
 def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict:
     """Rename HF ``LlamaForCausalLM`` keys to ours, fusing q/k/v and gate/up."""
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
@@ -68,12 +77,10 @@ def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> d
         attn, mlp = p + "self_attn.", p + "mlp."
         out[p + "attn_norm.weight"] = sd.pop(p + "input_layernorm.weight")
         out[p + "mlp_norm.weight"] = sd.pop(p + "post_attention_layernorm.weight")
-        out[p + "attn.qkv.weight"] = torch.cat(
-            [sd.pop(f"{attn}{n}_proj.weight") for n in "qkv"], dim=0
-        )
+        out[p + "attn.qkv.weight"] = _cat_rows([sd.pop(f"{attn}{n}_proj.weight") for n in "qkv"])
         out[p + "attn.out.weight"] = sd.pop(attn + "o_proj.weight")
-        out[p + "mlp.gate_up.weight"] = torch.cat(
-            [sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")], dim=0
+        out[p + "mlp.gate_up.weight"] = _cat_rows(
+            [sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")]
         )
         out[p + "mlp.down.weight"] = sd.pop(mlp + "down_proj.weight")
     leftover = [k for k in sd if "rotary_emb" not in k]

@@ -261,7 +261,7 @@ class PackedInt4Linear(nn.Module):
         n, k = m.out_features, m.in_features
         d = m.scale.expand(n, k // _kernel_group_size(m))  # per channel: repeated per group
         d = d.to(torch.bfloat16).float()  # 16 d and 8 d stay exact in bf16
-        u = m.qweight.int() + 128
+        u = m.qweight.view(torch.uint8) ^ 128  # q + 128, in bytes (a quarter of int32's traffic)
         q = torch.cat([u >> 4, u & 15], dim=1)
         zero = torch.cat([8 * d, torch.zeros_like(d)], 1)
         return cls._pack(q, torch.cat([16 * d, d], 1), zero, k)

@@ -188,10 +188,14 @@ def _hf_name(name: str, num_layers: int) -> str | None:
     return None
 
 
-def gguf_llama_hf_state_dict(gf: GGUFFile, cfg: LlamaConfig) -> dict[str, torch.Tensor]:
+def gguf_llama_hf_state_dict(
+    gf: GGUFFile, cfg: LlamaConfig, placeholders: set[str] = frozenset()
+) -> dict[str, torch.Tensor]:
     """fp32 tensors under Hugging Face ``LlamaForCausalLM`` names, Q/K rows un-permuted.
 
-    Every name and type is checked before anything is dequantized.
+    Every name and type is checked before anything is dequantized. The tensors named in
+    ``placeholders`` are not read: they stand as meta tensors of their shape, for a loader that
+    puts other modules in their place (``keep_quantized_linears``).
     """
     names = {}
     for name, t in gf.tensors.items():
@@ -208,6 +212,9 @@ def gguf_llama_hf_state_dict(gf: GGUFFile, cfg: LlamaConfig) -> dict[str, torch.
     out = {}
     with one_thread():
         for name, hf in names.items():
+            if name in placeholders:
+                out[hf] = torch.empty(gf.tensors[name].shape, device="meta")
+                continue
             w = gf.tensors[name].dequantize()
             if ".attn_q." in name:
                 w = unpermute_qk(w, cfg.num_heads)

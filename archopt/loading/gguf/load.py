@@ -17,7 +17,7 @@ from archopt.loading.gguf.llama import (
     one_thread,
     rope_freqs,
 )
-from archopt.loading.gguf.quantized import keep_quantized_linears
+from archopt.loading.gguf.quantized import keep_quantized_linears, kept_tensor_names
 from archopt.loading.gguf.reader import read_gguf
 from archopt.loading.gguf.tokenizer import gguf_tokenizer
 from archopt.loading.llama import build_llama, llama_state_dict_from_hf
@@ -67,11 +67,16 @@ def load_gguf_llama(
             tok = gguf_tokenizer(gf)
         except ImportError as e:
             cfg.extra["tokenizer_missing"] = f"the tokenizer needs a library that is missing ({e})"
+    # Layers that keep their blocks are never dequantized (half the load time of SmolLM2).
+    kept = kept_tensor_names(gf, cfg.num_layers) if keep_quantized else set()
     with one_thread():  # the q/k/v and gate/up concatenations too
-        sd = llama_state_dict_from_hf(gguf_llama_hf_state_dict(gf, cfg), cfg)
+        sd = llama_state_dict_from_hf(gguf_llama_hf_state_dict(gf, cfg, kept), cfg)
     model = build_llama(cfg, sd, dtype)
     if keep_quantized:
         keep_quantized_linears(model, gf)
+        left = [n for n, t in model.state_dict().items() if t.is_meta]
+        if left:  # kept_tensor_names and keep_quantized_linears disagree: a bug of ours
+            raise RuntimeError(f"{gf.path}: layers left without weights: {left[:5]}")
         if kernel:
             cfg.extra["cpu_kernel"] = pack_for_cpu(model, strict=kernel is True)
     model.tokenizer = tok

@@ -51,6 +51,39 @@ def _concat(modules: list):
     return type(first).from_quantized(cat["qweight"], cat["scale"])
 
 
+def _kind(qtype) -> str | None:
+    """The module a GGUF type's blocks are kept in (None: dequantized), as _quantized_linear."""
+    return {QType.Q8_0: "int8", QType.Q4_0: "int4", QType.Q4_1: "int4"}.get(qtype)
+
+
+def _linear_groups(gf: GGUFFile, num_layers: int) -> list[list[str]]:
+    """The GGUF tensors of each linear layer of ours (fused q/k/v and gate/up as one)."""
+    groups = []
+    for i in range(num_layers):
+        b = f"blk.{i}."
+        groups += [
+            [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
+            [b + "attn_output.weight"],
+            [b + "ffn_gate.weight", b + "ffn_up.weight"],
+            [b + "ffn_down.weight"],
+        ]
+    if "output.weight" in gf.tensors:
+        groups.append(["output.weight"])
+    return groups
+
+
+def kept_tensor_names(gf: GGUFFile, num_layers: int) -> set[str]:
+    """The tensors ``keep_quantized_linears`` will hold as blocks, so need no dequantized copy:
+    every part of a layer of one kept kind. (The token embedding is never among them: its
+    lookup reads the dequantized table, even when a tied output projection keeps its blocks.)"""
+    names = set()
+    for group in _linear_groups(gf, num_layers):
+        kinds = {_kind(gf.tensors[n].type) if n in gf.tensors else None for n in group}
+        if len(kinds) == 1 and None not in kinds:
+            names.update(group)
+    return names
+
+
 def keep_quantized_linears(model: Llama, gf: GGUFFile) -> dict[str, int]:
     """Replace, in place, ``model``'s linear layers with ones holding ``gf``'s blocks.
 

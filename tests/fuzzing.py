@@ -5,6 +5,7 @@ JSON values of the wrong kind). The formats' own mutations are in tests/test_fuz
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
@@ -60,13 +61,17 @@ def bounded(out: dict):
 
     previous = signal.signal(signal.SIGALRM, alarm)
     signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
-    t0 = time.perf_counter()
+    # Stuck in native code, the alarm waits for it; the stacks say where it is.
+    faulthandler.dump_traceback_later(TIME_LIMIT_S + 1, exit=False)
+    t0, cpu0 = time.perf_counter(), time.process_time()
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
         out["seconds"] = time.perf_counter() - t0
+        out["cpu_seconds"] = time.process_time() - cpu0
         if rss_peak:
             out["peak_mib"] = (_status_kib("VmHWM") - start_kib) / 1024
         else:
@@ -95,7 +100,7 @@ def run_case(kind: str, index: int, label: str, load, strict: bool, stats: dict)
             model = load()
             if model is not None:
                 check_model(model)
-    except Hang as e:
+    except Hang as e:  # the CPU time tells a loop from a machine that starved the process
         outcome = f"HANG: {e}"
     except ValueError as e:
         outcome = type(e).__name__
@@ -111,6 +116,8 @@ def run_case(kind: str, index: int, label: str, load, strict: bool, stats: dict)
     stats["mutators"][label] += 1
     stats["max_seconds"] = max(stats["max_seconds"], out.get("seconds", 0.0))
     stats["max_peak_mib"] = max(stats["max_peak_mib"], out.get("peak_mib", 0.0))
+    if outcome.startswith("HANG"):
+        outcome += f" (returned after {out['seconds']:.0f} s, {out['cpu_seconds']:.1f} s of CPU)"
     if outcome.startswith(("FAIL", "HANG")):
         stats["failures"].append(f"{kind} case {index} ({label}): {outcome[:400]}")
 

@@ -220,6 +220,13 @@ def _rebuild(folder: Path, record: dict, tensors: dict[str, torch.Tensor]) -> Ll
             core = Core.from_str(tok["core"])
         except Exception as e:  # tokenizers raises a bare Exception for a malformed table
             raise CheckpointError(f"prepared model in {folder}: its tokenizer: {e}") from e
+        top = max(core.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= cfg.vocab_size:  # an id past the embedding would fail mid-generation
+            raise CheckpointError(
+                f"prepared model in {folder}: its tokenizer's ids",
+                f"below {cfg.vocab_size} (the embedding's rows)",
+                top,
+            )
         model.tokenizer = Tokenizer(core, **tok["special"])
     return model.eval()
 

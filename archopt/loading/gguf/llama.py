@@ -73,7 +73,8 @@ def _fail(path: Path, key: str, expected: str, got: Any) -> CheckpointError:
 
 
 def _integer(value: Any, key: str, path: Path, low: int = 1, high: int = 2**31 - 1) -> int:
-    """A per-layer list (written for models whose layers differ) must be one repeated value."""
+    """An integer in [low, high]; a per-layer list (written for models whose layers differ)
+    must be one value repeated."""
     if isinstance(value, list) and value and all(v == value[0] for v in value):
         value = value[0]
     if isinstance(value, list):
@@ -166,8 +167,8 @@ def llama_config_from_gguf(gf: GGUFFile) -> LlamaConfig:
         )
     vocab = _integer(vocab, f"{arch}.vocab_size", path)
     if tokens and len(tokens) > vocab:  # a token id past the embedding would fail mid-generation
-        raise _fail(path, "tokenizer.ggml.tokens", f"at most {vocab} tokens (the embedding's "
-                    "rows)", len(tokens))  # fmt: skip
+        expected = f"at most {vocab} tokens (the embedding's rows)"
+        raise _fail(path, "tokenizer.ggml.tokens", expected, len(tokens))
     # llama.cpp stops on every end-of-generation token; chat models often mark end-of-turn apart.
     stops = [
         _token_id(meta, f"tokenizer.ggml.{k}_token_id", vocab, path) for k in ("eos", "eot", "eom")

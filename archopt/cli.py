@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+from archopt.report import ArgumentParser, float_in, int_in
+
 
 def _emit(data, as_json: bool, text: str) -> None:
     print(json.dumps(data, indent=2, default=float) if as_json else text)
@@ -110,7 +112,9 @@ def cmd_measure(args) -> None:
 
 def cmd_export(args) -> None:
     from archopt.export import export_onnx
+    from archopt.io import check_writable
 
+    check_writable(args.output, "the output path")
     model, shape = _model_from_args(args.model, args)
     path = export_onnx(model, args.output, torch.randn(shape))
     _emit(
@@ -119,8 +123,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_tour(args) -> None:
+    from archopt.io import check_writable
     from archopt.tour import run_tour
 
+    check_writable(args.out, "--out", folder=True)
     sections = args.sections.split(",") if args.sections else None
     report = run_tour(
         args.out,
@@ -281,12 +287,14 @@ def cmd_serve(args) -> None:
 def cmd_train(args) -> None:
     import os
 
+    from archopt.io import check_writable
     from archopt.train import TrainConfig, parse_data_spec, train
 
     overrides = _parse_overrides(args.set or [])
     if args.width_mult is not None:
         overrides["width_mult"] = args.width_mult
     out = args.out or f"runs/{args.model}"
+    check_writable(out, "--out", folder=True)
     # The options are named after TrainConfig's fields: one place says what a run is.
     options = {**vars(args), "data": str(parse_data_spec(args.data))}
     config = TrainConfig.from_options(options, model_overrides=overrides)
@@ -314,8 +322,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_pareto(args) -> None:
+    from archopt.io import check_writable
     from archopt.train.study import format_study, pareto_study
 
+    check_writable(args.out, "--out", folder=True)
     try:
         report = pareto_study(
             args.models.split(","),
@@ -342,51 +352,9 @@ def cmd_pareto(args) -> None:
     _emit(report, args.json, format_study(report) + f"\ntable and plots in {args.out}")
 
 
-def _int_in(low: int, high: int | None = None):
-    """An argparse type: an integer in [low, high]."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            span = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise argparse.ArgumentTypeError(f"must be {span}, got {value}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float | None = None, *, open_low: bool = False):
-    """An argparse type: a finite number in [low, high] (or (low, high] with ``open_low``)."""
-
-    def parse(text: str) -> float:
-        import math
-
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        too_low = value <= low if open_low else value < low
-        if not math.isfinite(value) or too_low or (high is not None and value > high):
-            span = ("(" if open_low else "[") + f"{low}, " + (f"{high}]" if high else "inf)")
-            raise argparse.ArgumentTypeError(f"must be a finite number in {span}, got {text}")
-        return value
-
-    return parse
-
-
-THREADS = _int_in(1, 1024)
-POSITIVE = _int_in(1)
-RESOLUTION = _int_in(1, 1 << 16)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with a usage error on one line (``archopt: error: ...``) and exit code 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"archopt: error: {message} (see `{self.prog} --help`)\n")
+THREADS = int_in(1, 1024)
+POSITIVE = int_in(1)
+RESOLUTION = int_in(1, 1 << 16)
 
 
 def cmd_search(args) -> None:
@@ -400,6 +368,9 @@ def cmd_search(args) -> None:
         raise ValueError("search needs --space NAME or --space path.json (see --list-spaces)")
     if args.budget is None:
         raise ValueError("search needs --budget N (how many candidates to train), got none")
+    from archopt.io import check_writable
+
+    check_writable(args.out, "--out", folder=True)
     bound = args.max_latency
     if bound not in ("auto", "none"):
         try:
@@ -440,19 +411,19 @@ def build_parser() -> argparse.ArgumentParser:
     from archopt.generate import COMPILE_MODES
     from archopt.loading.llm import WEIGHT_CHOICES
 
-    p = _Parser(
+    p = ArgumentParser(
         prog="archopt",
         description=__doc__,
         epilog="--debug (anywhere): show the traceback of an error instead of one line",
     )
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     def model_opts(sp, batch: bool = False):
         sp.add_argument(
             "--resolution", type=RESOLUTION, help="input height = width (default: model's)"
         )
         sp.add_argument(
-            "--width-mult", type=_float_in(0, 16, open_low=True), help="width multiplier alpha"
+            "--width-mult", type=float_in(0, 16, open_low=True), help="width multiplier alpha"
         )
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
         if batch:
@@ -507,9 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sliding:W | sink:S:W | int8[:R]",
     )
     sp.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    sp.add_argument("--temperature", type=_float_in(0, 100), default=0.0, help="0: greedy")
+    sp.add_argument("--temperature", type=float_in(0, 100), default=0.0, help="0: greedy")
     sp.add_argument("--top-k", type=POSITIVE)
-    sp.add_argument("--top-p", type=_float_in(0, 1, open_low=True))
+    sp.add_argument("--top-p", type=float_in(0, 1, open_low=True))
     sp.add_argument("--seed", type=int)
     sp.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence")
     sp.add_argument(
@@ -542,13 +513,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, HF dir or .gguf")
     sp.add_argument("--weights", default="auto", choices=WEIGHT_CHOICES)
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    sp.add_argument("--port", type=_int_in(0, 65535), default=8000)
+    sp.add_argument("--port", type=int_in(0, 65535), default=8000)
     sp.add_argument(
-        "--max-batch", type=_int_in(1, 4096), default=8, help="sequences decoded together"
+        "--max-batch", type=int_in(1, 4096), default=8, help="sequences decoded together"
     )
-    sp.add_argument(
-        "--block-size", type=_int_in(1, 1 << 16), default=16, help="tokens per KV block"
-    )
+    sp.add_argument("--block-size", type=int_in(1, 1 << 16), default=16, help="tokens per KV block")
     sp.add_argument(
         "--max-blocks", type=POSITIVE, help="KV pool limit in blocks (default: max-batch contexts)"
     )
@@ -582,14 +551,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def recipe_opts(sp, epochs: int):
         sp.add_argument("--data", default="digits", help="digits | cifar10:PATH | folder:PATH")
-        sp.add_argument("--epochs", type=_int_in(1, 100_000), default=epochs)
+        sp.add_argument("--epochs", type=int_in(1, 100_000), default=epochs)
         sp.add_argument(
-            "--batch-size", type=_int_in(1, 1 << 20), default=64, help="global batch (all ranks)"
+            "--batch-size", type=int_in(1, 1 << 20), default=64, help="global batch (all ranks)"
         )
         sp.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
         sp.add_argument(
             "--lr",
-            type=_float_in(0, open_low=True),
+            type=float_in(0, open_low=True),
             help="peak learning rate (sgd 0.1, adamw 2e-3)",
         )
         sp.add_argument("--resolution", type=RESOLUTION, help="image side (digits, CIFAR-10: 32)")
@@ -607,18 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("model")
     recipe_opts(sp, epochs=10)
-    sp.add_argument("--weight-decay", type=_float_in(0, 10), help="default: sgd 5e-4, adamw 0.05")
-    sp.add_argument("--momentum", type=_float_in(0, 1), default=0.9, help="SGD momentum")
+    sp.add_argument("--weight-decay", type=float_in(0, 10), help="default: sgd 5e-4, adamw 0.05")
+    sp.add_argument("--momentum", type=float_in(0, 1), default=0.9, help="SGD momentum")
     sp.add_argument(
         "--warmup",
-        type=_float_in(0, 100_000),
+        type=float_in(0, 100_000),
         default=1.0,
         dest="warmup_epochs",
         help="linear warm-up, in epochs",
     )
-    sp.add_argument("--label-smoothing", type=_float_in(0, 1), default=0.1)
+    sp.add_argument("--label-smoothing", type=float_in(0, 1), default=0.1)
     sp.add_argument(
-        "--width-mult", type=_float_in(0, 16, open_low=True), help="width multiplier alpha"
+        "--width-mult", type=float_in(0, 16, open_low=True), help="width multiplier alpha"
     )
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override")
     sp.add_argument("--out", help="run folder (default: runs/MODEL)")
@@ -628,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--workers",
-        type=_int_in(0, 256),
+        type=int_in(0, 256),
         default=0,
         dest="num_workers",
         help="data loader workers (folders)",
@@ -654,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--space", help="a built-in space (see --list-spaces) or a JSON file")
     sp.add_argument("--list-spaces", action="store_true", help="print the built-in spaces")
     sp.add_argument(
-        "--budget", type=_int_in(1, 100_000), help="candidates to train (rejections are free)"
+        "--budget", type=int_in(1, 100_000), help="candidates to train (rejections are free)"
     )
     sp.add_argument(
         "--objectives", default="accuracy,latency", help="two or more of accuracy, latency, "
@@ -667,14 +636,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--algorithm", choices=["nsga2", "random"], default="nsga2")
     sp.add_argument(
-        "--pop-size", type=_int_in(2, 10_000), help="NSGA-II population (default: budget/4, 4-16)"
+        "--pop-size", type=int_in(2, 10_000), help="NSGA-II population (default: budget/4, 4-16)"
     )
     sp.add_argument(
-        "--epochs", type=_int_in(1, 100_000), help="training epochs per candidate (space's default)"
+        "--epochs", type=int_in(1, 100_000), help="training epochs per candidate (space's default)"
     )
-    sp.add_argument("--batch-size", type=_int_in(1, 1 << 20))
+    sp.add_argument("--batch-size", type=int_in(1, 1 << 20))
     sp.add_argument("--optimizer", choices=["sgd", "adamw"])
-    sp.add_argument("--lr", type=_float_in(0, open_low=True))
+    sp.add_argument("--lr", type=float_in(0, open_low=True))
     sp.add_argument(
         "--train-size", type=POSITIVE, help="train on the first N images only (a proxy)"
     )
@@ -703,7 +672,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
+    except (
+        ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError
+    ) as e:  # fmt: skip
         if debug:
             raise
         print(f"archopt: error: {e}", file=sys.stderr)

@@ -21,5 +21,9 @@ class CheckpointError(ArchoptError):
     """A checkpoint or cache file that is malformed, inconsistent or unsafe."""
 
 
+class DataError(ArchoptError):
+    """A data set file (an image, a CIFAR-10 batch) that is malformed or unreadable."""
+
+
 class ResourceError(ArchoptError):
     """A request that would need more memory or disk than the machine has."""

@@ -91,6 +91,38 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def check_writable(path: str | os.PathLike, what: str, *, folder: bool = False) -> Path:
+    """``path`` as a Path, once it is known that it can be written, before any work is done.
+
+    For a file (``folder=False``): not an existing folder, and its nearest existing ancestor a
+    folder this process may write in (the folders between are created when it is written).
+    For a folder: not an existing file, and itself or its nearest existing ancestor writable.
+    Nothing is created. ``ArchoptError`` naming ``what`` (``--plot``, ``--out``) otherwise.
+    """
+    from archopt.errors import ArchoptError
+
+    if not str(path).strip():
+        raise ArchoptError(f"{what} must name a path, got an empty one")
+    path = Path(path).expanduser()
+    if path.is_dir() and not folder:
+        raise ArchoptError(f"{what} must be a file path, got {path}, which is a folder")
+    if path.exists() and not path.is_dir() and folder:
+        raise ArchoptError(f"{what} must be a folder, got {path}, which is a file")
+    # A file is written by a rename in its folder: the folder must take new entries.
+    ancestor = path if folder else path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArchoptError(
+            f"{what} must be a path under folders, got {path}, but {ancestor} is a file"
+        )
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ArchoptError(
+            f"{what} must be a path this user may write, got {path}, but {ancestor} is not writable"
+        )
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -190,7 +190,7 @@ def plot_front(
     The step line is the front's attainment curve: with ``x`` minimized and ``y`` maximized,
     the best ``y`` reachable within a budget of ``x``, so everything under it is beaten.
     """
-    from archopt.report import pyplot
+    from archopt.report import pyplot, save_figure
 
     plt = pyplot()
     from matplotlib import ticker
@@ -250,6 +250,6 @@ def plot_front(
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path

@@ -1,3 +1,4 @@
+import argparse
 import json
 
 import pytest
@@ -72,21 +73,111 @@ def test_export(capsys, tmp_path):
     assert code == 0 and str(target) in out and target.stat().st_size > 1_000_000
 
 
-@pytest.mark.parametrize(
-    "argv,msg",
-    [
-        (["table", "mobilenet_v2"], "unknown model 'mobilenet_v2'"),
-        (
-            ["table", "mobilenet_v1_100", "--width-mult", "0"],
-            "argument --width-mult: must be a finite number in (0, 16], got 0",
-        ),
-        (["table", "mobilenet_v1_100", "--resolution", "16"], "at least 32x32"),
-        (["table", "mobilenet_v1_100", "--set", "act=tanh"], "act must be one of"),
-    ],
+# What must not run before a bad argument is refused: an epoch of training, measuring, loading
+# a language model, exporting, serving, a benchmark's timing.
+HEAVY = (
+    "archopt.train.loop.run_epoch",
+    "archopt.loading.llm.load_llm",
+    "archopt.measure.measure_model",
+    "archopt.export.export_onnx",
+    "archopt.serve.app.serve",
+    "archopt.bench.common.cpu_name",
+    "archopt.bench.common.measure_latency",
 )
-def test_errors_are_one_clear_line(capsys, argv, msg):
+
+
+@pytest.fixture
+def nothing_heavy(monkeypatch):
+    import importlib
+
+    for target in HEAVY:
+        module = target.rsplit(".", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError:  # an optional extra (serve): nothing of it can run either
+            continue
+        monkeypatch.setattr(target, lambda *a, _t=target, **k: pytest.fail(f"{_t} ran"))
+
+
+# Every subcommand with a bad argument: {file} is an existing file, {dir} an existing folder.
+BAD_ARGUMENTS = [
+    (["list", "--bogus"], "unrecognized arguments: --bogus"),
+    (["table", "mobilenet_v2"], "unknown model 'mobilenet_v2'"),
+    (
+        ["table", "mobilenet_v1_100", "--width-mult", "0"],
+        "argument --width-mult: must be a finite number in (0, 16], got 0",
+    ),
+    (["table", "mobilenet_v1_100", "--resolution", "16"], "at least 32x32"),
+    (["table", "mobilenet_v1_100", "--resolution", "-32"], "must be in [1, 65536], got -32"),
+    (["table", "mobilenet_v1_100", "--set", "act=tanh"], "act must be one of"),
+    (["measure", "mobilenet_v1_025", "--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    (["measure", "mobilenet_v1_025", "--threads", "-1"], "--threads: must be in [1, 1024]"),
+    (["measure", "llama-tiny"], "measure takes an image model, got 'llama-tiny'"),
+    (["export", "llama-tiny", "{dir}/m.onnx"], "export takes an image model"),
+    (["export", "mobilenet_v1_025", "{dir}"], "the output path must be a file path, got"),
+    (["export", "mobilenet_v1_025", "{file}/m.onnx"], "is a file"),
+    (["bench", "nope"], "argument suite: invalid choice: 'nope'"),
+    (["bench", "attention", "--lengths", "0"], "--lengths: must be in [1, 16777216], got 0"),
+    (["bench", "attention", "--lengths", "64", "--plot", "{file}/a.png"], "--plot must be a path"),
+    (["bench", "attention", "--lengths", "64", "--json", "{dir}"], "--json must be a file path"),
+    (["bench", "attention-gpu", "--heads", "0"], "--heads: must be in [1, 4096], got 0"),
+    (["bench", "generate", "--new-tokens", "0"], "--new-tokens: must be in [1, 1048576], got 0"),
+    (["bench", "generate", "--plot", "{file}/g.png"], "--plot must be a path under folders"),
+    (["bench", "cli", "--runs", "0"], "argument --runs: must be >= 1, got 0"),
+    (["bench", "cli", "--json", "{dir}"], "--json must be a file path"),
+    (["bench", "vision", "--bogus"], "unrecognized arguments: --bogus"),
+    (["bench", "vision", "--json", "{file}/v.json"], "--json must be a path under folders"),
+    (["bench", "quant-linear", "--threads", "0"], "--threads: must be in [1, 1024], got 0"),
+    (["bench", "quant-linear", "--mb", "nan"], "--mb: must be a finite number"),
+    (["bench", "serve", "--streams", "0"], "--streams: must be in [1, 4096], got 0"),
+    (["bench", "serve", "--plot", "{dir}"], "--plot must be a file path"),
+    (["bench", "search", "--budget", "0"], "--budget: must be in [1, 100000], got 0"),
+    (["bench", "search", "--out", "{file}"], "--out must be a folder, got"),
+    (["generate", "--temperature", "nan"], "--temperature: must be a finite number in [0, 100]"),
+    (["generate", "--top-p", "0"], "--top-p: must be a finite number in (0, 1], got 0"),
+    (["cache", "purge"], "argument action: invalid choice: 'purge'"),
+    (["serve", "--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
+    (["serve", "--max-batch", "0"], "argument --max-batch: must be in [1, 4096], got 0"),
+    (["tour", "--sections", "nope"], "sections must be names from mobilenet"),
+    (["tour", "--out", "{file}"], "--out must be a folder, got"),
+    (["tour", "--threads", "0"], "--threads: must be in [1, 1024], got 0"),
+    (["train", "mobilenet_v1_025", "--out", "{file}"], "--out must be a folder, got"),
+    (["train", "mobilenet_v1_025", "--lr", "-1"], "--lr: must be a finite number in (0, inf)"),
+    (["train", "mobilenet_v1_025", "--set", "width_mult=bad"], "width_mult must be > 0, got 'bad'"),
+    (
+        ["pareto", "--models", "mobilenet_v1_025,mobilenet_v1_100:width_mult=bad"],
+        "model 'mobilenet_v1_100:width_mult=bad': width_mult must be > 0, got 'bad'",
+    ),
+    (["pareto", "--models", "mobilenet_v1_025,mobilenet_v1_050:nope=1"], "unknown MobileNetV1"),
+    (["pareto", "--models", "mobilenet_v1_025", "--out", "{file}"], "--out must be a folder"),
+    (["search", "--space", "nope", "--budget", "1"], "space must be one of"),
+    (["search", "--space", "mobilenet", "--budget", "1", "--out", "{file}"], "--out must be a"),
+    (["search", "--budget", "0"], "argument --budget: must be in [1, 100000], got 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "argv,msg", BAD_ARGUMENTS, ids=[" ".join(argv)[:60] for argv, _ in BAD_ARGUMENTS]
+)
+def test_errors_are_one_clear_line(capsys, tmp_path, nothing_heavy, argv, msg):
+    """Every subcommand: exit code 2, one line on stderr, no traceback, before any work."""
+    (tmp_path / "a file").write_text("x")
+    argv = [a.format(file=tmp_path / "a file", dir=tmp_path) for a in argv]
+    if argv[0] in ("train", "pareto", "search"):
+        argv += ["--out", str(tmp_path / "out")] if "--out" not in argv else []
     code, _, err = run(capsys, *argv)
-    assert code == 2 and err.startswith("archopt: error: ") and msg in err
+    assert code == 2 and err.startswith("archopt: error: ") and msg in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or argv[0] == "pareto"  # nothing written
+
+
+def test_every_subcommand_and_bench_suite_is_tried_with_a_bad_argument():
+    from archopt.cli import BENCH_SUITES, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    tried = {argv[0] for argv, _ in BAD_ARGUMENTS}
+    suites = {argv[1] for argv, _ in BAD_ARGUMENTS if argv[0] == "bench"}
+    assert tried == set(sub.choices) and suites >= set(BENCH_SUITES)
 
 
 def test_bench_attention_small(capsys):

@@ -1,6 +1,7 @@
 """archopt.io: atomic writes, their leftovers and permissions, the cache folder."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,42 @@ def test_check_fits_names_the_request_and_the_machine():
     check_fits("a small tensor", 1024)
     with pytest.raises(ValueError, match=r"a planet needs about [\d,.]+ GiB and this machine has"):
         check_fits("a planet", 1e18)
+
+
+def test_check_writable_refuses_before_any_work_and_creates_nothing(tmp_path, monkeypatch):
+    import archopt.io
+    from archopt.errors import ArchoptError
+    from archopt.io import check_writable
+
+    a_file = tmp_path / "a file"
+    a_file.write_text("x")
+    deep = tmp_path / "new" / "deeper" / "x.png"
+    assert check_writable(deep, "--plot") == deep and not (tmp_path / "new").exists()
+    assert check_writable(tmp_path / "run", "--out", folder=True) == tmp_path / "run"
+    assert check_writable(a_file, "--json") == a_file  # replaced when written
+    cases = [
+        ((tmp_path, "--plot"), {}, rf"--plot must be a file path, got {tmp_path}, which is a"),
+        ((a_file, "--out"), {"folder": True}, rf"--out must be a folder, got {a_file}, which is"),
+        ((a_file / "x.png", "--plot"), {}, rf"under folders, got {a_file}/x\.png, but {a_file} is"),
+        (("", "--json"), {}, "--json must name a path, got an empty one"),
+    ]
+    for args, kwargs, message in cases:
+        with pytest.raises(ArchoptError, match=message):
+            check_writable(*args, **kwargs)
+    # a folder this user may not write (monkeypatched: root may write anywhere)
+    monkeypatch.setattr(archopt.io.os, "access", lambda p, mode: Path(p) != tmp_path)
+    with pytest.raises(ArchoptError, match=rf"may write, got {tmp_path}/x\.png, but {tmp_path} is"):
+        check_writable(tmp_path / "x.png", "--plot")
+
+
+def test_save_figure_creates_its_folders_and_writes_atomically(tmp_path):
+    pytest.importorskip("matplotlib")
+    from archopt.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = save_figure(fig, tmp_path / "a" / "b" / "front.png", dpi=50)
+    plt.close(fig)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [p.name for p in path.parent.iterdir()] == ["front.png"]  # no temporary left

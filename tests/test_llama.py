@@ -117,7 +117,9 @@ def test_bad_checkpoints_raise_and_load_nothing(tmp_path):
     weights = tmp_path / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="cannot read"):
+    with pytest.raises(
+        ValueError, match=r"model\.safetensors is not a valid safetensors .*truncated"
+    ):
         load_llm(tmp_path)
     weights.write_bytes(data)
     cfg = json.loads((tmp_path / "config.json").read_text())

@@ -11,7 +11,6 @@ projections). Run:
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import warnings
@@ -19,12 +18,22 @@ import warnings
 import torch
 
 from archopt.bench.common import machine_line, matmul_gflops
-from archopt.io import atomic_write_text
+from archopt.io import atomic_write_text, check_writable
 from archopt.measure import interleaved, measure_peak_memory
 from archopt.ops.attention import blocked, local_attention
 from archopt.ops.attention import flex as flex_backend
 from archopt.ops.attention.reference import band_mask
-from archopt.report import log, markdown_table, pyplot, table_head, table_row
+from archopt.report import (
+    ArgumentParser,
+    float_in,
+    int_in,
+    log,
+    markdown_table,
+    pyplot,
+    save_figure,
+    table_head,
+    table_row,
+)
 
 
 def op_contenders(n, args, dilation, n_global):
@@ -157,29 +166,36 @@ def module_contenders(n, args):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="archopt bench attention", description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--window", type=int, default=256)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dense-max", type=int, default=8192, help="skip dense SDPA above this N")
-    p.add_argument("--hf-max", type=int, default=16384, help="skip the HF module above this N")
+    p = ArgumentParser(prog="archopt bench attention", description=__doc__)
+    p.add_argument("--threads", type=int_in(1, 1024), default=2)
+    p.add_argument(
+        "--lengths", type=int_in(1, 1 << 24), nargs="+", default=[1024, 2048, 4096, 8192, 16384]
+    )
+    p.add_argument("--window", type=int_in(1), default=256)
+    p.add_argument("--heads", type=int_in(1, 4096), default=12)
+    p.add_argument("--head-dim", type=int_in(1, 4096), default=64)
+    p.add_argument("--dense-max", type=int_in(0), default=8192, help="skip dense SDPA above this N")
+    p.add_argument(
+        "--hf-max", type=int_in(0), default=16384, help="skip the HF module above this N"
+    )
     p.add_argument("--variants", action="store_true", help="also dilation 2, 4 and 16 globals")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int_in(1), default=3)
     p.add_argument(
         "--min-round-ms",
-        type=float,
+        type=float_in(0),
         default=250.0,
         help="calls per contender per round: at least this many ms (0: one call)",
     )
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument(
-        "--chunk-mib", type=float, nargs="+", help="also ours with these score-chunk sizes"
+        "--chunk-mib",
+        type=float_in(0, open_low=True),
+        nargs="+",
+        help="also ours with these score-chunk sizes",
     )
     p.add_argument(
         "--spare-mib",
-        type=float,
+        type=float_in(0),
         nargs="+",
         help="also ours with these spare-buffer sizes (peak memory: the output plus that)",
     )
@@ -189,9 +205,12 @@ def main(argv: list[str] | None = None) -> None:
         help="only ours at dilation 1, 2 and 4, interleaved: the dilation cost without "
         "other contenders' leftovers",
     )
-    p.add_argument("--json")
-    p.add_argument("--plot")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="PNG of time against length")
     args = p.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)  # before the minutes of work, not after
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.dilation_alone:
@@ -318,7 +337,7 @@ def plot(results, path):
     ax_t.legend(fontsize=7)
     fig.suptitle("Local attention, w=256, 12 heads, d=64: time and memory vs N")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,6 @@ import sys
 if "--dry-run" in sys.argv:  # before anything imports triton: it reads this at import
     os.environ["TRITON_INTERPRET"] = "1"
 
-import argparse
 import functools
 import signal
 import statistics
@@ -42,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from archopt.report import markdown_table
+from archopt.report import ArgumentParser, float_in, int_in, markdown_table
 
 
 @dataclass
@@ -63,19 +62,23 @@ class Row:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="archopt bench attention-gpu", description=__doc__.split("\n\n")[0])
     # run in this order (the table is sorted): what FlexAttention's budget covers first
-    p.add_argument("--lengths", type=int, nargs="+", default=[16384, 131072, 4096, 65536])
-    p.add_argument("--windows", type=int, nargs="+", default=[256, 1024])
-    p.add_argument("--dilations", type=int, nargs="+", default=[1, 4])
-    p.add_argument("--globals", type=int, nargs="+", default=[0, 16], dest="n_globals")
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--sdpa-max-n", type=int, default=16384)
-    p.add_argument("--flex-max-n", type=int, default=131072)
-    p.add_argument("--budget-s", type=float, default=100.0, help="start no work after")
-    p.add_argument("--flex-budget-s", type=float, default=50.0, help="FlexAttention's share")
+    p.add_argument(
+        "--lengths", type=int_in(1, 1 << 24), nargs="+", default=[16384, 131072, 4096, 65536]
+    )
+    p.add_argument("--windows", type=int_in(1), nargs="+", default=[256, 1024])
+    p.add_argument("--dilations", type=int_in(1), nargs="+", default=[1, 4])
+    p.add_argument("--globals", type=int_in(0), nargs="+", default=[0, 16], dest="n_globals")
+    p.add_argument("--heads", type=int_in(1, 4096), default=12)
+    p.add_argument("--head-dim", type=int_in(1, 4096), default=64)
+    p.add_argument("--reps", type=int_in(1), default=5)
+    p.add_argument("--sdpa-max-n", type=int_in(0), default=16384)
+    p.add_argument("--flex-max-n", type=int_in(0), default=131072)
+    p.add_argument(
+        "--budget-s", type=float_in(0, open_low=True), default=100.0, help="start no work after"
+    )
+    p.add_argument("--flex-budget-s", type=float_in(0), default=50.0, help="FlexAttention's share")
     p.add_argument("--dry-run", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny")
     args = p.parse_args(argv)
     if args.dry_run:

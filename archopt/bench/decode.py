@@ -20,7 +20,7 @@ from archopt.bench.common import machine_line, memory_bandwidth
 from archopt.generate import generate
 from archopt.measure import interleaved, measure_latency, measure_peak_memory
 from archopt.models.llama import Llama
-from archopt.report import log, markdown_table, pyplot
+from archopt.report import log, markdown_table, pyplot, save_figure
 
 PROMPT = "Lionel Messi is a"
 
@@ -121,7 +121,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -8,25 +8,29 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 from archopt.bench.common import machine_line
 from archopt.bench.decode import format_report, run
 from archopt.bench.decode_sweep import format_long_run, format_sweep, long_run, sweep
 from archopt.generate import COMPILE_MODES
-from archopt.io import atomic_write_text
+from archopt.io import atomic_write_text, check_writable
+from archopt.report import ArgumentParser, int_in
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="archopt bench generate", description=__doc__)
+    p = ArgumentParser(prog="archopt bench generate", description=__doc__)
     p.add_argument("--model", default="smollm2-135m", help="registered name, HF dir or .gguf")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--none-tokens", type=int, default=64, help="tokens for the no-cache loop")
-    p.add_argument("--positions", type=int, nargs="+", default=[64, 256, 512, 1024, 2048])
-    p.add_argument("--steps", type=int, default=8, help="decode steps timed per position")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int_in(1, 1 << 20), default=128)
+    p.add_argument(
+        "--none-tokens", type=int_in(1, 1 << 20), default=64, help="tokens for the no-cache loop"
+    )
+    p.add_argument(
+        "--positions", type=int_in(1, 1 << 24), nargs="+", default=[64, 256, 512, 1024, 2048]
+    )
+    p.add_argument("--steps", type=int_in(1), default=8, help="decode steps timed per position")
+    p.add_argument("--rounds", type=int_in(1), default=3)
+    p.add_argument("--threads", type=int_in(1, 1024), default=2)
     p.add_argument("--no-hf", action="store_true", help="skip transformers")
     p.add_argument("--plot", help="PNG of time per token vs position")
     p.add_argument("--json", help="write the figures as JSON here")
@@ -45,11 +49,19 @@ def main(argv: list[str] | None = None) -> dict:
         choices=COMPILE_MODES,
         help="sweep: compiled one-token steps for 'static' (inductor-cpp: its C++ wrapper)",
     )
-    p.add_argument("--context", type=int, default=512, help="prompt length for the sweep")
     p.add_argument(
-        "--long", type=int, metavar="N", help="with --cache: ms per token over an N-token run"
+        "--context", type=int_in(1, 1 << 24), default=512, help="prompt length for the sweep"
+    )
+    p.add_argument(
+        "--long",
+        type=int_in(1, 1 << 24),
+        metavar="N",
+        help="with --cache: ms per token over an N-token run",
     )
     args = p.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)  # before the minutes of work, not after
     if args.long:
         caches = args.cache or ["sliding:1024", "sink:4:1020"]
         buckets = long_run(args.model, caches=caches, tokens=args.long, threads=args.threads)

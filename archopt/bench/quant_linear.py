@@ -14,7 +14,6 @@ second. Run:
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
@@ -23,7 +22,7 @@ from torch import nn
 from archopt.bench.common import machine_line
 from archopt.measure import interleaved
 from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear
-from archopt.report import markdown_table
+from archopt.report import ArgumentParser, float_in, int_in, markdown_table
 
 SHAPES = [(3072, 576), (960, 576), (576, 1536), (49152, 576)]  # gate_up, qkv, down, lm_head
 
@@ -102,10 +101,15 @@ def _group(n_in: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="archopt bench quant-linear", description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--mb", type=float, default=150, help="int8 megabytes of distinct weights")
+    p = ArgumentParser(prog="archopt bench quant-linear", description=__doc__)
+    p.add_argument("--threads", type=int_in(1, 1024), default=2)
+    p.add_argument("--rounds", type=int_in(1), default=5)
+    p.add_argument(
+        "--mb",
+        type=float_in(0, 1 << 20, open_low=True),
+        default=150,
+        help="int8 megabytes of distinct weights",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")

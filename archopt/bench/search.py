@@ -20,7 +20,6 @@ hand-designed models of the space are trained with the same recipe and seed. Rep
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 
 from archopt.bench.common import machine_line
+from archopt.io import check_writable
 from archopt.measure import interleaved
+from archopt.report import ArgumentParser, int_in, save_figure
 
 
 def _hv(records: list[dict], objectives: list[str], ref: list[float]) -> float:
@@ -246,7 +247,7 @@ def _plot(runs, report: dict, path: Path) -> Path:
     fig.suptitle(f"{report['space']} space, {report['budget']} evaluations each", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -289,21 +290,27 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="archopt bench search", description=__doc__)
+    p = ArgumentParser(prog="archopt bench search", description=__doc__)
     p.add_argument("--space", default="mobilenet")
-    p.add_argument("--budget", type=int, default=24)
-    p.add_argument("--pop-size", type=int, default=8)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--epochs", type=int, help="default: the space's recipe")
-    p.add_argument("--train-size", type=int, help="train on the first N images (default: all)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=7, help="interleaved re-measurement rounds")
+    p.add_argument("--budget", type=int_in(1, 100_000), default=24)
+    p.add_argument("--pop-size", type=int_in(2, 10_000), default=8)
+    p.add_argument("--seeds", type=int_in(0), nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int_in(1, 100_000), help="default: the space's recipe")
+    p.add_argument(
+        "--train-size", type=int_in(1), help="train on the first N images (default: all)"
+    )
+    p.add_argument("--threads", type=int_in(1, 1024), default=2)
+    p.add_argument("--repeats", type=int_in(1), default=20)
+    p.add_argument("--rounds", type=int_in(1), default=7, help="interleaved re-measurement rounds")
     p.add_argument("--out", default="archopt-bench-search")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--plot", help="PNG of the fronts, one panel per seed")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
+    check_writable(args.out, "--out", folder=True)  # before the hours of work, not after
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)
     if args.budget < 1:
         raise ValueError(f"--budget must be >= 1, got {args.budget}")
     torch.set_num_threads(args.threads)

@@ -15,7 +15,6 @@ Every server is a subprocess bound to 127.0.0.1; every request loop is bounded.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import socket
@@ -29,6 +28,8 @@ from pathlib import Path
 import torch
 
 from archopt.bench.common import machine_line
+from archopt.io import atomic_write_text, check_writable
+from archopt.report import ArgumentParser, int_in, save_figure
 
 PROMPTS = [
     "Write a long story about a lighthouse keeper.",
@@ -271,7 +272,7 @@ def plot(report: dict, path: Path) -> None:
     a.legend(fontsize=8)
     fig.suptitle(report["machine"], fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 def format_report(report: dict) -> str:
@@ -306,12 +307,12 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(prog="archopt bench serve", description=__doc__)
+    ap = ArgumentParser(prog="archopt bench serve", description=__doc__)
     ap.add_argument("--model", default="smollm2-135m", help="a name with a GGUF, or a .gguf")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8])
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prefix-tokens", type=int, default=512)
+    ap.add_argument("--threads", type=int_in(1, 1024), default=2)
+    ap.add_argument("--streams", type=int_in(1, 4096), nargs="+", default=[1, 4, 8])
+    ap.add_argument("--new-tokens", type=int_in(1, 1 << 20), default=128)
+    ap.add_argument("--prefix-tokens", type=int_in(0, 1 << 20), default=512)
     ap.add_argument(
         "--compile",
         choices=["aot", "inductor", "inductor-cpp", "off"],
@@ -326,6 +327,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", help="write the report here")
     ap.add_argument("--plot", help="write tokens/s and TTFT against streams here (PNG)")
     args = ap.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(path, flag)  # before the minutes of work, not after
 
     from archopt.loading.llm import load_llm, resolve_llm
 
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["greedy_texts"] = texts
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
+        atomic_write_text(args.json, json.dumps(report, indent=2, default=float))
     if args.plot:
         plot(report, Path(args.plot))
     return report

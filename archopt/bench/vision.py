@@ -9,7 +9,6 @@ ratios are fair even when the machine drifts. Run:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -21,10 +20,10 @@ import torch
 import archopt
 from archopt import loading
 from archopt.bench.common import machine_line, matmul_gflops
-from archopt.io import atomic_write_text
+from archopt.io import atomic_write_text, check_writable
 from archopt.measure import count_macs, interleaved
 from archopt.optimize import OnnxRuntimeModule, choose_backend
-from archopt.report import log, table_head, table_row
+from archopt.report import ArgumentParser, int_in, log, table_head, table_row
 
 # our registered name -> (timm name, key map); models without an entry have no timm column
 TIMM_ANCHORS = {
@@ -110,14 +109,16 @@ def contenders_for(name: str, batch: int, inductor: bool, threads: int) -> tuple
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="archopt bench vision", description=__doc__)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    p = ArgumentParser(prog="archopt bench vision", description=__doc__)
+    p.add_argument("--threads", type=int_in(1, 1024), default=2)
+    p.add_argument("--batch", type=int_in(1, 4096), nargs="+", default=[1, 8])
     p.add_argument("--models", nargs="+", default=["mobilenet_v1_100", "conv_mobilenet_v1_100"])
-    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--rounds", type=int_in(1), default=7)
     p.add_argument("--inductor", action="store_true", help="also torch.compile (slow to build)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    if args.json:
+        check_writable(args.json, "--json")  # before the minutes of work, not after
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     rate, rate_bf16 = matmul_gflops(), matmul_gflops(dtype=torch.bfloat16)

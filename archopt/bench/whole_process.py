@@ -11,7 +11,6 @@ rate), and imports alone are timed as processes of their own.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
@@ -24,8 +23,9 @@ from pathlib import Path
 
 from archopt.bench.anchors import have_llama_cpp, llama_cpp_process, run_json
 from archopt.bench.common import machine_line
-from archopt.io import atomic_write_text
+from archopt.io import atomic_write_text, check_writable
 from archopt.measure.timing import quantile
+from archopt.report import ArgumentParser, float_in, int_in
 
 
 def _timed(cmd: list[str], env: dict) -> dict:
@@ -210,13 +210,15 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="archopt bench cli", description=__doc__)
+    p = ArgumentParser(prog="archopt bench cli", description=__doc__)
     p.add_argument("--model", default="smollm2-135m", help="a registry name or a .gguf file")
     p.add_argument("--prompt", default="Lionel Messi is a")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=5, help="warm runs of each program")
-    p.add_argument("--build-limit", type=float, default=900, help="seconds to wait for it")
+    p.add_argument("--new-tokens", type=int_in(1, 1 << 20), default=128)
+    p.add_argument("--threads", type=int_in(1, 1024), default=2)
+    p.add_argument("--runs", type=int_in(1), default=5, help="warm runs of each program")
+    p.add_argument(
+        "--build-limit", type=float_in(0, open_low=True), default=900, help="seconds to wait for it"
+    )
     p.add_argument("--no-llama-cpp", action="store_true")
     p.add_argument("--no-exact-check", action="store_true")
     p.add_argument(
@@ -226,13 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
-    if args.runs < 1 or args.new_tokens < 1 or args.threads < 1:
-        raise ValueError(
-            f"--runs, --new-tokens and --threads must be >= 1, got {args.runs}, "
-            f"{args.new_tokens}, {args.threads}"
-        )
     if args.json:  # fail before the minutes of work, not after
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        check_writable(args.json, "--json")
     result = run(args)
     print(format_report(result))
     if args.json:

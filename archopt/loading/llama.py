@@ -11,8 +11,10 @@ from pathlib import Path
 
 import torch
 
+from archopt.errors import CheckpointError
 from archopt.models.llama import Llama, LlamaConfig
 
+WEIGHT_LIMIT = 2.0**64  # as the GGUF loader's: a weight's square must fit in fp32
 _REQUIRED_HF = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers")
 
 
@@ -54,39 +56,68 @@ def llama_config_from_hf(hf: dict) -> LlamaConfig:
     )
 
 
-def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts)``; of meta tensors (placeholders), a meta tensor of the fused shape,
-    made directly: torch's meta ``cat`` imports torch._dynamo, two seconds of a cold load."""
-    if all(t.is_meta for t in parts):
-        rows = sum(t.shape[0] for t in parts)
-        return torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device="meta")
-    return torch.cat(parts, dim=0)
+_HF_LAYER = (
+    "input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+    "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)  # fmt: skip
+
+
+def check_hf_names(names, cfg: LlamaConfig) -> None:
+    """Every tensor ``cfg``'s Llama needs is among ``names`` (HF ``LlamaForCausalLM``'s names,
+    ``model.`` optional); ``CheckpointError`` naming the missing ones otherwise."""
+    names = {k.removeprefix("model.") for k in names}
+    layers = {k.split(".")[1] for k in names if k.startswith("layers.")}
+    if cfg.num_layers > len(layers):  # before listing the names: the count may be absurd
+        expected = f"at most the {len(layers)} layers the checkpoint holds tensors for"
+        raise CheckpointError("num_hidden_layers", expected, cfg.num_layers)
+    need = ["embed_tokens.weight", "norm.weight"]
+    need += [f"layers.{i}.{m}.weight" for i in range(cfg.num_layers) for m in _HF_LAYER]
+    missing = [k for k in need if k not in names]
+    if missing:
+        raise CheckpointError(
+            f"the checkpoint lacks tensors that a {cfg.num_layers}-layer Llama needs: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
 
 
 def llama_state_dict_from_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict:
     """Rename HF ``LlamaForCausalLM`` keys to ours, fusing q/k/v and gate/up."""
+    check_hf_names(sd, cfg)
     sd = {k.removeprefix("model."): v for k, v in sd.items()}
     out = {"embed.weight": sd.pop("embed_tokens.weight"), "norm.weight": sd.pop("norm.weight")}
     head = sd.pop("lm_head.weight", None)
     if not cfg.tie_word_embeddings:
         if head is None:
-            raise ValueError("checkpoint has no lm_head.weight but tie_word_embeddings is false")
+            raise CheckpointError(
+                "checkpoint has no lm_head.weight but tie_word_embeddings is false"
+            )
         out["lm_head.weight"] = head
     for i in range(cfg.num_layers):
         p = f"layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
         out[p + "attn_norm.weight"] = sd.pop(p + "input_layernorm.weight")
         out[p + "mlp_norm.weight"] = sd.pop(p + "post_attention_layernorm.weight")
-        out[p + "attn.qkv.weight"] = _cat_rows([sd.pop(f"{attn}{n}_proj.weight") for n in "qkv"])
+        out[p + "attn.qkv.weight"] = _cat([sd.pop(f"{attn}{n}_proj.weight") for n in "qkv"], cfg)
         out[p + "attn.out.weight"] = sd.pop(attn + "o_proj.weight")
-        out[p + "mlp.gate_up.weight"] = _cat_rows(
-            [sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")]
-        )
+        gate_up = [sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")]
+        out[p + "mlp.gate_up.weight"] = _cat(gate_up, cfg)
         out[p + "mlp.down.weight"] = sd.pop(mlp + "down_proj.weight")
     leftover = [k for k in sd if "rotary_emb" not in k]
     if leftover:
-        raise ValueError(f"unexpected tensors in the checkpoint: {leftover[:5]}")
+        raise CheckpointError(f"unexpected tensors in the checkpoint: {leftover[:5]}")
     return out
+
+
+def _cat(parts: list[torch.Tensor], cfg: LlamaConfig) -> torch.Tensor:
+    """Rows of projections that share an input; their columns must agree (the hidden size)."""
+    cols = {tuple(t.shape[1:]) for t in parts}
+    if len(cols) != 1 or any(t.dim() != 2 for t in parts):
+        expected = f"2-D with {cfg.hidden_size} columns each (the hidden size)"
+        raise CheckpointError("fused projections", expected, [list(t.shape) for t in parts])
+    if all(t.is_meta for t in parts):  # placeholders: torch's meta cat imports torch._dynamo (2 s)
+        rows = sum(t.shape[0] for t in parts)
+        return torch.empty((rows, *parts[0].shape[1:]), dtype=parts[0].dtype, device="meta")
+    return torch.cat(parts, dim=0)
 
 
 def llama_state_dict_to_hf(sd: dict[str, torch.Tensor], cfg: LlamaConfig) -> dict:
@@ -123,10 +154,24 @@ def build_llama(cfg: LlamaConfig, state_dict: dict, dtype: torch.dtype | None = 
         missing = sorted(set(expected) - set(got))[:5]
         extra = sorted(set(got) - set(expected))[:5]
         shapes = [(k, expected[k], got[k]) for k in expected if k in got and expected[k] != got[k]]
-        raise ValueError(
+        raise CheckpointError(
             f"checkpoint does not match the config: missing {missing}, unexpected {extra}, "
             f"shape mismatches (name, expected, got) {shapes[:5]}"
         )
+    for name, t in state_dict.items():
+        if not t.is_floating_point():
+            raise CheckpointError(f"tensor {name}", "a floating-point dtype", str(t.dtype))
+        if t.is_meta:  # a placeholder for a layer the loader replaces (kept GGUF blocks)
+            continue
+        # A NaN, an infinity or a weight past 2**64 (whose square overflows fp32) spreads to
+        # every output; aminmax: one pass, no mask.
+        low, high = torch.aminmax(t) if t.numel() else (0.0, 0.0)
+        if not (low > -WEIGHT_LIMIT and high < WEIGHT_LIMIT):
+            bad = int((~(t.abs() < WEIGHT_LIMIT)).sum())
+            raise CheckpointError(
+                f"tensor {name} holds {bad} values that are NaN, infinite or beyond +-2**64; "
+                "expected finite weights whose products fit in fp32 (the checkpoint is corrupt)"
+            )
     model.load_state_dict(state_dict, assign=True)
     model.rope = type(model.rope)(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     if dtype is not None:
@@ -159,8 +204,7 @@ def _indexed_files(index: Path) -> list[str]:
 
 
 def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from archopt.loading.safetensors_file import read_safetensors
 
     index = path / "model.safetensors.index.json"
     if index.exists():
@@ -171,10 +215,13 @@ def _read_safetensors_dir(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
     sd: dict[str, torch.Tensor] = {}
     for name in files:
-        try:
-            sd.update(load_file(path / name))
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"cannot read {path / name}: {e}") from e
+        tensors = read_safetensors(path / name)
+        twice = sorted(set(tensors) & set(sd))
+        if twice:
+            raise CheckpointError(
+                f"{path / name} holds tensors that another weight file also holds: {twice[:5]}"
+            )
+        sd.update(tensors)
     return sd
 
 
@@ -191,9 +238,13 @@ def load_hf_llama(path: str | Path, *, dtype: torch.dtype | None = None, tokeniz
         raise FileNotFoundError(f"no config.json in {path}")
     try:
         cfg = llama_config_from_hf(json.loads(config_file.read_text()))
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise ValueError(f"{config_file}: {e}") from e
-    model = build_llama(cfg, llama_state_dict_from_hf(_read_safetensors_dir(path), cfg), dtype)
+    except (ValueError, TypeError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{config_file}: {e}") from e
+    tensors = _read_safetensors_dir(path)  # its errors name the file
+    try:
+        model = build_llama(cfg, llama_state_dict_from_hf(tensors, cfg), dtype)
+    except CheckpointError as e:  # name the folder
+        raise CheckpointError(f"{path}: {e}") from e
     if tokenizer and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 

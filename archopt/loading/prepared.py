@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from archopt.errors import CheckpointError
 from archopt.io import atomic_write, atomic_write_text, writable_cache_dir
 from archopt.models.llama import Llama, LlamaConfig
-from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear
+from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear, cpu_kernel_problem
 
 FORMAT = "archopt.prepared/1"
 SUBDIR = "llm"
@@ -55,7 +56,21 @@ def entry_key(source: Path, weights: str, kernel: bool | str) -> str:
 # The modules a prepared model may hold besides torch's own: how to rebuild each from its
 # tensors. One place, so a new quantized layer is one row here.
 def _rebuild_packed(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
-    return PackedInt4Linear(t["qweight"], t["scales_zeros"], **args)
+    # The kernel takes its arguments unchecked: check them here, as save_prepared wrote them.
+    q, sz = t["qweight"], t["scales_zeros"]
+    k, gs = args["in_features"], args["group_size"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (k, gs)):
+        raise ValueError(f"in_features and group_size must be positive integers, got {args}")
+    problem = cpu_kernel_problem(q.shape[0] if q.dim() else 0, k, gs)
+    planes = q.shape[1] * 2 // k if q.dim() == 2 else 0
+    want = (planes * k // gs, q.shape[0] if q.dim() else 0, 2)
+    if problem is None and not (q.dtype == torch.uint8 and planes in (1, 2)):
+        problem = f"qweight must be uint8 (out, planes * {k} / 2), got {q.dtype} {list(q.shape)}"
+    if problem is None and (sz.dtype != torch.bfloat16 or tuple(sz.shape) != want):
+        problem = f"scales_zeros must be bf16 {list(want)}, got {sz.dtype} {list(sz.shape)}"
+    if problem is not None:
+        raise ValueError(f"a PackedInt4Linear: {problem}")
+    return PackedInt4Linear(q, sz, in_features=k, group_size=gs)
 
 
 def _rebuild_int4(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
@@ -136,32 +151,60 @@ def save_prepared(model: Llama, folder: Path) -> None:
 
 
 def load_prepared(folder: Path) -> Llama:
-    """The model saved in ``folder``; ValueError when the entry is incomplete or inconsistent."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    """The model saved in ``folder``; ``CheckpointError`` (a ValueError) when the entry is
+    unreadable, incomplete or inconsistent: the caller discards it and rebuilds."""
+    from archopt.loading.safetensors_file import read_safetensors
 
     try:
         record = json.loads((folder / RECORD_FILE).read_text())
-        if record.get("format") != FORMAT:
-            raise ValueError(f"format {record.get('format')!r}, expected {FORMAT!r}")
-        tensors = load_file(str(folder / WEIGHTS_FILE))  # memory-mapped
-    except (OSError, json.JSONDecodeError, SafetensorError) as e:
-        raise ValueError(f"prepared model in {folder} is unreadable: {e}") from e
+        if not isinstance(record, dict) or record.get("format") != FORMAT:
+            got = record.get("format") if isinstance(record, dict) else type(record).__name__
+            raise CheckpointError(
+                f"prepared model in {folder}: format {got!r}, expected {FORMAT!r}"
+            )
+        tensors = read_safetensors(folder / WEIGHTS_FILE)  # memory-mapped
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"prepared model in {folder} is unreadable: {e}") from e
+    try:
+        return _rebuild(folder, record, tensors)
+    except (KeyError, TypeError, AttributeError, IndexError, RuntimeError, ValueError,
+            OverflowError) as e:  # fmt: skip
+        if isinstance(e, CheckpointError):
+            raise
+        # The record and tensors are archopt's own: any disagreement means a damaged entry.
+        why = " ".join(str(e).split())  # torch's messages span lines; ours is one
+        raise CheckpointError(
+            f"prepared model in {folder} does not match its record ({type(e).__name__}: {why})"
+        ) from e
+
+
+def _rebuild(folder: Path, record: dict, tensors: dict[str, torch.Tensor]) -> Llama:
     cfg = LlamaConfig(**record["config"])
     with torch.device("meta"):
         model = Llama(cfg)
     for name, (kind, args) in record["quantized"].items():
         if kind not in _LAYERS:
-            raise ValueError(f"prepared model in {folder}: unknown layer kind {kind!r}")
+            raise CheckpointError(f"prepared model in {folder}: unknown layer kind {kind!r}")
         prefix = name + "."
         own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, _LAYERS[kind][1](own, args))
+        parent = model.get_submodule(owner) if owner else model
+        built, planned = _LAYERS[kind][1](own, args), getattr(parent, attr)
+        # A tied output projection is None in the skeleton: the embedding's shape.
+        want = (cfg.vocab_size, cfg.hidden_size) if planned is None else planned.weight.shape
+        got = (built.out_features, built.in_features)
+        if got != tuple(want):
+            raise CheckpointError(
+                f"prepared model in {folder}: {name}",
+                f"{want[0]} x {want[1]} (from its config)",
+                f"{got[0]} x {got[1]}",
+            )
+        setattr(parent, attr, built)
     for name, target in record["aliases"].items():
         tensors[name] = tensors[target]
     expected, got = set(model.state_dict()), set(tensors)
     if got != expected:
-        raise ValueError(
+        raise CheckpointError(
             f"prepared model in {folder} does not match its record: missing "
             f"{sorted(expected - got)[:3]}, unexpected {sorted(got - expected)[:3]}"
         )
@@ -173,7 +216,18 @@ def load_prepared(folder: Path) -> Llama:
         from archopt.loading.tokenizer import Tokenizer
 
         tok = record["tokenizer"]
-        model.tokenizer = Tokenizer(Core.from_str(tok["core"]), **tok["special"])
+        try:
+            core = Core.from_str(tok["core"])
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed table
+            raise CheckpointError(f"prepared model in {folder}: its tokenizer: {e}") from e
+        top = max(core.get_vocab(with_added_tokens=True).values(), default=-1)
+        if top >= cfg.vocab_size:  # an id past the embedding would fail mid-generation
+            raise CheckpointError(
+                f"prepared model in {folder}: its tokenizer's ids",
+                f"below {cfg.vocab_size} (the embedding's rows)",
+                top,
+            )
+        model.tokenizer = Tokenizer(core, **tok["special"])
     return model.eval()
 
 

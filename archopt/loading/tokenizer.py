@@ -31,7 +31,12 @@ def _template(source: str):
         x, ensure_ascii=False, indent=indent
     )
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
-    return env.from_string(source)
+    from jinja2 import TemplateError
+
+    try:
+        return env.from_string(source)
+    except TemplateError as e:  # a checkpoint's template is the checkpoint's fault
+        raise ValueError(f"the chat template does not compile: {e}") from None
 
 
 class Tokenizer:
@@ -106,13 +111,18 @@ class Tokenizer:
             raise ValueError(f"return_tensors must be None or 'pt', got {return_tensors!r}")
         if not self.chat_template:
             raise ValueError("this tokenizer has no chat template")
-        text = _template(self.chat_template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "",
-            eos_token=self.eos_token or "",
-            **kwargs,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = _template(self.chat_template).render(
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+                **kwargs,
+            )
+        except TemplateError as e:
+            raise ValueError(f"the chat template failed on these messages: {e}") from None
         if not tokenize:
             return text
         # The template writes the special tokens itself: no BOS/EOS added on top.

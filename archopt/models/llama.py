@@ -66,16 +66,19 @@ class LlamaConfig:
         than as a ZeroDivisionError or a shape error deep in the model."""
         import math
 
-        def integer(name: str, low: int, optional: bool = False) -> None:
+        def integer(name: str, low: int, optional: bool = False, high: int = 2**31 - 1) -> None:
+            # The upper bounds keep every weight's element count within torch's int64 sizes.
             v = getattr(self, name)
             if v is None and optional:
                 return
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"LlamaConfig.{name} must be an integer >= {low}, got {v!r}")
+            if v > high:
+                raise ValueError(f"LlamaConfig.{name} must be at most {high}, got {v!r}")
 
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
             integer(name, 1)
-        integer("max_position_embeddings", 1)
+        integer("max_position_embeddings", 1, high=2**40)
         integer("num_kv_heads", 1, optional=True)
         integer("head_dim", 2, optional=True)
         for name in ("rms_norm_eps", "rope_theta"):
@@ -95,7 +98,14 @@ class LlamaConfig:
         ):
             raise ValueError(f"LlamaConfig.eos_token_id must be token id(s) >= 0, got {eos!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
-            raise ValueError(f"LlamaConfig.rope_scaling must be a dict or None, got {eos!r}")
+            raise ValueError(
+                f"LlamaConfig.rope_scaling must be a dict or None, got {self.rope_scaling!r}"
+            )
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise ValueError(
+                f"LlamaConfig.tie_word_embeddings must be true or false, got "
+                f"{self.tie_word_embeddings!r}"
+            )
 
     @property
     def eos_ids(self) -> list[int]:

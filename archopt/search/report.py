@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from archopt.pareto import pareto_front
+from archopt.report import save_figure
 
 
 @dataclass(frozen=True)
@@ -215,7 +216,7 @@ def plot_search(report: dict, out: Path) -> dict[str, str]:
         ax.legend(loc="best", fontsize=8)
         fig.tight_layout()
         path = out / f"search_front_{x}.png"
-        fig.savefig(path)
+        save_figure(fig, path)
         plt.close(fig)
         plots[x] = path.name
     return plots

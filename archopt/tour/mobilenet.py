@@ -11,7 +11,7 @@ from archopt.measure import count_params, format_table, layer_table, measure_mod
 from archopt.optimize import optimize_for_inference
 from archopt.pareto import pareto_front
 from archopt.registry import create_model
-from archopt.report import markdown_table, pyplot
+from archopt.report import markdown_table, pyplot, save_figure
 from archopt.tour.common import Claim, Section, tour_log
 
 
@@ -282,6 +282,6 @@ def _plot_mobilenet(results: list[dict], path: Path) -> Path | None:
     ax.set_title("MobileNet v1 variants: MACs vs measured latency")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
     return path

@@ -40,7 +40,8 @@ def build_model(cfg: TrainConfig, data: ImageData) -> nn.Module:
     try:
         model = create_model(cfg.model, **overrides)
     except ValueError as e:
-        if "num_classes" in str(e) and "unknown" in str(e):
+        unknown = str(e).split(": expected", 1)[0]  # the fields refused, not the ones offered
+        if "num_classes" in unknown and "unknown" in unknown:
             raise ValueError(
                 f"model {cfg.model!r} is not an image classifier (it takes no num_classes and "
                 f"in_chans), so it cannot be trained on {data.name}: {e}"

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from archopt.errors import DataError
 from archopt.train.files import (
     CIFAR10_TEST_FILE,
     CIFAR10_TRAIN_FILES,
@@ -134,6 +135,19 @@ class FolderImages(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        # Read when the batch is drawn, as torchvision's ImageFolder does (opening a million
+        # files up front would cost minutes); a file that fails is one error naming it, and
+        # the last epoch's checkpoint is untouched (a run continues with --resume).
+        try:
+            return self._read(i)
+        except Exception as e:  # PIL raises many kinds (OSError, SyntaxError, DecompressionBomb)
+            why = " ".join(str(e).split()) or type(e).__name__
+            raise DataError(
+                f"{self.files[i]}: cannot read this image ({type(e).__name__}: {why}); "
+                "replace or remove it, then run again"
+            ) from e
+
+    def _read(self, i: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
         with Image.open(self.files[i]) as im:
@@ -295,12 +309,7 @@ def _load_digits(resolution: int, channels: int, val_fraction: float) -> ImageDa
 def _load_cifar10(path: Path, resolution: int, channels: int) -> ImageData:
     folder = cifar10_folder(path)
     train_x, train_y = read_cifar_batches(folder, CIFAR10_TRAIN_FILES)
-    val_x, val_y = read_cifar_batches(folder, (CIFAR10_TEST_FILE,))
-    bad = torch.cat([train_y, val_y])
-    if bad.min() < 0 or bad.max() >= len(CIFAR10_CLASSES):
-        raise ValueError(
-            f"CIFAR-10 labels must lie in 0..9, got {int(bad.min())}..{int(bad.max())} in {folder}"
-        )
+    val_x, val_y = read_cifar_batches(folder, (CIFAR10_TEST_FILE,))  # labels checked: 0..9
     classes = list(CIFAR10_CLASSES)
     meta = folder / "batches.meta"
     if meta.is_file():

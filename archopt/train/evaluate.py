@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archopt.errors import DataError
 from archopt.train.data import ImageData, TensorImages, normalize
 from archopt.train.runtime import allreduce_sum
 
@@ -27,7 +28,15 @@ def iter_batches(
         num_workers=num_workers,
         persistent_workers=False,
     )
-    yield from loader
+    try:
+        yield from loader
+    except DataError as e:
+        # A worker's error comes back with its traceback in the message; keep our one line.
+        text = str(e).strip()
+        if "\n" not in text:
+            raise
+        last = text.splitlines()[-1]
+        raise DataError(last.split(": ", 1)[1] if ": " in last else last) from None
 
 
 @torch.no_grad()

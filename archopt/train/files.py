@@ -12,9 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from archopt.errors import DataError
+
 CIFAR10_FOLDER = "cifar-10-batches-py"
 CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_FILE = "test_batch"
+CIFAR10_NUM_CLASSES = 10
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 
 
@@ -53,10 +56,11 @@ def read_pickle(path: Path) -> dict:
     try:
         # latin1: the published files were written by Python 2; it keeps array bytes intact.
         obj = ArrayUnpickler(io.BytesIO(path.read_bytes()), encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
-        raise ValueError(f"{path} is not a CIFAR-10 python batch: {e}") from e
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, OverflowError, RecursionError, MemoryError) as e:  # fmt: skip
+        raise DataError(f"{path} is not a CIFAR-10 python batch: {e}") from e
     if not isinstance(obj, dict):
-        raise ValueError(
+        raise DataError(
             f"{path} is not a CIFAR-10 python batch: expected a dict, got a {type(obj).__name__}"
         )
     # Keys are str with latin1 decoding, bytes with encoding='bytes': accept both.
@@ -71,13 +75,13 @@ def cifar10_folder(path: Path) -> Path:
         if candidate.is_dir() and any((candidate / f).is_file() for f in expected):
             missing = [f for f in expected if not (candidate / f).is_file()]
             if missing:
-                raise ValueError(
+                raise DataError(
                     f"incomplete CIFAR-10 python data in {candidate}: expected "
                     f"{', '.join(expected)}, missing {', '.join(missing)}"
                 )
             return candidate
     found = sorted(p.name for p in path.iterdir())[:10] if path.is_dir() else []
-    raise ValueError(
+    raise DataError(
         f"expected CIFAR-10 in its python format at {path}: a folder holding "
         f"{', '.join(expected)} (torchvision's '{CIFAR10_FOLDER}'), or its parent; "
         f"found {found or 'nothing'}"
@@ -90,21 +94,40 @@ def read_cifar_batches(folder: Path, names: tuple[str, ...]) -> tuple[torch.Tens
         d = read_pickle(folder / name)
         data, lab = d.get("data"), d.get("labels", d.get("fine_labels"))
         if data is None or lab is None:
-            raise ValueError(
+            raise DataError(
                 f"{folder / name} is not a CIFAR-10 python batch: expected keys 'data' and "
                 f"'labels', got {sorted(d)}"
             )
         data = np.asarray(data)
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-            raise ValueError(
+            raise DataError(
                 f"{folder / name}: expected 'data' as uint8 rows of 3072 values (3x32x32), got "
                 f"{data.dtype} {data.shape}"
             )
         if len(lab) != data.shape[0]:
-            raise ValueError(f"{folder / name}: {data.shape[0]} images but {len(lab)} labels")
+            raise DataError(f"{folder / name}: {data.shape[0]} images but {len(lab)} labels")
         images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(np.asarray(lab), dtype=torch.long))
+        labels.append(_labels(lab, folder / name))
     return torch.cat(images), torch.cat(labels)
+
+
+def _labels(lab, path: Path) -> torch.Tensor:
+    """Class indices 0..9 as int64: never a float truncated, a bool or a number out of range
+    taken for a class."""
+    try:
+        arr = np.asarray(lab)
+    except (ValueError, TypeError) as e:  # ragged nesting
+        raise DataError(f"{path}: labels must be a list of class indices, got {e}") from None
+    if arr.ndim != 1 or arr.dtype.kind not in "iu":
+        example = arr.reshape(-1)[:3].tolist() if arr.size else []
+        raise DataError(
+            f"{path}: labels", "a flat list of integer class indices 0..9",
+            f"{arr.dtype} values of shape {arr.shape} such as {example}",
+        )  # fmt: skip
+    if arr.size and (arr.min() < 0 or arr.max() >= CIFAR10_NUM_CLASSES):
+        bad = int(arr[(arr < 0) | (arr >= CIFAR10_NUM_CLASSES)][0])
+        raise DataError(f"{path}: labels", "class indices in 0..9", f"{bad} among them")
+    return torch.as_tensor(arr, dtype=torch.long)
 
 
 def scan_tree(root: Path) -> tuple[list[str], list[Path], list[int]]:
@@ -120,7 +143,7 @@ def scan_tree(root: Path) -> tuple[list[str], list[Path], list[int]]:
 
 def check_tree(root: Path, classes: list[str], files: list[Path]) -> None:
     if len(classes) < 2 or not files:
-        raise ValueError(
+        raise DataError(
             f"expected an ImageFolder tree at {root}: one sub-folder of images per class (at "
             f"least 2 classes), optionally under train/ and val/; found {len(classes)} class "
             f"folder(s) and {len(files)} image(s) ({', '.join(IMAGE_EXTENSIONS)})"

@@ -75,6 +75,25 @@ def parse_model_spec(spec: str) -> tuple[str, dict]:
     return name, overrides
 
 
+def _check_models(specs, parsed, images, epochs, batch_size, optimizer, lr, bf16, seed) -> None:
+    """Every model with its overrides, and the recipe, before any model trains: each is built
+    on the meta device (no memory, no time), so a bad override in the last spec does not cost
+    the first model's training."""
+    from archopt.train.build import build_model
+    from archopt.train.config import TrainConfig
+
+    for spec, (name, overrides) in zip(specs, parsed):
+        cfg = TrainConfig(
+            name, epochs=epochs, batch_size=batch_size, optimizer=optimizer, lr=lr, bf16=bf16,
+            seed=seed, model_overrides=overrides,
+        )  # fmt: skip
+        try:
+            with torch.device("meta"):
+                build_model(cfg, images)
+        except (ValueError, TypeError) as e:  # TypeError: an override of the wrong type
+            raise ValueError(f"model {spec!r}: {e}") from e
+
+
 def _run_dir_name(spec: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", spec)
 
@@ -137,6 +156,7 @@ def pareto_study(
         (out / stale).unlink(missing_ok=True)
 
     images = load_data(parse_data_spec(data), resolution=resolution, channels=channels)
+    _check_models(specs, parsed, images, epochs, batch_size, optimizer, lr, bf16, seed)
     rows = []
     for spec, (name, overrides) in zip(specs, parsed):
         log(f"[pareto] {spec}: training (or reading) ...", verbose)

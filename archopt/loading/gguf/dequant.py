@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from archopt.errors import CheckpointError
+
 QType = GGMLQuantizationType
 
 
@@ -41,7 +43,7 @@ def supported_types() -> list[GGMLQuantizationType]:
 def check_supported(qtype: GGMLQuantizationType, what: str) -> None:
     if qtype not in _OWN_TYPES and not _gguf_can_dequantize(qtype):
         names = ", ".join(t.name for t in supported_types())
-        raise ValueError(
+        raise CheckpointError(
             f"{what} has type {qtype.name}, which cannot be dequantized; supported types: {names}"
         )
 

@@ -4,6 +4,7 @@ and the Q/K row permutation llama.cpp's converter applies, undone.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,11 +12,15 @@ from typing import Any
 
 import torch
 
+from archopt.errors import CheckpointError
 from archopt.loading.gguf.dequant import check_supported
 from archopt.loading.gguf.reader import GGUFFile
 from archopt.models.llama import LlamaConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)
+# No trained weight comes near: fp32 tops out at 2**128, so a weight past 2**64 overflows as
+# soon as it is squared (RMSNorm squares its input) or multiplied by a like value.
+WEIGHT_LIMIT = 2.0**64
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -63,77 +68,113 @@ _GLOBAL_NAMES = {
 ROPE_FREQS = "rope_freqs.weight"
 
 
-def _uniform(value: Any, key: str, path: Path) -> int:
-    """A per-layer list (written for models whose layers differ) must be one repeated value."""
-    if isinstance(value, list) and len(set(value)) == 1:
+def _fail(path: Path, key: str, expected: str, got: Any) -> CheckpointError:
+    return CheckpointError(f"{path}: {key}", expected, got)
+
+
+def _integer(value: Any, key: str, path: Path, low: int = 1, high: int = 2**31 - 1) -> int:
+    """An integer in [low, high]; a per-layer list (written for models whose layers differ)
+    must be one value repeated."""
+    if isinstance(value, list) and value and all(v == value[0] for v in value):
         value = value[0]
-    if not isinstance(value, int):
-        raise ValueError(
-            f"{path}: {key} must be one integer for every layer, got {value!r}; layers of "
-            "different shapes are not supported"
-        )
+    if isinstance(value, list):
+        expected = "one integer for every layer (layers of different shapes are not supported)"
+        raise _fail(path, key, expected, value[:8])
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise _fail(path, key, f"an integer >= {low}", value)
+    if value > high:  # as LlamaConfig bounds it: every weight's size fits torch's int64
+        raise _fail(path, key, f"at most {high}", value)
     return value
 
 
+def _positive(value: Any, key: str, path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _fail(path, key, "a finite number > 0", value)
+    if not math.isfinite(value) or value <= 0:
+        raise _fail(path, key, "a finite number > 0", value)
+    return float(value)
+
+
+def _token_id(meta: dict, key: str, vocab: int, path: Path) -> int | None:
+    i = meta.get(key)
+    if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab):
+        raise _fail(path, key, f"a token id in [0, {vocab}) (the vocabulary size)", i)
+    return i
+
+
 def llama_config_from_gguf(gf: GGUFFile) -> LlamaConfig:
-    """Our config from a GGUF's ``llama.*`` and ``tokenizer.ggml.*`` metadata."""
+    """Our config from a GGUF's ``llama.*`` and ``tokenizer.ggml.*`` metadata.
+
+    Every field is checked for type and sense (``CheckpointError`` naming the key, what was
+    expected and what the file holds); ``check_llama_tensors`` then checks the tensors
+    against the config.
+    """
     meta, path = gf.metadata, gf.path
     arch = gf.architecture
     if arch is None:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} has no general.architecture in its metadata; expected one of "
             f"{list(SUPPORTED_ARCHITECTURES)}"
         )
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} holds a {arch!r} model; only {list(SUPPORTED_ARCHITECTURES)} "
             "GGUF files are supported (llama.cpp writes Llama, Mistral and SmolLM "
             "as 'llama')"
         )
     missing = [f"{arch}.{k}" for k in _REQUIRED if f"{arch}.{k}" not in meta]
     if missing:
-        raise ValueError(f"{path} is missing required metadata {missing}")
+        raise CheckpointError(f"{path} is missing required metadata {missing}")
 
     def get(key: str, default: Any = None) -> Any:
         return meta.get(f"{arch}.{key}", default)
 
-    n_head = _uniform(get("attention.head_count"), f"{arch}.attention.head_count", path)
-    n_kv = _uniform(get("attention.head_count_kv", n_head), f"{arch}.head_count_kv", path)
-    hidden = get("embedding_length")
-    head_dim = get("attention.key_length", hidden // n_head)
-    if get("attention.value_length", head_dim) != head_dim:
-        raise ValueError(
-            f"{path}: attention.value_length {get('attention.value_length')} must "
-            f"equal the key length {head_dim}"
-        )
-    if get("rope.dimension_count", head_dim) != head_dim:
-        raise ValueError(
-            f"{path}: partial rotary embeddings are not supported: "
-            f"rope.dimension_count is {get('rope.dimension_count')}, expected the "
-            f"head size {head_dim}"
+    def integer(key: str, default: Any = None, low: int = 1, high: int = 2**31 - 1) -> int:
+        return _integer(get(key, default), f"{arch}.{key}", path, low, high)
+
+    n_head = integer("attention.head_count")
+    n_kv = integer("attention.head_count_kv", n_head)
+    a = f"{arch}."
+    if n_head % n_kv:
+        raise _fail(path, a + "attention.head_count_kv", f"a divisor of the {n_head} heads", n_kv)
+    hidden = integer("embedding_length")
+    if get("attention.key_length") is None and hidden % n_head:
+        raise _fail(path, a + "attention.head_count", f"a divisor of {hidden} (the width)", n_head)
+    head_dim = integer("attention.key_length", hidden // n_head, low=2)
+    if head_dim % 2:
+        raise _fail(path, a + "attention.key_length", "even (rotary pairs)", head_dim)
+    value_length = integer("attention.value_length", head_dim)
+    if value_length != head_dim:
+        raise _fail(path, a + "attention.value_length", f"the key length {head_dim}", value_length)
+    if integer("rope.dimension_count", head_dim) != head_dim:
+        raise _fail(
+            path,
+            a + "rope.dimension_count",
+            f"the head size {head_dim} (partial rotary embeddings are not supported)",
+            get("rope.dimension_count"),
         )
     tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise _fail(path, "tokenizer.ggml.tokens", "an array of strings", tokens)
     vocab = get("vocab_size")
     if vocab is None:
         embd = gf.tensors.get("token_embd.weight")
         vocab = len(tokens) if tokens else embd.shape[0] if embd is not None else None
     if vocab is None:
-        raise ValueError(
+        raise CheckpointError(
             f"{path} gives no vocabulary size: expected {arch}.vocab_size, "
             "tokenizer.ggml.tokens or a token_embd.weight tensor"
         )
-    eos = meta.get("tokenizer.ggml.eos_token_id")
+    vocab = _integer(vocab, f"{arch}.vocab_size", path)
+    if tokens and len(tokens) > vocab:  # a token id past the embedding would fail mid-generation
+        expected = f"at most {vocab} tokens (the embedding's rows)"
+        raise _fail(path, "tokenizer.ggml.tokens", expected, len(tokens))
     # llama.cpp stops on every end-of-generation token; chat models often mark end-of-turn apart.
     stops = [
-        i
-        for i in (
-            eos,
-            meta.get("tokenizer.ggml.eot_token_id"),
-            meta.get("tokenizer.ggml.eom_token_id"),
-        )
-        if i is not None
+        _token_id(meta, f"tokenizer.ggml.{k}_token_id", vocab, path) for k in ("eos", "eot", "eom")
     ]
-    stops = list(dict.fromkeys(stops))
+    stops = list(dict.fromkeys(i for i in stops if i is not None))
+    eps_key = a + "attention.layer_norm_rms_epsilon"
     extra = {
         "gguf_path": str(path),
         "tensor_types": dict(Counter(t.type.name for t in gf.tensors.values())),
@@ -141,38 +182,49 @@ def llama_config_from_gguf(gf: GGUFFile) -> LlamaConfig:
     for key, name in (("general.name", "name"), ("tokenizer.chat_template", "chat_template")):
         if key in meta:
             extra[name] = meta[key]
-    return LlamaConfig(
+    fields = dict(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=_uniform(get("feed_forward_length"), f"{arch}.feed_forward_length", path),
-        num_layers=get("block_count"),
+        intermediate_size=integer("feed_forward_length"),
+        num_layers=integer("block_count"),
         num_heads=n_head,
         num_kv_heads=n_kv,
         head_dim=head_dim,
-        max_position_embeddings=get("context_length"),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        max_position_embeddings=integer("context_length", high=2**40),
+        rms_norm_eps=_positive(get(eps_key.removeprefix(a)), eps_key, path),
+        rope_theta=_positive(get("rope.freq_base", 10000.0), a + "rope.freq_base", path),
         rope_scaling=_rope_scaling(meta, arch, path),
         tie_word_embeddings="output.weight" not in gf.tensors,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        bos_token_id=_token_id(meta, "tokenizer.ggml.bos_token_id", vocab, path),
         eos_token_id=None if not stops else stops[0] if len(stops) == 1 else stops,
-        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+        pad_token_id=_token_id(meta, "tokenizer.ggml.padding_token_id", vocab, path),
         extra=extra,
     )
+    try:
+        return LlamaConfig(**fields)
+    except ValueError as e:  # LlamaConfig's own checks: name the file
+        raise CheckpointError(f"{path}: {e}") from e
 
 
 def _rope_scaling(meta: dict, arch: str, path: Path) -> dict | None:
     # Llama 3.1's "llama3" scaling is not in the metadata: convert_hf_to_gguf bakes it into a
     # rope_freqs tensor of per-frequency divisors, which load_gguf_llama applies (see there).
     kind = meta.get(f"{arch}.rope.scaling.type", "none")
-    factor = meta.get(f"{arch}.rope.scaling.factor", meta.get(f"{arch}.rope.scale_linear"))
+    factor_key = f"{arch}.rope.scaling.factor"
+    if factor_key not in meta:
+        factor_key = f"{arch}.rope.scale_linear"  # the key older converters wrote
+    factor = meta.get(factor_key)
+    if factor is not None:
+        factor = _positive(factor, factor_key, path)
+    if not isinstance(kind, str):
+        raise _fail(path, f"{arch}.rope.scaling.type", "'none' or 'linear'", kind)
     if kind == "none" and factor not in (None, 1.0) and f"{arch}.rope.scale_linear" in meta:
-        kind = "linear"  # the key older converters wrote
+        kind = "linear"
     if kind == "none" or (kind == "linear" and factor in (None, 1.0)):
         return None
     if kind == "linear":
-        return {"rope_type": "linear", "factor": float(factor)}
-    raise ValueError(
+        return {"rope_type": "linear", "factor": factor}
+    raise CheckpointError(
         f"{path}: rope scaling {kind!r} is not supported, expected 'none' or "
         "'linear' (llama3 scaling comes as a rope_freqs tensor, also supported)"
     )
@@ -188,34 +240,96 @@ def _hf_name(name: str, num_layers: int) -> str | None:
     return None
 
 
+def _expected_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Each tensor's shape (torch order) in a GGUF Llama of ``cfg``."""
+    h, f, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = {"token_embd.weight": (vocab, h), "output_norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["output.weight"] = (vocab, h)
+    layer = {
+        "attn_norm.weight": (h,), "attn_q.weight": (q, h), "attn_k.weight": (kv, h),
+        "attn_v.weight": (kv, h), "attn_output.weight": (h, q), "ffn_norm.weight": (h,),
+        "ffn_gate.weight": (f, h), "ffn_up.weight": (f, h), "ffn_down.weight": (h, f),
+    }  # fmt: skip
+    for i in range(cfg.num_layers):
+        shapes |= {f"blk.{i}.{name}": shape for name, shape in layer.items()}
+    return shapes
+
+
+def check_llama_tensors(gf: GGUFFile, cfg: LlamaConfig) -> None:
+    """The tensors are those of ``cfg``'s Llama, no more and no fewer, each of the shape the
+    metadata implies and of a type that can be dequantized; ``CheckpointError`` naming the
+    tensor otherwise. Reads no tensor data."""
+    layers = {name.split(".")[1] for name in gf.tensors if name.startswith("blk.")}
+    if cfg.num_layers > len(layers):  # before listing the names: the count may be absurd
+        raise CheckpointError(
+            f"{gf.path}: {gf.architecture}.block_count",
+            f"at most the {len(layers)} layers the file holds tensors for",
+            cfg.num_layers,
+        )
+    expected = _expected_shapes(cfg)
+    if ROPE_FREQS in gf.tensors:
+        expected[ROPE_FREQS] = (cfg.head_dim // 2,)
+    missing = [name for name in expected if name not in gf.tensors]
+    if missing:
+        raise CheckpointError(
+            f"{gf.path} lacks tensors that a {cfg.num_layers}-layer Llama needs: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}"
+        )
+    for name, t in gf.tensors.items():
+        if name not in expected:
+            raise CheckpointError(
+                f"{gf.path}: tensor {name!r} is not part of a {cfg.num_layers}-layer "
+                "Llama (biases, mixture-of-experts and extra layers are not supported)"
+            )
+        if t.shape != expected[name]:
+            raise CheckpointError(
+                f"{gf.path}: tensor {name!r} has shape {list(t.shape)}, expected "
+                f"{list(expected[name])} from the metadata (hidden {cfg.hidden_size}, "
+                f"{cfg.num_heads} heads and {cfg.num_kv_heads} key/value heads of "
+                f"{cfg.head_dim}, feed-forward {cfg.intermediate_size}, vocabulary "
+                f"{cfg.vocab_size})"
+            )
+        check_supported(t.type, f"{gf.path}: tensor {name!r}")
+
+
+def check_finite(w: torch.Tensor, name: str, path: Path) -> torch.Tensor:
+    """Weights of magnitude below ``WEIGHT_LIMIT``: a NaN or infinity (a corrupt block scale), or
+    a value whose square overflows fp32 (bytes read as the wrong type), reach every output."""
+    if w.numel() == 0:
+        return w
+    low, high = torch.aminmax(w)  # one pass, no mask; NaN propagates into both
+    if not (low > -WEIGHT_LIMIT and high < WEIGHT_LIMIT):
+        bad = ~(w.abs() < WEIGHT_LIMIT)
+        first = int(bad.flatten().nonzero()[0])
+        raise CheckpointError(
+            f"{path}: tensor {name!r} holds {int(bad.sum())} values that are NaN, infinite or "
+            f"beyond +-2**64 (the first, at flat index {first}, is {w.flatten()[first].item()}); "
+            "expected finite weights whose products fit in fp32: the file is corrupt"
+        )
+    return w
+
+
 def gguf_llama_hf_state_dict(
     gf: GGUFFile, cfg: LlamaConfig, placeholders: set[str] = frozenset()
 ) -> dict[str, torch.Tensor]:
     """fp32 tensors under Hugging Face ``LlamaForCausalLM`` names, Q/K rows un-permuted.
 
-    Every name and type is checked before anything is dequantized. The tensors named in
-    ``placeholders`` are not read: they stand as meta tensors of their shape, for a loader that
-    puts other modules in their place (``keep_quantized_linears``).
+    Every name, shape and type is checked before anything is dequantized; every value after.
+    The tensors named in ``placeholders`` are not read: they stand as meta tensors of their
+    shape, for a loader that puts other modules in their place (``keep_quantized_linears``,
+    which checks their blocks' scales).
     """
-    names = {}
-    for name, t in gf.tensors.items():
-        if name == ROPE_FREQS:
-            continue
-        hf = _hf_name(name, cfg.num_layers)
-        if hf is None:
-            raise ValueError(
-                f"{gf.path}: tensor {name!r} is not part of a {cfg.num_layers}-layer "
-                "Llama (biases, mixture-of-experts and extra layers are not supported)"
-            )
-        check_supported(t.type, f"{gf.path}: tensor {name!r}")
-        names[name] = hf
+    check_llama_tensors(gf, cfg)
+    names = {name: _hf_name(name, cfg.num_layers) for name in gf.tensors if name != ROPE_FREQS}
     out = {}
     with one_thread():
         for name, hf in names.items():
             if name in placeholders:
                 out[hf] = torch.empty(gf.tensors[name].shape, device="meta")
                 continue
-            w = gf.tensors[name].dequantize()
+            w = check_finite(gf.tensors[name].dequantize(), name, gf.path)
             if ".attn_q." in name:
                 w = unpermute_qk(w, cfg.num_heads)
             elif ".attn_k." in name:
@@ -245,9 +359,13 @@ def rope_freqs(gf: GGUFFile, cfg: LlamaConfig) -> torch.Tensor | None:
     if t is None:
         return None
     if t.shape != (cfg.head_dim // 2,):
-        raise ValueError(
+        raise CheckpointError(
             f"{gf.path}: {ROPE_FREQS} has shape {list(t.shape)}, expected "
             f"[{cfg.head_dim // 2}] (head_dim / 2)"
         )
     check_supported(t.type, f"{gf.path}: tensor {ROPE_FREQS!r}")
-    return t.dequantize()
+    factors = check_finite(t.dequantize(), ROPE_FREQS, gf.path)
+    if (factors <= 0).any():
+        expected = "positive divisors of the rotary frequencies"
+        raise CheckpointError(f"{gf.path}: {ROPE_FREQS}", expected, factors.tolist()[:8])
+    return factors

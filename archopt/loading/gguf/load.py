@@ -10,8 +10,10 @@ from pathlib import Path
 
 import torch
 
+from archopt.errors import CheckpointError
 from archopt.loading.gguf.llama import (
     ROPE_FREQS,
+    check_llama_tensors,
     gguf_llama_hf_state_dict,
     llama_config_from_gguf,
     one_thread,
@@ -53,10 +55,11 @@ def load_gguf_llama(
     check_kernel_arg(kernel)
     gf = read_gguf(path)
     cfg = llama_config_from_gguf(gf)
+    check_llama_tensors(gf, cfg)  # names, shapes and types, before any data is read
     freqs = rope_freqs(gf, cfg)
     if freqs is not None:
         if cfg.rope_scaling is not None:
-            raise ValueError(
+            raise CheckpointError(
                 f"{gf.path}: has both {ROPE_FREQS} and rope scaling metadata "
                 f"({cfg.rope_scaling['rope_type']}); expected at most one"
             )

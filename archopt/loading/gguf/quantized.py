@@ -8,13 +8,28 @@ from collections import Counter
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from archopt.errors import CheckpointError
 from archopt.loading.gguf.dequant import QType, fp16_scales
 from archopt.loading.gguf.llama import unpermute_qk
 from archopt.loading.gguf.reader import GGUFFile
 from archopt.models.llama import Llama
 
 
-def _quantized_linear(data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int):
+def _finite_scales(scales: torch.Tensor, where: str) -> torch.Tensor:
+    """Block scales (fp16 in the file) that are numbers: a NaN or infinity reaches every output.
+    (The weights kept as blocks are never dequantized, so this is their check.)"""
+    if not bool(torch.isfinite(scales).all()):
+        bad = int((~torch.isfinite(scales)).sum())
+        raise CheckpointError(
+            f"{where}: {bad} block scales are NaN or infinite; expected finite scales: the file "
+            "is corrupt"
+        )
+    return scales
+
+
+def _quantized_linear(
+    data: torch.Tensor, qtype: GGMLQuantizationType, in_features: int, where: str = "tensor"
+):
     """The module that holds ``data`` (rows, bytes) as it is, or None for types kept as fp32.
 
     Its ``dequantized()`` equals ggml's dequantization bit for bit: Q8_0 is d * q; Q4_1 is
@@ -27,13 +42,13 @@ def _quantized_linear(data: torch.Tensor, qtype: GGMLQuantizationType, in_featur
         return None
     rows, groups = data.shape[0], in_features // 32
     blocks = data.reshape(rows * groups, GGML_QUANT_SIZES[qtype][1])
-    d = fp16_scales(blocks, 0).view(rows, groups)
+    d = _finite_scales(fp16_scales(blocks, 0).view(rows, groups), where)
     if qtype == QType.Q8_0:
         q = blocks[:, 2:].contiguous().view(torch.int8).view(rows, in_features)
         return Int8Linear.from_quantized(q, d)
     if qtype == QType.Q4_0:
         return Int4Linear.from_packed(blocks[:, 2:].reshape(rows, in_features // 2), d, -8 * d)
-    m = fp16_scales(blocks, 2).view(rows, groups)
+    m = _finite_scales(fp16_scales(blocks, 2).view(rows, groups), where)
     return Int4Linear.from_packed(blocks[:, 4:].reshape(rows, in_features // 2), d, m)
 
 
@@ -100,7 +115,8 @@ def keep_quantized_linears(model: Llama, gf: GGUFFile) -> dict[str, int]:
     def piece(name: str, heads: int | None = None):
         t = gf.tensors[name]
         data = t.data if heads is None else unpermute_qk(t.data, heads)
-        return _quantized_linear(data, t.type, t.shape[1]), t.type.name
+        where = f"{gf.path}: tensor {name!r}"
+        return _quantized_linear(data, t.type, t.shape[1], where), t.type.name
 
     def replace(owner, attr: str, parts: list[tuple[str, int | None]]) -> None:
         made = [piece(name, heads) for name, heads in parts]

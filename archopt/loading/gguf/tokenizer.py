@@ -10,6 +10,7 @@ tokenizer) apply for SmolLM's ``smollm`` pre-tokenizer. Other vocabularies (sent
 
 from __future__ import annotations
 
+from archopt.errors import CheckpointError
 from archopt.loading.gguf.reader import GGUFFile
 
 # llama.cpp's pre-tokenizers that are GPT-2's byte-level regex, alone or after splitting every
@@ -23,13 +24,14 @@ def gguf_tokenizer(gf: GGUFFile):
 
     Byte-level BPE vocabularies get ``archopt.loading.tokenizer.Tokenizer`` (``tokenizers``
     alone, no transformers); others go through transformers. None when the file carries no
-    vocabulary; ImportError when the library it needs is missing; ValueError for vocabularies
-    it cannot build.
+    vocabulary; ImportError when the library it needs is missing; ``CheckpointError`` (a
+    ValueError) naming the field for vocabularies it cannot build.
     """
     meta = gf.metadata
     kind, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if kind is None or "tokenizer.ggml.tokens" not in meta:
         return None
+    _check_vocabulary(gf)
     template = meta.get("tokenizer.chat_template")
     if kind == "gpt2" and (pre in _GPT2_PRE or pre in _DIGIT_PRE):
         from archopt.loading.tokenizer import Tokenizer
@@ -38,10 +40,20 @@ def gguf_tokenizer(gf: GGUFFile):
 
         def token(key: str) -> str | None:
             i = meta.get(f"tokenizer.ggml.{key}_token_id")
-            return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+            ok = isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tokens)
+            return tokens[i] if ok else None
 
+        try:
+            core = _byte_level_bpe(meta, digits=pre in _DIGIT_PRE)
+        except ImportError:
+            raise
+        except Exception as e:  # tokenizers raises its own bare Exception for bad tables
+            raise CheckpointError(
+                f"{gf.path}: cannot build its byte-level BPE tokenizer from "
+                f"tokenizer.ggml.tokens and tokenizer.ggml.merges: {e}"
+            ) from e
         return Tokenizer(
-            _byte_level_bpe(meta, digits=pre in _DIGIT_PRE),
+            core,
             bos_token=token("bos"),
             eos_token=token("eos"),
             unk_token=token("unknown"),
@@ -56,7 +68,7 @@ def gguf_tokenizer(gf: GGUFFile):
     try:
         tok = AutoTokenizer.from_pretrained(str(gf.path.parent), gguf_file=gf.path.name)
     except Exception as e:  # transformers raises many kinds; the caller needs one
-        raise ValueError(
+        raise CheckpointError(
             f"{gf.path}: cannot build its {kind!r} tokenizer (pre-tokenizer "
             f"{pre!r}) through transformers: {e}; load with tokenizer=False "
             "to skip it"
@@ -64,6 +76,32 @@ def gguf_tokenizer(gf: GGUFFile):
     if template is not None:
         tok.chat_template = template
     return tok
+
+
+def _check_vocabulary(gf: GGUFFile) -> None:
+    """The vocabulary's fields, each of the type the format gives it."""
+    meta = gf.metadata
+
+    def fail(key: str, expected: str) -> CheckpointError:
+        got = meta[key]
+        got = f"a list starting {got[:4]!r}" if isinstance(got, list) else got
+        return CheckpointError(f"{gf.path}: {key}", expected, got)
+
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if key in meta and not isinstance(meta[key], str):
+            raise fail(key, "a string")
+    tokens = meta["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise fail("tokenizer.ggml.tokens", "an array of strings")
+    merges = meta.get("tokenizer.ggml.merges", [])
+    if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+        raise fail("tokenizer.ggml.merges", "an array of strings 'left right'")
+    types = meta.get("tokenizer.ggml.token_type", [])
+    ints = isinstance(types, list) and all(isinstance(k, int) for k in types)
+    if not ints or (types and len(types) != len(tokens)):
+        raise fail(
+            "tokenizer.ggml.token_type", f"an array of {len(tokens)} integers (one per token)"
+        )
 
 
 def _byte_level_bpe(meta: dict, digits: bool):

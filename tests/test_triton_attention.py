@@ -28,6 +28,7 @@ pytest.importorskip("triton")
 import archopt.ops.attention as attention
 from archopt.ops.attention import local_attention, triton_band, triton_kernels
 
+from .attention_cases import NONFINITE, attended, nan_rows
 from .test_local_attention import padding_mask as _padding_mask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,6 +132,28 @@ def test_half_forward(dtype, atol):
     glob = globals_mask(70, [2, 0])
     kwargs = dict(window=5, dilation=[1, 2, 1], global_mask=glob)
     compare(q, k, v, atol, ref_dtype=torch.float32, **kwargs)
+
+
+@interp
+def test_masked_nonfinite_never_reach_outputs():
+    """NaN and Inf in padded keys' k and v and in an unpadded key (attended by its neighbours
+    only): the rows that attend it are NaN, the others are the clean run's, exactly
+    (tests/test_attention_hostile.py holds the CPU backends to the same rule)."""
+    n = 37
+    q, k, v = make_qkv(2, 3, n, 16)
+    pad = padding_mask(2, n, "internal")
+    pad[:, 0] = False
+    kwargs = dict(window=3, dilation=[1, 2, 3], global_mask=globals_mask(n, [1, 2]))
+    kwargs["key_padding_mask"] = pad
+    clean = local_attention(q, k, v, backend="triton", **kwargs)
+    for value in NONFINITE:
+        hk, hv = (x.masked_fill(pad[:, None, :, None], value) for x in (k, v))
+        hk[:, :, 0, 0] = value
+        rows = nan_rows(q, hk, hv, attended(q, **kwargs))
+        out = local_attention(q, hk, hv, backend="triton", **kwargs)
+        assert rows.any() and not rows.all()
+        assert out[rows].isnan().all()
+        torch.testing.assert_close(out[~rows], clean[~rows], rtol=0, atol=0)
 
 
 # --- interpreter: everything (slow) ----------------------------------------------------------

@@ -14,14 +14,16 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
   blk + 2w key rows (blk + w when causal) starting at b*blk - w. Those spans are overlapping
   views (``unfold``) of K and V, so a chunk of blocks is one batched matmul
   (n, blk, d) @ (n, d, span) and one (n, blk, span) @ (n, span, dv). The work is
-  (blk + 2w) / (2w + 1) times the band's: 1.12x for w=256, blk=64. The exact band is a
-  precomputed (blk, span) additive bias.
+  (blk + 2w) / (2w + 1) times the band's: 1.12x for w=256, blk=64. The exact band is cut out
+  by filling the scores outside it with -1e30 (one strided view, ``outside_band``).
 - Edges. Every chunk reads its queries, keys and values as strided views, even where a span
   leaves its sequence: the rows there belong to the neighbouring residue class or head, are
-  finite, and get an additive -1e30 *key bias* (as do padded and global keys), built once per
-  sequence length (or per batch row and residue class when there is a padding mask) and added
-  only to the blocks that need it. Only spans that leave the tensor itself (the first blocks
-  of the first sequence, the last of the last) are small zero-padded copies.
+  finite (``local_attention`` runs this path on finite inputs only), and their scores are
+  replaced by -1e30 (a *key mask*, as are those of padded and global keys), built once per
+  batch row and residue class when there is a padding mask (``mask_edges`` without) and
+  applied only to the blocks that need it. Masked scores are replaced, never biased: a bias
+  would let a huge finite score through. Only spans that leave the tensor itself (the first
+  blocks of the first sequence, the last of the last) are small zero-padded copies.
 - Runs. When N is a multiple of dilation * blk, residue class r of consecutive (batch row,
   head) pairs is one strided sequence of rows, so a chunk can run from one head into the next
   and short sequences or large dilations still give full-size matmuls: the number of chunks,
@@ -37,7 +39,7 @@ a freshly allocated 50 MB tensor costs 3-4x a copy in page faults).
   memory O(N*d) plus one chunk. (Short sequences, ``short_band``, use autograd on copies.)
 - Global tokens. The scores of every query against the global keys are extra columns
   concatenated to its band scores, so one fp32 softmax normalises both parts exactly; global
-  keys are removed from the band part (key bias), so a global key inside the window is counted
+  keys are removed from the band part (key mask), so a global key inside the window is counted
   once. With ``causal`` a query sees the global keys at or before it, a prefix of the sorted
   list. Rows of global queries are then recomputed as full attention over all valid keys.
 - Empty rows. A query with no valid key gets finite garbage from the softmax (all its scores
@@ -116,7 +118,11 @@ def local_attention_blocked(
     scale: float,
     block: int | None = None,
 ) -> Tensor:
-    """Local attention, same semantics as the reference; inputs already validated."""
+    """Local attention, same semantics as the reference; inputs already validated and finite
+    (``local_attention`` sees to NaN and Inf). A window or dilation of N or more is the same as
+    N: cut to it, so that no loop runs over residue classes that hold no position."""
+    reach = max(q.shape[2], 1)
+    window, dilations = min(window, reach), [min(d, reach) for d in dilations]
     out_dtype = q.dtype
     if q.dtype in (torch.float16, torch.bfloat16):
         # Scores, softmax and the weighted sum in fp32; only the result goes back to half.

@@ -146,25 +146,26 @@ class Band:
             self.slots = torch.arange(g, device=q.device)
         # a block's scores, its scores with the global columns, its output rows
         self.block_elems = blk * (span + (span + self.g if self.g else 0) + self.dv)
-        self._key_bias: dict[tuple[int, int], tuple[Tensor, list[bool]]] = {}
+        self._key_mask: dict[tuple[int, int], tuple[Tensor, list[bool]]] = {}
 
-    def key_bias(self, b: int, r: int, length: int) -> tuple[Tensor, list[bool]]:
-        """Key bias of sequence (batch row ``b``, residue class ``r``) when some keys are
-        masked, per block (nb, span), and which blocks need it.
+    def key_mask(self, b: int, r: int, length: int) -> tuple[Tensor, list[bool]]:
+        """Which keys of sequence (batch row ``b``, residue class ``r``) are masked, per block
+        (nb, span) bool, when some keys are masked; and which blocks have one.
 
-        NEG on the masked keys and on the positions the sequence does not own (before 0, from
-        its length on), over the positions [-w, (nb - 1) * blk + span) its blocks read;
+        True on the masked keys and on the positions the sequence does not own (before 0,
+        from its length on), over the positions [-w, (nb - 1) * blk + span) its blocks read;
         ``unfold`` gives every block's (span,) slice. Built once per (batch row, residue
-        class). Without a mask, ``mask_edges`` does the edges alone.
+        class). Without a mask, ``mask_edges`` does the edges alone. The scores there are
+        replaced by NEG, not added to: a bias would let a huge score through.
         """
-        if (b, r) not in self._key_bias:
+        if (b, r) not in self._key_mask:
             w, blk, span = self.w, self.blk, self.span
             nb = -(-length // blk)
-            kb = torch.full(((nb - 1) * blk + span,), NEG, dtype=self.dtype, device=self.device)
-            kb[w : w + length].masked_fill_(self.key_valid[b, r :: self.dil], 0)
+            kb = torch.ones((nb - 1) * blk + span, dtype=torch.bool, device=self.device)
+            kb[w : w + length] = ~self.key_valid[b, r :: self.dil]
             per_block = kb.unfold(0, span, blk)  # (nb, span)
-            self._key_bias[(b, r)] = per_block, (per_block != 0).any(-1).tolist()
-        return self._key_bias[(b, r)]
+            self._key_mask[(b, r)] = per_block, per_block.any(-1).tolist()
+        return self._key_mask[(b, r)]
 
 
 @dataclasses.dataclass
@@ -189,7 +190,7 @@ def plan_chunks(band: Band, per_chunk: int) -> list[Chunk]:
     Runs of sequences are processed as one: when every sequence is a whole number of blocks,
     residue class r of consecutive (batch row, head) pairs f, f+1, ... is one strided
     sequence of rows f*N + r + dil*p, so chunks can cross from one head into the next (the
-    key bias masks what a block reads of its neighbours) and short sequences still make big
+    key mask hides what a block reads of its neighbours) and short sequences still make big
     matmuls. With global tokens each sequence stays on its own (one set of global keys).
     """
     B, H, N, dil, blk, w, span = band.B, band.H, band.N, band.dil, band.blk, band.w, band.span
@@ -258,14 +259,15 @@ def chunk_scores(band: Band, c: Chunk, buf: Tensor) -> ChunkScores:
     outside_band(band_scores).fill_(NEG)
     if band.key_valid is None:  # the only keys to mask are those outside the sequence
         mask_edges(band_scores, c.b0, c.nb, c.length, w)
-    # Key bias only on the blocks that read a masked key or leave their sequence.
+    # The key mask only on the blocks that read a masked key or leave their sequence.
     for i in () if band.key_valid is None else range(c.b0 // c.nb, (c.b1 - 1) // c.nb + 1):
         b = (c.f0 + i) // band.H
-        per_block, needs_bias = band.key_bias(b, c.r, c.length)
+        per_block, needs_mask = band.key_mask(b, c.r, c.length)
         lo, hi = max(c.b0, i * c.nb) - i * c.nb, min(c.b1, (i + 1) * c.nb) - i * c.nb
         at = i * c.nb - c.b0  # block i*nb of the run is block ``at`` of the chunk
-        for a, e in true_runs(needs_bias[lo:hi]):
-            band_scores[at + lo + a : at + lo + e].add_(per_block[lo + a : lo + e, None, :])
+        for a, e in true_runs(needs_mask[lo:hi]):
+            blocks = band_scores[at + lo + a : at + lo + e]
+            blocks.masked_fill_(per_block[lo + a : lo + e, None, :], NEG)
 
     scores = band_scores
     gkk = gkv = None

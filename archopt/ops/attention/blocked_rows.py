@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Added to masked scores. Finite so that a row with no valid key stays finite (it is zeroed
-# afterwards) and so that two such biases can be added without overflowing fp32.
+# Written over masked scores (never added to them: a bias would let a huge score through).
+# Finite so that a row with no valid key stays finite (it is zeroed afterwards).
 NEG = -1e30
 
 
@@ -68,7 +68,7 @@ def seq_rows(src: Tensor, base: int, dil: int, p0: int, n: int) -> Tensor:
 
     A strided view when all of them exist; otherwise (only at the very start or end of the
     tensor) a copy with zero rows where they do not. Rows that exist but lie outside the
-    sequence are read as they are: the key bias masks them and query rows there are discarded.
+    sequence are read as they are: the key mask hides them and query rows there are discarded.
     """
     first, lo, hi = existing_rows(src, base, dil, p0, n)
     if lo == 0 and hi == n:

@@ -56,22 +56,19 @@ def short_band(q, k, v, heads, dil, w, spec, gk, ws, grads):
         i = torch.arange(L, device=dev)
         rel = i[:, None] - i[None, :]  # query minus key position, in the sequence
         band = (rel <= w) & (rel >= (0 if causal else -w))
-        bias = torch.zeros(L, L, dtype=q.dtype, device=dev).masked_fill_(~band, NEG)
-        key_bias = None
+        padded = None
         if key_valid is not None:  # (pairs, 1, L), the batch row's mask for every head
-            kb = torch.zeros(B, L, dtype=q.dtype, device=dev).masked_fill_(
-                ~key_valid[:, r::dil], NEG
-            )
-            key_bias = kb.repeat_interleave(nh, dim=0)[:, None, :]
+            padded = ~key_valid[:, r::dil].repeat_interleave(nh, dim=0)[:, None, :]
         if g:
             seen = visible[:, r::dil].repeat_interleave(nh, dim=0)[..., None]  # (pairs, L, 1)
         per = max(1, spec.chunk_bytes // (L * (L + g) * q.element_size()))
         outs = []
         for p0 in range(0, B * nh, per):
             p1 = min(B * nh, p0 + per)
-            scores = torch.baddbmm(bias, qr[p0:p1], kr[p0:p1].transpose(1, 2), alpha=scale)
-            if key_bias is not None:
-                scores = scores + key_bias[p0:p1]
+            scores = torch.bmm(qr[p0:p1], kr[p0:p1].transpose(1, 2)) * scale
+            # masked scores replaced, not biased: a bias would let a huge score through
+            masked = ~band if padded is None else ~band | padded[p0:p1]
+            scores = scores.masked_fill(masked, NEG)
             if g:
                 g_scores = (qr[p0:p1] @ gk_kt[p0:p1]).masked_fill(slots >= seen[p0:p1], NEG)
                 scores = torch.cat([scores, g_scores], dim=-1)

@@ -3,11 +3,14 @@
 It builds the full (B, H, N, N) boolean mask from the definition and runs ordinary softmax
 attention over it, so it costs O(N^2) time and memory and is only meant for tests and small
 inputs. Nothing here is clever on purpose: if a fast backend disagrees with this file, the fast
-backend is wrong.
+backend is wrong. That includes NaN and Inf: masks are applied by replacing entries (never by
+adding a bias), non-finite inputs are zeroed before they meet a mask, and the rows that attend
+one are set to NaN from the dense mask, which is the rule ``local_attention`` documents.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -26,8 +29,9 @@ def band_mask(
 
     Longformer's definition (``window`` is one-sided): ``|i - j| <= window * dilation`` and
     ``(i - j) % dilation == 0``, i.e. the 2w+1 keys ``i + dilation*m`` for ``m`` in [-w, w];
-    with ``causal`` only ``j <= i``.
+    with ``causal`` only ``j <= i``. A window or dilation of n or more is the same as n.
     """
+    window, dilation = min(window, max(n, 1)), min(dilation, max(n, 1))  # no int64 overflow
     i = torch.arange(n, device=device).unsqueeze(1)
     j = torch.arange(n, device=device).unsqueeze(0)
     diff = i - j
@@ -94,7 +98,12 @@ def local_attention_reference(
     causal: bool,
     scale: float,
 ) -> Tensor:
-    """Local attention by the definition: build the (B, H, N, N) mask, run dense attention."""
+    """Local attention by the definition: build the (B, H, N, N) mask, run dense attention.
+
+    NaN and Inf: attention runs on the inputs with their non-finite entries zeroed; a row is
+    NaN when the mask lets it attend a key whose k or v row is not finite, or when its own q
+    row is not finite and it attends any key.
+    """
     mask = dense_mask(
         q.shape[0],
         q.shape[2],
@@ -105,4 +114,9 @@ def local_attention_reference(
         causal=causal,
         device=q.device,
     )
-    return masked_softmax_attention(q, k, v, mask, scale)
+    finite_q, finite_k, finite_v = (torch.isfinite(x).all(-1) for x in (q, k, v))  # (B, H, N)
+    q, k, v = (torch.where(torch.isfinite(x), x, torch.zeros_like(x)) for x in (q, k, v))
+    out = masked_softmax_attention(q, k, v, mask, scale)
+    bad_key = ~(finite_k & finite_v)[:, :, None, :]  # (B, H, 1, N)
+    nan_rows = (mask & bad_key).any(-1) | (~finite_q & mask.any(-1))  # (B, H, N)
+    return out.masked_fill(nan_rows[..., None], math.nan)

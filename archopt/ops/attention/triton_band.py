@@ -17,6 +17,7 @@ import torch
 import triton
 from torch import Tensor
 
+from archopt.errors import ArchoptError
 from archopt.ops.attention.triton_kernels import (
     LOG2E,
     delta_kernel,
@@ -59,27 +60,27 @@ def choose_tiles(head_dim: int, dtype: torch.dtype) -> Tiles:
 
 
 def check_supported(q: Tensor, v: Tensor) -> None:
-    """Raise ValueError for inputs the kernels do not take."""
+    """Raise ``ArchoptError`` (a ``ValueError``) for inputs the kernels do not take."""
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(
+        raise ArchoptError(
             f"backend 'triton' takes dtypes {SUPPORTED_DTYPES}, got {q.dtype}; use 'blocked'"
         )
     d, dv = q.shape[-1], v.shape[-1]
     if d not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(
+        raise ArchoptError(
             f"backend 'triton' takes head dims {SUPPORTED_HEAD_DIMS}, got {d}; use 'blocked'"
         )
     if dv != d:
-        raise ValueError(f"backend 'triton' needs dv == d = {d}, got dv = {dv}; use 'blocked'")
+        raise ArchoptError(f"backend 'triton' needs dv == d = {d}, got dv = {dv}; use 'blocked'")
     B, H, N, _ = q.shape
     if max(B, H) > MAX_GRID_YZ:
-        raise ValueError(
+        raise ArchoptError(
             f"backend 'triton' takes at most {MAX_GRID_YZ} batch rows and heads, got B={B}, H={H}"
         )
     if N * d >= 2**31:
-        raise ValueError(f"backend 'triton' needs N * d < 2**31, got N={N}, d={d}")
+        raise ArchoptError(f"backend 'triton' needs N * d < 2**31, got N={N}, d={d}")
     if q.device.type != "cuda" and not interpreting():
-        raise ValueError(
+        raise ArchoptError(
             f"backend 'triton' runs on CUDA tensors, got device {q.device.type}; for CPU "
             "tensors (Triton's interpreter) set TRITON_INTERPRET=1 before triton is imported"
         )

@@ -1,0 +1,5 @@
+"""``python -m archopt.cli``: the ``archopt`` command."""
+
+from archopt.cli import run
+
+run()

@@ -364,6 +364,29 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
             assert torch.equal(v, fresh_opt.state[q][k]), k
 
 
+@pytest.mark.parametrize(
+    "record",
+    ["not json", "[1, 2]", '{"format": 1}', '{"format": 1, "state": 3, "optimizer": {}}',
+     '{"format": 1, "state": {}, "optimizer": {"scalars": 5, "param_groups": []}}'],
+)  # fmt: skip
+def test_a_damaged_training_record_is_one_clear_error(tmp_path, record):
+    import safetensors.torch
+
+    from archopt.errors import CheckpointError
+    from archopt.train.checkpoint import FORMAT, META_KEY
+
+    model = tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, model, opt, {"epoch": 1})
+    tensors = safetensors.torch.load_file(str(path))
+    record = record.replace('"format": 1', f'"format": {json.dumps(FORMAT)}')
+    safetensors.torch.save_file(tensors, str(path), metadata={META_KEY: record})
+    with pytest.raises(CheckpointError, match=r"(training|optimizer) record") as e:
+        load_checkpoint(path, tiny(), torch.optim.AdamW(tiny().parameters(), lr=1e-3))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_folder_data_trains_through_a_data_loader(tmp_path):
     write_image_tree(tmp_path / "tree", per_class=10)
     r = train(
@@ -485,3 +508,21 @@ def test_ddp_two_cpu_processes_end_identical_and_learn(tmp_path):
     assert result["top1"] > 0.3  # chance is 0.1
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert all(torch.equal(saved[k], r0[k]) for k in r0)
+
+
+def test_pareto_without_matplotlib_fails_before_training(tmp_path, monkeypatch):
+    import builtins
+
+    from archopt.train.study import pareto_study
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(loop, "train", lambda *a, **k: pytest.fail("a model was trained"))
+    with pytest.raises(ValueError, match=r"needs matplotlib: pip install 'archopt\[plot\]'"):
+        pareto_study(["mobilenet_v1_025"], data="digits", out_dir=tmp_path, epochs=1)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from archopt.errors import CheckpointError
 from archopt.io import atomic_write
 
 FORMAT = "archopt.train/1"
@@ -111,7 +112,16 @@ def _read_meta(path: str | os.PathLike) -> dict:
         raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from e
     if META_KEY not in meta:
         raise ValueError(f"{path} is a safetensors file but not an archopt training checkpoint")
-    data = json.loads(meta[META_KEY])
+    try:
+        data = json.loads(meta[META_KEY])
+        ok = isinstance(data, dict) and isinstance(data.get("state"), dict) and "optimizer" in data
+    except ValueError:
+        ok = False
+    if not ok:
+        raise CheckpointError(
+            f"{path}: its training record must be a JSON object with 'format', 'state' and "
+            "'optimizer' (as save_checkpoint writes it), got a damaged one"
+        )
     if data.get("format") != FORMAT:
         raise ValueError(
             f"{path} has checkpoint format {data.get('format')!r}, expected {FORMAT!r}"
@@ -139,13 +149,20 @@ def load_checkpoint(
         strict=True,
     )
     if optimizer is not None:
-        opt_json = data["optimizer"]
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith(OPTIM_PREFIX):
-                idx, name = key[len(OPTIM_PREFIX) :].split(".", 1)
-                state.setdefault(int(idx), {})[name] = value
-        for idx, scalars in opt_json["scalars"].items():
-            state.setdefault(int(idx), {}).update(scalars)
-        optimizer.load_state_dict({"state": state, "param_groups": opt_json["param_groups"]})
+        try:
+            opt_json = data["optimizer"]
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith(OPTIM_PREFIX):
+                    idx, name = key[len(OPTIM_PREFIX) :].split(".", 1)
+                    state.setdefault(int(idx), {})[name] = value
+            for idx, scalars in opt_json["scalars"].items():
+                state.setdefault(int(idx), {}).update(scalars)
+            groups = opt_json["param_groups"]
+        except (KeyError, TypeError, AttributeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path}: its optimizer record is damaged ({type(e).__name__}: {e}); "
+                "expected what save_checkpoint writes"
+            ) from None
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
     return data["state"]

@@ -143,6 +143,13 @@ def pareto_study(
     specs = [m.strip() for m in models if m.strip()]
     if not specs:
         raise ValueError("pareto_study needs at least one model, got none")
+    try:  # the plots come after every training: find out now that they cannot
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            "pareto_study writes its fronts as plots, which needs matplotlib: pip install "
+            "'archopt[plot]'"
+        ) from None
     if len(set(specs)) != len(specs):
         raise ValueError(f"each model may appear once, got {specs}")
     parsed = [parse_model_spec(s) for s in specs]

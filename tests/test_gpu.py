@@ -32,3 +32,62 @@ def test_cuda_latency_waits_for_the_gpu_and_memory():
     x = torch.randn(2048, 2048, device="cuda")
     mem = measure_peak_memory(lambda a: a @ a, x)
     assert mem.method == "cuda" and mem.bytes >= 2048 * 2048 * 4
+
+
+def _inputs(name: str, model, batch: int = 2):
+    """The registry's default input for ``name``: images, or token ids for the sequence models."""
+    from archopt.registry import model_info
+
+    info = model_info(name)
+    gen = torch.Generator().manual_seed(0)
+    if info.task == "image":
+        return torch.randn(batch, *info.default_input, generator=gen)
+    vocab = model.config.vocab_size
+    return torch.randint(0, vocab, (1 if info.task == "encoder" else batch, *info.default_input),
+                         generator=gen)  # fmt: skip
+
+
+def model_on_device_matches_cpu(name: str, device: str, dtype: torch.dtype) -> None:
+    """A registered model (random weights) on ``device`` in ``dtype`` against its fp32 CPU
+    output: close to the dtype's rounding (TF32 convolutions included for fp32)."""
+    from archopt.registry import list_models
+
+    assert name in list_models()
+    torch.manual_seed(0)
+    model = archopt.create_model(name).eval()
+    x = _inputs(name, model)
+
+    def main_output(y):  # the encoder's hidden states; logits otherwise
+        return getattr(y, "last_hidden_state", y)
+
+    with torch.no_grad():
+        ref = main_output(model(x))
+        moved = model.to(device=device, dtype=dtype)
+        xd = x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+        out = main_output(moved(xd)).float().cpu()
+    tol = 5e-3 if dtype == torch.float32 else 5e-2
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref.float(), rtol=0, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", archopt.list_models())
+def test_every_registered_model_on_cuda_matches_cpu(name, dtype):
+    model_on_device_matches_cpu(name, "cuda", dtype)
+
+
+@pytest.mark.parametrize("cache", ["dense", "static"])
+def test_smollm2_on_cuda_gives_the_cpus_greedy_tokens(cache):
+    from archopt.generate import generate
+    from archopt.loading.llm import load_llm, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    cpu = load_llm("smollm2-135m", weights="fp32")
+    ids = torch.tensor([cpu.tokenizer.encode("Lionel Messi is a")])
+    want = generate(cpu, ids, 32, cache=cache, compile="off", stop=None)
+    cuda = load_llm("smollm2-135m", weights="fp32", device="cuda")
+    got = generate(cuda, ids.cuda(), 32, cache=cache, compile="off", stop=None)
+    assert torch.equal(got.cpu(), want)

@@ -11,7 +11,8 @@ from archopt.measure import count_macs, count_params
 from archopt.models.stagenet import LAYOUTS
 from archopt.search import LatencyPredictor, LatencyTable, check_predictions, get_space
 from archopt.search.predictor import kernel_calls
-from archopt.search.space import SPACES, SearchSpace
+from archopt.search.space import SearchSpace
+from archopt.search.spaces import SPACES
 
 # A space small enough to train a handful of candidates in seconds: three narrow stages at
 # 32x32 (the network's total stride), one hand-designed model beside it.

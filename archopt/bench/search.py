@@ -70,7 +70,7 @@ def _remeasure(space, front: list[dict], hand: list[dict], threads: int, rounds:
 def run(args) -> dict:
     from archopt.search.loop import dominated_hand_designed, front_of, search
     from archopt.search.predictor import check_predictions
-    from archopt.search.space import get_space
+    from archopt.search.spaces import get_space
 
     space = get_space(args.space)
     out = Path(args.out)

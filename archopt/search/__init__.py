@@ -8,7 +8,8 @@ needs it.
 """
 
 from archopt.search.predictor import LatencyPredictor, LatencyTable, check_predictions
-from archopt.search.space import SPACES, Candidate, SearchSpace, get_space
+from archopt.search.space import Candidate, SearchSpace
+from archopt.search.spaces import SPACES, get_space
 
 __all__ = [
     "SPACES",

@@ -55,7 +55,8 @@ from archopt.search.report import (
     plot_search,
     write_csv,
 )
-from archopt.search.space import Candidate, SearchSpace, get_space
+from archopt.search.space import Candidate, SearchSpace
+from archopt.search.spaces import get_space
 
 ALGORITHMS = ("nsga2", "random")
 RECORDS = "records.jsonl"

@@ -271,7 +271,7 @@ def format_search(report: dict) -> str:
 
 
 def list_spaces() -> list[dict]:
-    from archopt.search.space import SPACES
+    from archopt.search.spaces import SPACES
 
     return [
         {

@@ -38,7 +38,7 @@ def search_section(
             ],
         )
     from archopt.search.loop import format_search, search
-    from archopt.search.space import MOBILENET
+    from archopt.search.spaces import MOBILENET
 
     space, budget, kw = MOBILENET, 12, dict(pop_size=6)  # the space's recipe: 1 epoch
     if quick:  # one resolution, two hand-designed models, a few short trainings

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from archopt.generate import generate
-from archopt.ops.paged_kv import BlockAllocator, PagedKVCache, block_digest
+from archopt.ops.paged_blocks import BlockAllocator, block_digest
+from archopt.ops.paged_kv import PagedKVCache
 from archopt.registry import create_model
 
 PROMPTS = [list(range(1, 30)), list(range(5, 12)), list(range(40, 57)), [9]]

@@ -35,6 +35,10 @@ Attention (``attend``) has three plans, chosen per step by ``attention``:
   exact only up to rounding.
 - ``"gather"``: the reference, every step copied out (what ``update`` returns too).
 
+The plans are in ``archopt.ops.paged_attention``, with the view a compiled one-token step reads
+the pool through (``decode_inputs`` prepares its tensors; the serving engine decodes with it);
+block bookkeeping (ids, reference counts, LRU, digests) is in ``archopt.ops.paged_blocks``.
+
 Two ways in: the ``KVCache`` protocol (``make_cache("paged:16")``: one sequence per batch row,
 as ``generate`` uses it), and the engine's calls (``add_sequence`` with prefix matching,
 ``ensure``, ``bind``, ``commit``, ``fork``, ``free``) that ``archopt.serve`` schedules.
@@ -42,103 +46,24 @@ as ``generate`` uses it), and the engine's calls (``add_sequence`` with prefix m
 
 from __future__ import annotations
 
-import hashlib
-import heapq
-from array import array
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-ATTENTION_BACKENDS = ("auto", "span", "gather")
+from archopt.ops.paged_attention import (
+    ATTENTION_BACKENDS,
+    attend_gathered,
+    attend_row,
+    attend_span,
+    gathered,
+    grouped,
+    table_slots,
+    visible,
+)
+from archopt.ops.paged_blocks import BlockAllocator, block_digest
 
-
-def block_digest(parent: bytes, tokens: Sequence[int]) -> bytes:
-    """The key of a full block: its tokens chained with its parent's key (b"" for the first)."""
-    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
-
-
-class BlockAllocator:
-    """Block ids, reference counts, a free list and the prefix cache (digest -> block).
-
-    Bookkeeping only, no tensors. A block is in exactly one state: referenced (``refs > 0``),
-    cached (unreferenced but registered under a digest, evictable, least recently used first)
-    or free. ``allocate`` takes the lowest free id, so live blocks stay packed at low ids.
-    """
-
-    def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        self.num_blocks = num_blocks
-        self.refs = [0] * num_blocks
-        self._free = list(range(num_blocks))  # a heap
-        self._cached: OrderedDict[int, None] = OrderedDict()  # LRU: oldest first
-        self.digest_of: dict[int, bytes] = {}
-        self.block_of: dict[bytes, int] = {}
-        self.evictions = 0
-
-    def grow(self, num_blocks: int) -> None:
-        for b in range(self.num_blocks, num_blocks):
-            self.refs.append(0)
-            heapq.heappush(self._free, b)
-        self.num_blocks = max(self.num_blocks, num_blocks)
-
-    @property
-    def num_free(self) -> int:
-        """Blocks ``allocate`` can hand out (free ones, then cached ones by eviction)."""
-        return len(self._free) + len(self._cached)
-
-    @property
-    def num_cached(self) -> int:
-        return len(self._cached)
-
-    @property
-    def num_used(self) -> int:
-        return self.num_blocks - self.num_free
-
-    def allocate(self) -> int | None:
-        """A block with one reference, or None when every block is referenced."""
-        if self._free:
-            block = heapq.heappop(self._free)
-        elif self._cached:
-            block, _ = self._cached.popitem(last=False)
-            self.unregister(block)
-            self.evictions += 1
-        else:
-            return None
-        self.refs[block] = 1
-        return block
-
-    def ref(self, block: int) -> None:
-        if self.refs[block] == 0:
-            self._cached.pop(block)  # only cached blocks are found unreferenced
-        self.refs[block] += 1
-
-    def release(self, block: int) -> None:
-        if self.refs[block] < 1:
-            raise ValueError(f"block {block} released more often than referenced")
-        self.refs[block] -= 1
-        if self.refs[block] == 0:
-            if block in self.digest_of:
-                self._cached[block] = None  # most recently used last
-            else:
-                heapq.heappush(self._free, block)
-
-    def lookup(self, digest: bytes) -> int | None:
-        return self.block_of.get(digest)
-
-    def register(self, block: int, digest: bytes) -> None:
-        """Make ``block`` findable by ``digest`` (a block already there keeps the digest)."""
-        if digest not in self.block_of and block not in self.digest_of:
-            self.block_of[digest] = block
-            self.digest_of[block] = digest
-
-    def unregister(self, block: int) -> None:
-        digest = self.digest_of.pop(block, None)
-        if digest is not None:
-            del self.block_of[digest]
+__all__ = ["ATTENTION_BACKENDS", "PagedKVCache"]
 
 
 @dataclass
@@ -394,16 +319,17 @@ class PagedKVCache:
     def crop(self, length: int) -> None:
         raise ValueError("a paged cache cannot crop: free the sequence and start it again")
 
-    def _begin(self, positions: torch.Tensor) -> None:
-        """Slots of this forward's tokens (written by every layer) and the attention plan."""
+    def _advance(self, positions: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+        """Take blocks for this forward's tokens (B, T positions, -1 = padding) and record
+        their positions; the slot of each token (B*T,: padding's go to the trash slot) and
+        the rows' block tables."""
         b, t = positions.shape
         if b != len(self.rows):
             raise ValueError(
                 f"cache is bound to {len(self.rows)} sequences, got positions for {b} rows"
             )
         bs = self.block_size
-        pos_rows = positions.tolist()
-        for sid, row in zip(self.rows, pos_rows):
+        for sid, row in zip(self.rows, positions.tolist()):
             real = [p for p in row if p >= 0]
             if not real:
                 continue
@@ -435,7 +361,25 @@ class PagedKVCache:
         self.slot_pos[slots] = positions.reshape(-1)
         self.slot_pos[self._trash] = -1
         self.length += t
+        return slots, tables
+
+    def _begin(self, positions: torch.Tensor) -> None:
+        """Slots of this forward's tokens (written by every layer) and the attention plan."""
+        slots, tables = self._advance(positions)
         self._step = (slots, self._plan(tables, positions))
+
+    def decode_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a compiled one-token step (``archopt.ops.paged_attention.DecodeView``) over the
+        bound rows at ``positions`` (B, 1), all real: take their blocks and return the slot
+        each token goes to (B,) and each row's slots to read (B, S), padded with the trash
+        slot. The pools (``keys``/``values``, maybe grown now) are read after this call."""
+        if positions.shape[1] != 1 or bool((positions < 0).any()):
+            raise ValueError(f"a decode step takes one real token per row, got {positions}")
+        slots, tables = self._advance(positions)
+        return slots, self._slots_of(tables)
+
+    def _slots_of(self, tables: list[list[int]]) -> torch.Tensor:
+        return table_slots(tables, self.block_size, self._trash, self.device)
 
     def _plan(self, tables: list[list[int]], positions: torch.Tensor) -> tuple:
         """How this step's attention reads the pool: ``("rows", [row plan, ...])``, every row
@@ -458,9 +402,9 @@ class PagedKVCache:
                     member[r, torch.tensor(tb) - lo_b] = True
             member = member.to(self.device).repeat_interleave(bs, dim=1)  # (B, S)
             k_pos = torch.where(member, self.slot_pos[lo_b * bs : hi_b * bs], -1)
-            return ("span", lo_b * bs, hi_b * bs, self._visible(positions, k_pos))
-        slots = self._table_slots(tables)  # (B, S)
-        return ("gather", slots, self._visible(positions, self.slot_pos[slots]))
+            return ("span", lo_b * bs, hi_b * bs, visible(positions, k_pos))
+        slots = self._slots_of(tables)  # (B, S)
+        return ("gather", slots, visible(positions, self.slot_pos[slots]))
 
     def _row_plan(self, table: list[int], positions: torch.Tensor) -> tuple:
         """One row alone: ``(lo, hi, mask)`` for consecutive blocks read in place, or
@@ -468,30 +412,9 @@ class PagedKVCache:
         bs = self.block_size
         if table and table == list(range(table[0], table[0] + len(table))):
             lo, hi = table[0] * bs, (table[0] + len(table)) * bs
-            return (lo, hi, self._visible(positions, self.slot_pos[lo:hi][None]))
-        slots = self._table_slots([table])
-        return (slots.reshape(-1), None, self._visible(positions, self.slot_pos[slots]))
-
-    def _table_slots(self, tables: list[list[int]]) -> torch.Tensor:
-        """(B, S): each row's slots in table order, padded with the trash slot (never visible)
-        to the widest row, S a multiple of the block size."""
-        bs = self.block_size
-        width = max(max((len(tb) for tb in tables), default=0), 1)
-        table = torch.tensor([tb + [-1] * (width - len(tb)) for tb in tables], dtype=torch.long)
-        slots = (table[:, :, None] * bs + torch.arange(bs)).reshape(len(tables), -1)
-        slots = torch.where(table.repeat_interleave(bs, dim=1) >= 0, slots, self._trash)
-        return slots.to(self.device)
-
-    @staticmethod
-    def _visible(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, T, S) bool: a query at p sees slots holding positions 0..p (rows that see
-        nothing, padding queries, fully open); None when every slot is visible."""
-        q, k = q_pos[:, :, None], k_pos[:, None, :]
-        visible = (k >= 0) & (k <= q)  # (B, T, S)
-        if q_pos.shape[1] == 1 and bool(visible.all()):
-            return None
-        visible |= ~visible.any(dim=-1, keepdim=True)
-        return visible[:, None]
+            return (lo, hi, visible(positions, self.slot_pos[lo:hi][None]))
+        slots = self._slots_of([table])
+        return (slots.reshape(-1), None, visible(positions, self.slot_pos[slots]))
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self._step[0]
@@ -508,16 +431,9 @@ class PagedKVCache:
         if layer == 0:
             self._begin(positions)
         self._write(layer, k, v)
-        return self._gathered(layer, positions)
-
-    def _gathered(self, layer: int, positions: torch.Tensor):
-        slots = self._table_slots([self.seqs[s].blocks for s in self.rows])
-        b, h, d = slots.shape[0], self.kv_heads, self.head_dim
-        # (Hkv, B*S, d) -> (B, Hkv, S, d): every row's slots, copied out in table order
-        keys = self.keys[layer].index_select(1, slots.reshape(-1)).view(h, b, -1, d)
-        values = self.values[layer].index_select(1, slots.reshape(-1)).view(h, b, -1, d)
-        mask = self._visible(positions, self.slot_pos[slots])
-        return keys.transpose(0, 1), values.transpose(0, 1), mask
+        slots = self._slots_of([self.seqs[s].blocks for s in self.rows])
+        keys, values = gathered(self.keys[layer], self.values[layer], slots)
+        return keys, values, visible(positions, self.slot_pos[slots])
 
     def attend(
         self,
@@ -536,58 +452,20 @@ class PagedKVCache:
             self._begin(positions)
             kind, *rest = self._step[1]
             if kind == "rows":
-                rows = [(a, z, _grouped(m, t, g)) for a, z, m in rest[0]]
+                rows = [(a, z, grouped(m, t, g)) for a, z, m in rest[0]]
                 self._step = (self._step[0], (kind, rows))
             else:
-                self._step = (self._step[0], (kind, *rest[:-1], _grouped(rest[-1], t, g)))
+                self._step = (self._step[0], (kind, *rest[:-1], grouped(rest[-1], t, g)))
         self._write(layer, k, v)
         kind, *where = self._step[1]
+        keys, values = self.keys[layer], self.values[layer]
         qg = q.reshape(b, h, g * t, d)  # grouped-query heads as extra query rows
         if kind == "rows":
-            out = [self._attend_row(qg[r : r + 1], layer, *plan) for r, plan in enumerate(where[0])]
+            out = [
+                attend_row(qg[r : r + 1], keys, values, *plan) for r, plan in enumerate(where[0])
+            ]
             return torch.cat(out).view(b, hq, t, d)
         *where, mask = where
         if kind == "span":
-            return self._attend_span(q, layer, *where, mask)
-        slots = where[0].reshape(-1)
-        keys = self.keys[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
-        values = self.values[layer].index_select(1, slots).view(h, b, -1, d).transpose(0, 1)
-        y = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-        return y.view(b, hq, t, d)
-
-    def _attend_row(self, q, layer, lo, hi, mask):
-        """One row's attention over its own blocks: in place (``lo:hi``) or copied (slots)."""
-        if hi is not None:
-            keys = self.keys[layer][None, :, lo:hi]  # (1, Hkv, S, d), in place
-            values = self.values[layer][None, :, lo:hi]
-        else:
-            keys = self.keys[layer].index_select(1, lo)[None]
-            values = self.values[layer].index_select(1, lo)[None]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-
-    def _attend_span(self, q, layer, lo, hi, mask):
-        """Every row against the span of pool slots holding the batch's blocks, masked."""
-        b, hq, t, d = q.shape
-        h = self.kv_heads
-        g = hq // h
-        keys, values = self.keys[layer][:, lo:hi], self.values[layer][:, lo:hi]  # (Hkv, S, d)
-        # (B, Hkv, g*T, d) -> (Hkv, B*g*T, d): all rows of a kv head against its span at once
-        qs = q.reshape(b, h, g * t, d).transpose(0, 1).reshape(h, b * g * t, d)
-        if mask is not None:  # (B, 1, g*T, S) -> (B*g*T, S), rows as qs's
-            mask = mask.expand(b, 1, g * t, hi - lo).reshape(b * g * t, hi - lo)
-        if t == 1:
-            scores = torch.matmul(qs, keys.transpose(-1, -2)) * d**-0.5  # (Hkv, rows, S)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            y = torch.matmul(scores.softmax(dim=-1), values)
-        else:
-            y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
-        # (Hkv, B*g*T, d) -> (B, Hq, T, d)
-        return y.view(h, b, g * t, d).transpose(0, 1).reshape(b, hq, t, d)
-
-
-def _grouped(mask: torch.Tensor | None, t: int, g: int) -> torch.Tensor | None:
-    """A (B, 1, T, S) mask for queries laid out as (g, T) rows per kv head."""
-    if mask is not None and t > 1 and g > 1:
-        return mask.repeat(1, 1, g, 1)
-    return mask
+            return attend_span(q, keys, values, *where, mask)
+        return attend_gathered(qg, keys, values, where[0], mask).view(b, hq, t, d)

@@ -1,0 +1,130 @@
+"""Attention over a paged KV cache's pool: the eager plans, and the view a compiled step uses.
+
+A layer's pool is ``keys``/``values`` (Hkv, slots, d); a sequence's tokens sit in the slots of
+its block table. Masks are bool (B, 1, T, S), True = attend, built from each slot's position
+(``visible``). The plans (``PagedKVCache`` picks one per step; its docstring says why):
+
+- ``attend_row``: one row alone over its own whole blocks, in place when they are consecutive;
+- ``attend_span``: every row against the span of the batch's blocks, under a mask;
+- ``attend_gathered``: every row's slots copied out in table order, the reference.
+
+``DecodeView`` is the cache a compiled one-token step sees (``archopt.step_graphs``): the
+pools and each row's slots as tensors, so the whole step is one graph with no Python between
+layers. It writes each row's token, copies each row's slots out (one copy per layer, the
+price of a graph whose shapes do not follow the block tables) and attends with two batched
+products, each row's sums in the same order whatever the batch, so a request's greedy tokens
+do not depend on who shares its batch. Its reference is ``attend_gathered`` (tests compare
+them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ATTENTION_BACKENDS = ("auto", "span", "gather")
+
+
+def visible(q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+    """(B, 1, T, S) bool: a query at p sees slots holding positions 0..p (rows that see
+    nothing, padding queries, fully open); None when every slot is visible."""
+    q, k = q_pos[:, :, None], k_pos[:, None, :]
+    seen = (k >= 0) & (k <= q)  # (B, T, S)
+    if q_pos.shape[1] == 1 and bool(seen.all()):
+        return None
+    seen |= ~seen.any(dim=-1, keepdim=True)
+    return seen[:, None]
+
+
+def grouped(mask: torch.Tensor | None, t: int, g: int) -> torch.Tensor | None:
+    """A (B, 1, T, S) mask for queries laid out as (g, T) rows per kv head."""
+    if mask is not None and t > 1 and g > 1:
+        return mask.repeat(1, 1, g, 1)
+    return mask
+
+
+def table_slots(
+    tables: list[list[int]], block_size: int, trash: int, device: torch.device
+) -> torch.Tensor:
+    """(B, S): each row's slots in table order, padded with the ``trash`` slot (never
+    visible) to the widest row, S a multiple of the block size."""
+    width = max(max((len(tb) for tb in tables), default=0), 1)
+    table = torch.tensor([tb + [-1] * (width - len(tb)) for tb in tables], dtype=torch.long)
+    slots = (table[:, :, None] * block_size + torch.arange(block_size)).reshape(len(tables), -1)
+    slots = torch.where(table.repeat_interleave(block_size, dim=1) >= 0, slots, trash)
+    return slots.to(device)
+
+
+def attend_row(q, keys, values, lo, hi, mask):
+    """One row's attention (q: (1, Hkv, g*T, d)) over its own blocks: the pool's slots
+    ``lo:hi`` read in place (``hi`` given), or the slots ``lo`` (a tensor) copied out."""
+    if hi is not None:
+        k, v = keys[None, :, lo:hi], values[None, :, lo:hi]  # (1, Hkv, S, d), in place
+    else:
+        k, v = keys.index_select(1, lo)[None], values.index_select(1, lo)[None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def attend_span(q, keys, values, lo, hi, mask):
+    """Every row of q (B, Hq, T, d) against the pool slots ``lo:hi`` holding the batch's
+    blocks, masked; (B, Hq, T, d)."""
+    b, hq, t, d = q.shape
+    h = keys.shape[0]
+    g = hq // h
+    keys, values = keys[:, lo:hi], values[:, lo:hi]  # (Hkv, S, d)
+    # (B, Hkv, g*T, d) -> (Hkv, B*g*T, d): all rows of a kv head against its span at once
+    qs = q.reshape(b, h, g * t, d).transpose(0, 1).reshape(h, b * g * t, d)
+    if mask is not None:  # (B, 1, g*T, S) -> (B*g*T, S), rows as qs's
+        mask = mask.expand(b, 1, g * t, hi - lo).reshape(b * g * t, hi - lo)
+    if t == 1:
+        scores = torch.matmul(qs, keys.transpose(-1, -2)) * d**-0.5  # (Hkv, rows, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        y = torch.matmul(scores.softmax(dim=-1), values)
+    else:
+        y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
+    # (Hkv, B*g*T, d) -> (B, Hq, T, d)
+    return y.view(h, b, g * t, d).transpose(0, 1).reshape(b, hq, t, d)
+
+
+def gathered(keys, values, slots):
+    """Every row's slots (B, S) copied out of a layer's pools: (B, Hkv, S, d) each."""
+    b, h, d = slots.shape[0], keys.shape[0], keys.shape[-1]
+    k = keys.index_select(1, slots.reshape(-1)).view(h, b, -1, d).transpose(0, 1)
+    v = values.index_select(1, slots.reshape(-1)).view(h, b, -1, d).transpose(0, 1)
+    return k, v
+
+
+def attend_gathered(qg, keys, values, slots, mask):
+    """The reference: rows (qg: (B, Hkv, g*T, d)) against their slots copied out."""
+    k, v = gathered(keys, values, slots)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+
+
+class DecodeView:
+    """The paged cache inside a compiled one-token step (see the module docstring).
+
+    ``write_slots`` (B,): where each row's new token goes; ``read_slots`` (B, S): each row's
+    slots in table order, padded with an empty slot (position -1); ``slot_pos``: the pool's
+    positions, this step's tokens already recorded; ``keys``/``values``: per layer, the pool
+    (Hkv, slots, d), written in place.
+    """
+
+    def __init__(self, write_slots, read_slots, slot_pos, keys, values) -> None:
+        self.write_slots, self.read_slots = write_slots, read_slots
+        self.keys, self.values = keys, values
+        self.read_pos = slot_pos[read_slots]  # (B, S)
+
+    def attend(self, layer, q, k, v, positions):
+        b, hq, _, d = q.shape
+        h = k.shape[1]
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1))  # (Hkv, B, d)
+        values.index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1))
+        rk, rv = keys[:, self.read_slots], values[:, self.read_slots]  # (Hkv, B, S, d)
+        qg = q.view(b, h, hq // h, d).transpose(0, 1)  # (Hkv, B, g, d)
+        scores = torch.matmul(qg, rk.transpose(-1, -2)) * d**-0.5  # (Hkv, B, g, S)
+        seen = (self.read_pos >= 0) & (self.read_pos <= positions)  # (B, S): own token seen
+        scores = scores.masked_fill(~seen[None, :, None], float("-inf"))
+        y = torch.matmul(scores.softmax(dim=-1), rv)  # (Hkv, B, g, d)
+        return y.transpose(0, 1).reshape(b, hq, 1, d)

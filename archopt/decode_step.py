@@ -4,9 +4,11 @@ Decoding runs the same small graph once per token: on SmolLM2-135M its ~60 small
 layer cost more in eager dispatch than the weights take to read. Compiled into one graph the
 step gets 2-3x faster, but torch.compile pays its compile (about a minute on 2 cores) again in
 every process, and inductor's own disk caches still leave ~20 s of tracing per process. So the
-step is exported once (``torch.export``, the static cache's tensors as inputs written in place,
-the number of cache slots and the batch dynamic) and compiled by AOTInductor into a shared
-library that a later process loads in milliseconds, with no tracing at all.
+step is exported once (``torch.export``, the cache's tensors as inputs written in place, the
+batch and the cache's sizes dynamic) and compiled by AOTInductor into a shared library that a
+later process loads in milliseconds, with no tracing at all. Two kinds of step
+(``archopt.step_graphs``): ``static``, over the static cache (``generate``'s default path),
+and ``paged``, over a paged cache's pools (the serving engine's decode batch).
 
 The library holds no weights: the model's own tensors are handed to it at load time
 (``load_constants``, used in place), so one entry serves every checkpoint of the same shapes
@@ -15,7 +17,7 @@ int4 kernel's group sizes) are recorded while compiling and kept beside it.
 
 An entry is keyed by the model's structure (config, layer types, tensor names, shapes and
 dtypes), the thread count (inductor decides per thread count which loops to parallelise),
-torch's version, the CPU's vector capability and ``FORMAT``. It is written with its record
+torch's version, the CPU's vector capability and the kind's format. It is written with its record
 last, so an interrupted build leaves no entry; one that fails to load is removed and rebuilt.
 """
 
@@ -38,9 +40,8 @@ import torch
 from torch import nn
 
 from archopt.io import atomic_write_text, writable_cache_dir
-from archopt.ops.kv_cache import StaticCache
+from archopt.step_graphs import KINDS, MAX_BATCH, CompiledPagedStep, CompiledStep
 
-FORMAT = "archopt.step/1"
 SUBDIR = "steps"
 PACKAGE_FILE = "step.pt2"
 CONSTANTS_FILE = "constants.safetensors"
@@ -48,28 +49,18 @@ RECORD_FILE = "step.json"
 LOCK_FILE = "building.lock"
 STALE_LOCK_S = 1800.0
 BUILD_LOG = "build.log"
-# The example a step is exported with: a batch and a slot count above 1, so that export keeps
-# both dynamic (a size of 1 would be specialised).
-EXAMPLE_BATCH, EXAMPLE_SLOTS = 2, 64
-MAX_BATCH = 256
+__all__ = [
+    "MAX_BATCH", "CompiledPagedStep", "CompiledStep", "build_in_background", "build_step",
+    "building", "cached_step", "can_build_in_background", "compile_step", "load_step",
+    "step_folder", "step_key",
+]  # fmt: skip
 
 log = logging.getLogger("archopt")
 
 
-class _Step(nn.Module):
-    """logits (B, vocab) of the next token, the static cache's tensors as (mutated) inputs."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, tokens, positions, cursor, cache_positions, keys, values):
-        kv = StaticCache.over(cursor, cache_positions, keys, values)
-        return self.model(tokens, positions=positions, cache=kv, last_only=True)[:, -1]
-
-
-def step_key(model: nn.Module, threads: int | None = None) -> str:
-    """The name of the compiled step for ``model`` at ``threads`` (default: torch's now)."""
+def step_key(model: nn.Module, threads: int | None = None, kind: str = "static") -> str:
+    """The name of ``model``'s compiled step of ``kind`` at ``threads`` (default: torch's
+    now)."""
     cfg = {k: v for k, v in dataclasses.asdict(model.config).items() if k != "extra"}
     structure = [(n, type(m).__name__) for n, m in model.named_modules()]
     tensors = [
@@ -78,20 +69,22 @@ def step_key(model: nn.Module, threads: int | None = None) -> str:
         if not n.startswith("rope.")  # tables that grow; the step gets them at full size
     ]
     parts = [
-        FORMAT,
+        KINDS[kind].format,
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         str(threads or torch.get_num_threads()),
         json.dumps([cfg, structure, tensors], sort_keys=True, default=str),
     ]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
-    return f"{type(model).__name__.lower()}-{digest}"
+    prefix = type(model).__name__.lower() + ("" if kind == "static" else f"-{kind}")
+    return f"{prefix}-{digest}"
 
 
-def step_folder(model: nn.Module) -> Path | None:
-    """Where ``model``'s compiled step lives; None when the cache folder cannot be written."""
+def step_folder(model: nn.Module, kind: str = "static") -> Path | None:
+    """Where ``model``'s compiled step of ``kind`` lives; None when the cache folder cannot be
+    written."""
     root = writable_cache_dir(SUBDIR)
-    return None if root is None else root / step_key(model)
+    return None if root is None else root / step_key(model, kind=kind)
 
 
 def _constants(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,32 +144,24 @@ class _Progress:
                 print(file=sys.stderr)
 
 
-def build_step(model: nn.Module, folder: Path, *, progress: bool = False) -> float:
-    """Export and compile ``model``'s decode step into ``folder``; returns the seconds it took."""
+def build_step(
+    model: nn.Module, folder: Path, *, kind: str = "static", progress: bool = False
+) -> float:
+    """Export and compile ``model``'s decode step of ``kind`` into ``folder``; returns the
+    seconds it took."""
     from safetensors.torch import save_file
 
     start = time.perf_counter()
     cfg = model.config
     model.rope.reserve(cfg.max_position_embeddings)
-    kv = model.make_cache("static", batch=EXAMPLE_BATCH, reserve=EXAMPLE_SLOTS)
-    example = (
-        torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long),
-        torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long),
-        kv.cursor,
-        kv.positions,
-        tuple(kv.keys),
-        tuple(kv.values),
-    )
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    slots = torch.export.Dim("slots", min=2, max=cfg.max_position_embeddings)
-    per_layer = tuple({0: batch, 2: slots} for _ in range(cfg.num_layers))
-    dynamic = ({0: batch}, {0: batch}, None, {0: batch, 1: slots}, per_layer, per_layer)
+    graph = KINDS[kind].graph
+    example, dynamic = graph.example(model)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (RECORD_FILE, PACKAGE_FILE, CONSTANTS_FILE):
         (folder / stale).unlink(missing_ok=True)
     message = "compiling the decode step (once per model and machine, about a minute)..."
     with _Progress(message, progress), torch.no_grad():
-        exported = torch.export.export(_Step(model), example, dynamic_shapes=dynamic, strict=False)
+        exported = torch.export.export(graph(model), example, dynamic_shapes=dynamic, strict=False)
         with _recording_anonymous_constants() as made:
             torch._inductor.aoti_compile_and_package(
                 exported,
@@ -190,8 +175,9 @@ def build_step(model: nn.Module, folder: Path, *, progress: bool = False) -> flo
     seconds = time.perf_counter() - start
     what = f"{cfg.extra.get('source', type(model).__name__)} ({cfg.extra.get('weights')} weights)"
     record = {
-        "format": FORMAT,
-        "summary": f"decode step of {what}, {torch.get_num_threads()} threads, compiled in "
+        "format": KINDS[kind].format,
+        "kind": kind,
+        "summary": f"{kind} decode step of {what}, {torch.get_num_threads()} threads, compiled in "
         f"{seconds:.0f} s",
         "key": folder.name,
         "model": cfg.extra.get("source", type(model).__name__),
@@ -205,31 +191,17 @@ def build_step(model: nn.Module, folder: Path, *, progress: bool = False) -> flo
     return seconds
 
 
-class CompiledStep:
-    """``step(tokens, positions, kv)``: next-token logits (B, vocab), advancing the static
-    cache ``kv`` in place, through the loaded library."""
-
-    def __init__(self, runner, folder: Path) -> None:
-        self.runner, self.folder = runner, folder
-
-    def __call__(
-        self, tokens: torch.Tensor, positions: torch.Tensor, kv: StaticCache
-    ) -> torch.Tensor:
-        # The library indexes its inputs with the strides it was compiled for (contiguous) and
-        # does not check them: a (B, 1) slice of a wider tensor would be read wrongly.
-        inputs = [tokens.contiguous(), positions.contiguous(), kv.cursor, kv.positions]
-        return self.runner.run([*inputs, *kv.keys, *kv.values])[0]
-
-
-def load_step(model: nn.Module, folder: Path) -> CompiledStep:
-    """The step in ``folder``, bound to ``model``'s tensors; ValueError when it is unusable."""
+def load_step(model: nn.Module, folder: Path, kind: str = "static") -> CompiledStep:
+    """The step of ``kind`` in ``folder``, bound to ``model``'s tensors; ValueError when it is
+    unusable."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         record = json.loads((folder / RECORD_FILE).read_text())
-        if record.get("format") != FORMAT or record.get("key") != folder.name:
-            raise ValueError(f"record {record.get('format')!r}, expected {FORMAT!r}")
+        expected = KINDS[kind].format
+        if record.get("format") != expected or record.get("key") != folder.name:
+            raise ValueError(f"record {record.get('format')!r}, expected {expected!r}")
         made = load_file(str(folder / CONSTANTS_FILE))
         model.rope.reserve(model.config.max_position_embeddings)
         runner = torch._C._aoti.AOTIModelPackageLoader(
@@ -245,16 +217,17 @@ def load_step(model: nn.Module, folder: Path) -> CompiledStep:
         runner.load_constants({n: tensors[n] for n in wanted}, False, True, True)
     except (OSError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
         raise ValueError(f"compiled step in {folder} is unusable: {e}") from e
-    return CompiledStep(runner, folder)
+    return KINDS[kind].wrapper(runner, folder)
 
 
-def cached_step(model: nn.Module) -> CompiledStep | None:
-    """The compiled step for ``model`` if one is on disk and loads; a broken one is removed."""
-    folder = step_folder(model)
+def cached_step(model: nn.Module, kind: str = "static") -> CompiledStep | None:
+    """``model``'s compiled step of ``kind`` if one is on disk and loads; a broken one is
+    removed."""
+    folder = step_folder(model, kind)
     if folder is None or not (folder / RECORD_FILE).exists():
         return None
     try:
-        return load_step(model, folder)
+        return load_step(model, folder, kind)
     except ImportError:
         return None
     except ValueError as e:
@@ -264,20 +237,22 @@ def cached_step(model: nn.Module) -> CompiledStep | None:
         return None
 
 
-def compile_step(model: nn.Module, *, progress: bool = False) -> CompiledStep:
-    """The compiled step for ``model``: from the cache folder, or built now and kept there (in
-    a temporary folder when the cache folder cannot be written)."""
-    step = cached_step(model)
+def compile_step(
+    model: nn.Module, *, kind: str = "static", progress: bool = False
+) -> CompiledStep | CompiledPagedStep:
+    """``model``'s compiled step of ``kind``: from the cache folder, or built now and kept
+    there (in a temporary folder when the cache folder cannot be written)."""
+    step = cached_step(model, kind)
     if step is not None:
         return step
-    folder = step_folder(model)
+    folder = step_folder(model, kind)
     if folder is None:
         import tempfile
 
-        folder = Path(tempfile.mkdtemp(prefix="archopt-step-")) / step_key(model)
+        folder = Path(tempfile.mkdtemp(prefix="archopt-step-")) / step_key(model, kind=kind)
         log.warning("archopt: the cache folder is not writable; the compiled step is not kept")
-    build_step(model, folder, progress=progress)
-    return load_step(model, folder)
+    build_step(model, folder, kind=kind, progress=progress)
+    return load_step(model, folder, kind)
 
 
 def can_build_in_background(model: nn.Module) -> bool:
@@ -303,7 +278,7 @@ def building(folder: Path) -> bool:
     return True
 
 
-def build_in_background(model: nn.Module) -> Path | None:
+def build_in_background(model: nn.Module, kind: str = "static") -> Path | None:
     """Start a detached, low-priority process that builds ``model``'s step into the cache for
     later processes; its folder, or None when none was started (one is running, the cache is
     not writable, the model cannot be rebuilt from a checkpoint, or
@@ -312,7 +287,7 @@ def build_in_background(model: nn.Module) -> Path | None:
         return None
     if not can_build_in_background(model):
         return None
-    folder = step_folder(model)
+    folder = step_folder(model, kind)
     if folder is None or building(folder):
         return None
     folder.mkdir(parents=True, exist_ok=True)
@@ -320,7 +295,7 @@ def build_in_background(model: nn.Module) -> Path | None:
     cmd = [
         sys.executable, "-m", "archopt.decode_step", "build", extra["source"],
         "--weights", extra["weights"], "--threads", str(torch.get_num_threads()),
-        "--expect", folder.name,
+        "--expect", folder.name, "--kind", kind,
     ]  # fmt: skip
     with open(folder / BUILD_LOG, "ab") as out:
         proc = subprocess.Popen(
@@ -347,12 +322,13 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", required=True)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--expect", help="the key the parent computed (a check)")
+    p.add_argument("--kind", choices=sorted(KINDS), default="static")
     args = p.parse_args(argv)
     if hasattr(os, "nice"):
         os.nice(10)  # in the background: the user's own work comes first
     torch.set_num_threads(args.threads)
     model = load_llm(args.source, weights=args.weights)
-    folder = step_folder(model)
+    folder = step_folder(model, args.kind)
     if folder is None:
         print("archopt: the cache folder is not writable", file=sys.stderr)
         return 1
@@ -360,9 +336,9 @@ def _main(argv: list[str] | None = None) -> int:
         print(f"archopt: key {folder.name}, the parent's {args.expect}", file=sys.stderr)
         return 1
     try:
-        if cached_step(model) is None:
-            seconds = build_step(model, folder)
-            load_step(model, folder)  # check that it loads before anyone relies on it
+        if cached_step(model, args.kind) is None:
+            seconds = build_step(model, folder, kind=args.kind)
+            load_step(model, folder, args.kind)  # check that it loads before anyone relies on it
             print(f"archopt: built {folder} in {seconds:.0f} s", file=sys.stderr)
     finally:
         with contextlib.suppress(OSError):

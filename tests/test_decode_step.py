@@ -125,7 +125,7 @@ def test_a_broken_step_is_removed_and_rebuilt(model, step, damage, caplog, monke
         assert "rebuilding a broken compiled step" in caplog.text
         rebuilt = []
 
-        def fake_build(m, f, progress=False):  # the real build is test_step_logits'
+        def fake_build(m, f, kind="static", progress=False):  # the real build: test_step_logits
             rebuilt.append(f)
             shutil.copytree(backup, f, dirs_exist_ok=True)
             return 0.0
@@ -171,3 +171,69 @@ def test_without_a_writable_cache_auto_runs_eager(tmp_path, monkeypatch):
     plan = plan_decode(m)
     assert plan.step is None and plan.cache == "dense"
     assert ds.build_in_background(m) is None
+
+
+# -- the paged step (the serving engine's decode batch) -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paged_step(model, cache_root):
+    return ds.compile_step(model, kind="paged")  # the second compile of this file (~20 s)
+
+
+def _paged(model, block_size):
+    from archopt.ops.paged_kv import PagedKVCache
+
+    cfg = model.config
+    return PagedKVCache(
+        num_layers=cfg.num_layers, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+        capacity=cfg.max_position_embeddings, block_size=block_size, num_blocks=2,
+        attention="gather",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("block_size,lengths", [(4, [5, 9, 1]), (1, [1, 2]), (16, [33, 3, 16])])
+def test_paged_step_logits_equal_the_eager_paged_cache(model, paged_step, block_size, lengths):
+    """Ragged rows, a pool that grows mid-decode (2 blocks at first), a forked sequence whose
+    shared partial block is copied on its first write, block sizes 1 to 16."""
+    prompts = [torch.randint(0, 512, (n,)).tolist() for n in lengths]
+    caches = ref, got = _paged(model, block_size), _paged(model, block_size)
+    with torch.inference_mode():
+        for kv in caches:
+            for i, p in enumerate(prompts):
+                kv.add_sequence(i)
+                kv.bind([i])
+                model(torch.tensor([p]), positions=torch.arange(len(p))[None], cache=kv)
+                kv.commit(i, p)
+            kv.fork(0, len(prompts))  # shares row 0's blocks, the partial last one too
+        rows = list(range(len(prompts) + 1))
+        token = torch.tensor([[p[-1]] for p in prompts] + [[prompts[0][-1]]])
+        pos = torch.tensor([[len(p)] for p in prompts] + [[len(prompts[0])]])
+        for _ in range(20):
+            ref.bind(rows)
+            got.bind(rows)
+            want = model(token, positions=pos, cache=ref, last_only=True)[:, -1]
+            assert_close(paged_step(token, pos, got), want)
+            for kv in caches:
+                for r, t in zip(rows, token[:, 0].tolist()):
+                    kv.commit(r, [t])
+            token, pos = want.argmax(-1, keepdim=True), pos + 1
+    assert got.num_blocks > 2
+    assert got.copies == ref.copies == (1 if lengths[0] % block_size else 0)  # the shared tail
+    assert torch.equal(got.slot_pos, ref.slot_pos)
+    assert_close(got.keys, ref.keys)
+    assert [got.block_table(r) for r in rows] == [ref.block_table(r) for r in rows]
+
+
+def test_paged_step_rejects_a_prompt_chunk(model, paged_step):
+    kv = _paged(model, 4)
+    kv.add_sequence(0)
+    kv.bind([0])
+    with pytest.raises(ValueError, match="one real token per row"):
+        paged_step(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), kv)
+
+
+def test_paged_step_has_its_own_key_and_loads_from_the_cache(model, paged_step):
+    assert ds.step_key(model, kind="paged") != ds.step_key(model)
+    assert isinstance(ds.cached_step(model, "paged"), ds.CompiledPagedStep)
+    assert isinstance(ds.cached_step(model), ds.CompiledStep)  # the static one is its own

@@ -338,3 +338,80 @@ def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone():
     engine = Engine(model, max_batch=8)
     assert [r.output for r in engine.generate(prompts, params)] == alone_
     assert_no_leaks(engine)
+
+
+# -- decode batches through the compiled paged step -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_step(tiny, tmp_path_factory):
+    """The paged step of ``tiny``, built once in a cache folder of its own (so the eager tests
+    above never meet it)."""
+    import os
+
+    from archopt import decode_step as ds
+
+    root = tmp_path_factory.mktemp("paged-step-cache")
+    old = os.environ["ARCHOPT_CACHE"]
+    os.environ["ARCHOPT_CACHE"] = str(root)
+    try:
+        return ds.compile_step(tiny, kind="paged"), root  # ~20 s on 2 cores
+    finally:
+        os.environ["ARCHOPT_CACHE"] = old
+
+
+def test_compiled_decode_gives_each_request_its_tokens_alone(tiny, tiny_step):
+    step, _ = tiny_step
+    shared = list(range(60, 100))
+    prompts = [[*shared, 1, 2], list(range(3, 40)), [*shared, 5], [7], shared + list(range(9))]
+    want = [
+        Engine(tiny, block_size=4, compile=step).generate([p], GREEDY)[0].output for p in prompts
+    ]
+    engine = Engine(tiny, max_batch=4, block_size=4, num_blocks=4, prefill_chunk=24, compile=step)
+    reqs = engine.generate(prompts, GREEDY)
+    assert [r.output for r in reqs] == want
+    m = engine.metrics()
+    assert m["compiled_decode"] == 1 and m["blocks_in_pool"] > 4  # the pool grew under it
+    assert engine.scheduler.cached_tokens > 0
+    assert_no_leaks(engine)
+
+
+def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_step, monkeypatch):
+    import os
+    import shutil
+
+    from archopt import decode_step as ds
+    from archopt.serve import engine as engine_module
+
+    _, root = tiny_step
+    monkeypatch.setenv("ARCHOPT_CACHE", str(root))
+    assert Engine(tiny, compile="auto").compile_how == "aot (compiled step from cache)"
+    assert Engine(tiny, compile="off").compiled is None
+    # Now a build in flight elsewhere: eager until it ends, then the step, in the same engine.
+    folder = ds.step_folder(tiny, "paged")
+    built = folder.with_name(folder.name + "-built")
+    folder.rename(built)
+
+    def start_build(model, kind="static"):
+        folder.mkdir()
+        (folder / ds.LOCK_FILE).write_text(str(os.getpid()))
+        return folder
+
+    monkeypatch.setattr(ds, "can_build_in_background", lambda model: True)
+    monkeypatch.setattr(ds, "build_in_background", start_build)
+    monkeypatch.setattr(engine_module, "POLL_BUILD_S", 0.0)
+    engine = Engine(tiny, block_size=4)
+    assert engine.compile_how.startswith("eager until")
+    first = engine.generate([[1, 2, 3]], GREEDY)[0].output
+    assert engine.compiled is None
+    shutil.copytree(built, folder, dirs_exist_ok=True)  # the build lands, its lock goes
+    (folder / ds.LOCK_FILE).unlink()
+    engine.generate([[4, 5, 6]], GREEDY)
+    assert engine.compiled is not None and engine.compile_how == "aot (built in the background)"
+    assert len(first) == 12
+    assert_no_leaks(engine)
+
+
+def test_bad_compile_mode_is_a_sentence(tiny):
+    with pytest.raises(ValueError, match="compile must be one of auto, aot, off"):
+        Engine(tiny, compile="fast")

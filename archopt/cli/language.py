@@ -131,4 +131,6 @@ def cmd_serve(args) -> None:
         prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue,
         attention=args.attention,
+        compile=args.compile,
+        progress=True,
     )

@@ -144,7 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--attention",
         default="auto",
         choices=["auto", "span", "gather"],
-        help="auto: batched requests decode exactly as alone; span: no per-step copy",
+        help="eager attention (prompts; decoding when not compiled). auto: batched requests "
+        "decode exactly as alone; span: no per-step copy",
+    )
+    sp.add_argument(
+        "--compile",
+        default="auto",
+        choices=["auto", "aot", "off"],
+        help="the decode batch's compiled step. auto (default): from the cache folder, else "
+        "eager while it is built in the background; aot: build it before serving; off: eager",
     )
     sp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")

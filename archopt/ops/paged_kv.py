@@ -143,6 +143,11 @@ class PagedKVCache:
         self._trash = slots - 1
 
     @property
+    def trash_slot(self) -> int:
+        """The pool's last slot: padding writes go there; it is never visible."""
+        return self._trash
+
+    @property
     def num_blocks(self) -> int:
         return self.allocator.num_blocks
 

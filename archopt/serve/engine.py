@@ -8,6 +8,12 @@ random generator, so its tokens do not depend on who else is in the batch. Outpu
 request's ``on_output`` callback as text deltas; stop tokens, stop strings and ``max_tokens``
 end a request, and its blocks go back to the pool (full ones into the prefix cache).
 
+Decode batches run through a compiled step when one is at hand (``compile``, default
+``"auto"``): the paged step of ``archopt.decode_step``, one AOTInductor library for every
+batch size, context and pool size, kept in the cache folder, so only the first process on a
+machine builds it (in the background, at low priority, while this one runs eager; the engine
+switches to it when the build finishes). Prompt chunks run the eager model.
+
 Threads: ``start()`` runs the step loop in a background thread; ``submit`` and ``abort`` may
 be called from any thread (the HTTP server's event loop). ``generate`` runs requests to the
 end in the calling thread, for tests and scripts.
@@ -22,11 +28,17 @@ from collections.abc import Sequence
 
 import torch
 
+from archopt import decode_step
 from archopt.generate import sample
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 
-__all__ = ["Engine", "QueueFull", "Request", "SamplingParams"]
+__all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
+
+# "auto": the compiled step from the cache folder, else eager while it is built in the
+# background; "aot": build it now if it is not there; "off": eager.
+COMPILE_MODES = ("auto", "aot", "off")
+POLL_BUILD_S = 2.0
 
 
 class Engine:
@@ -36,6 +48,10 @@ class Engine:
     model's full context); the pool starts at ``num_blocks`` (default: 256 tokens per batch
     slot) and grows by doubling when no block is free or cached, so the memory held follows
     the tokens in use (``metrics()``: ``kv_pool_bytes``).
+
+    ``compile``: how decode batches run (``COMPILE_MODES``, or a ``CompiledPagedStep`` made
+    by ``archopt.decode_step.compile_step(model, kind="paged")``); ``compile_how`` says what
+    was chosen. ``attention``: the eager plan (prompt chunks, and decoding when not compiled).
     """
 
     def __init__(
@@ -51,7 +67,14 @@ class Engine:
         max_queue: int = 256,
         prefix_cache: bool = True,
         attention: str = "auto",
+        compile: str | decode_step.CompiledPagedStep = "auto",
+        progress: bool = False,
     ) -> None:
+        if not isinstance(compile, decode_step.CompiledPagedStep) and compile not in COMPILE_MODES:
+            raise ValueError(
+                f"compile must be one of {', '.join(COMPILE_MODES)} or a compiled paged step, "
+                f"got {compile!r}"
+            )
         cfg = model.config
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -91,6 +114,48 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.steps = self.generated_tokens = self.prompt_tokens = self.finished = 0
         self.error: str | None = None
+        self.compiled = None  # the compiled paged step, when there is one
+        self._building: object = None  # the folder a background build writes, polled
+        self._next_poll = 0.0
+        self.compile_how = self._plan_compile(compile, progress)
+
+    def _plan_compile(self, mode, progress: bool) -> str:
+        """Find or build the compiled decode step per ``mode``; says what was chosen."""
+        if isinstance(mode, decode_step.CompiledPagedStep):
+            self.compiled = mode
+            return "aot (given)"
+        if mode == "off":
+            return "eager"
+        if self.model.embed.weight.device.type != "cpu":
+            if mode == "aot":
+                raise ValueError("compile='aot' runs on the CPU, got a model on another device")
+            return "eager (the compiled step is for the CPU)"
+        if mode == "aot":
+            self.compiled = decode_step.compile_step(self.model, kind="paged", progress=progress)
+            return "aot"
+        self.compiled = decode_step.cached_step(self.model, "paged")
+        if self.compiled is not None:
+            return "aot (compiled step from cache)"
+        folder = decode_step.step_folder(self.model, "paged")
+        if folder is not None and decode_step.building(folder):
+            self._building = folder
+        elif decode_step.can_build_in_background(self.model):
+            self._building = decode_step.build_in_background(self.model, "paged")
+        if self._building is None:
+            return "eager"
+        return "eager until the compiled step is built (in the background)"
+
+    def _poll_build(self) -> None:
+        """Take the compiled step once the background build has finished."""
+        now = time.perf_counter()
+        if now < self._next_poll:
+            return
+        self._next_poll = now + POLL_BUILD_S
+        if decode_step.building(self._building):
+            return
+        self._building = None
+        self.compiled = decode_step.cached_step(self.model, "paged")
+        self.compile_how = "aot (built in the background)" if self.compiled else "eager"
 
     # -- submitting ------------------------------------------------------------------------
     def check_prompt(self, prompt: Sequence[int]) -> None:
@@ -148,8 +213,10 @@ class Engine:
         for req in plan.failed:
             self._finish(req, "error")
         sampled = 0
+        if self._building is not None:
+            self._poll_build()
         if plan.decode:
-            logits = self._forward([(r, [r.tokens[-1]]) for r in plan.decode])
+            logits = self._decode(plan.decode)
             sampled += self._sample_and_emit(plan.decode, logits)
         if plan.prefill:
             rows = [(r, r.tokens[r.computed : r.computed + n]) for r, n in plan.prefill]
@@ -166,6 +233,20 @@ class Engine:
         while self._recent and now - self._recent[0][0] > 10:
             self._recent.popleft()
         return sampled
+
+    def _decode(self, reqs: list[Request]) -> torch.Tensor:
+        """Logits (rows, vocab) of one token for each request, compiled when possible."""
+        if self.compiled is None:
+            return self._forward([(r, [r.tokens[-1]]) for r in reqs])
+        device = self.model.embed.weight.device
+        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=device)
+        pos = torch.tensor([[r.computed] for r in reqs], device=device)
+        self.cache.bind([r.seq_id for r in reqs])
+        logits = self.compiled(ids, pos, self.cache)
+        for req in reqs:
+            req.computed += 1
+            self.cache.commit(req.seq_id, [req.tokens[-1]])
+        return logits.float()
 
     def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """Logits (rows, vocab) at each row's last token; rows left-padded to one width."""
@@ -310,4 +391,5 @@ class Engine:
             "preemptions_total": self.scheduler.preemptions,
             "requests_finished_total": self.finished,
             "steps_total": self.steps,
+            "compiled_decode": int(self.compiled is not None),
         }

@@ -1,0 +1,136 @@
+"""The graphs a compiled decode step runs: one token per row in, next-token logits out.
+
+Two kinds, each a module to export, an example input with its dynamic dimensions, and a wrapper
+that calls the loaded library with a cache object (``archopt.decode_step`` builds, keeps and
+loads them):
+
+- ``static``: the static cache's tensors as inputs, written in place (``generate``'s default
+  path). The batch and the number of cache slots are dynamic.
+- ``paged``: a paged cache's pools (per layer, written in place), each row's write slot and
+  read slots (``archopt.ops.paged_attention.DecodeView``); the serving engine's decode batch.
+  The batch, the read span and the pool's size are dynamic, so one library serves every batch,
+  context and pool growth.
+
+The libraries index their inputs with the strides they were compiled for (contiguous) and do
+not check them, so the wrappers pass contiguous tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from archopt.ops.kv_cache import StaticCache
+from archopt.ops.paged_attention import DecodeView
+
+# Examples are exported with sizes above 1, so that export keeps them dynamic (a size of 1
+# would be specialised).
+EXAMPLE_BATCH, EXAMPLE_SLOTS = 2, 64
+MAX_BATCH = 256
+
+
+class StaticGraph(nn.Module):
+    """logits (B, vocab) of the next token, the static cache's tensors as (mutated) inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, cursor, cache_positions, keys, values):
+        kv = StaticCache.over(cursor, cache_positions, keys, values)
+        return self.model(tokens, positions=positions, cache=kv, last_only=True)[:, -1]
+
+    @staticmethod
+    def example(model: nn.Module) -> tuple[tuple, tuple]:
+        cfg = model.config
+        kv = model.make_cache("static", batch=EXAMPLE_BATCH, reserve=EXAMPLE_SLOTS)
+        tokens = torch.zeros(EXAMPLE_BATCH, 1, dtype=torch.long)
+        inputs = (tokens, tokens.clone(), kv.cursor, kv.positions, tuple(kv.keys), tuple(kv.values))
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        slots = torch.export.Dim("slots", min=2, max=cfg.max_position_embeddings)
+        per_layer = tuple({0: batch, 2: slots} for _ in range(cfg.num_layers))
+        return inputs, ({0: batch}, {0: batch}, None, {0: batch, 1: slots}, per_layer, per_layer)
+
+
+class CompiledStep:
+    """``step(tokens, positions, kv)``: next-token logits (B, vocab), advancing the static
+    cache ``kv`` in place, through the loaded library."""
+
+    def __init__(self, runner: Any, folder) -> None:
+        self.runner, self.folder = runner, folder
+
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, kv: StaticCache
+    ) -> torch.Tensor:
+        # A (B, 1) slice of a wider tensor would be read wrongly: contiguous copies.
+        inputs = [tokens.contiguous(), positions.contiguous(), kv.cursor, kv.positions]
+        return self.runner.run([*inputs, *kv.keys, *kv.values])[0]
+
+
+class PagedGraph(nn.Module):
+    """logits (B, vocab) of the next token, a paged cache's pools as (mutated) inputs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, write_slots, read_slots, slot_pos, keys, values):
+        view = DecodeView(write_slots, read_slots, slot_pos, keys, values)
+        return self.model(tokens, positions=positions, cache=view, last_only=True)[:, -1]
+
+    @staticmethod
+    def example(model: nn.Module) -> tuple[tuple, tuple]:
+        cfg = model.config
+        b, span, pool = EXAMPLE_BATCH, EXAMPLE_SLOTS, 4 * EXAMPLE_SLOTS + 1
+        dtype, device = model.embed.weight.dtype, model.embed.weight.device
+        shape = (cfg.num_kv_heads, pool, cfg.head_dim)
+        keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers))
+        values = tuple(
+            torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)
+        )
+        tokens = torch.zeros(b, 1, dtype=torch.long)
+        read = torch.arange(b * span).view(b, span)
+        slot_pos = torch.full((pool,), -1, dtype=torch.long)
+        inputs = (tokens, tokens.clone(), read[:, 0].clone(), read, slot_pos, keys, values)
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        reads = torch.export.Dim("reads", min=2, max=cfg.max_position_embeddings + 1024)
+        slots = torch.export.Dim("pool", min=2, max=2**40)
+        per_layer = tuple({1: slots} for _ in range(cfg.num_layers))
+        dims = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: reads}, {0: slots})
+        return inputs, (*dims, per_layer, per_layer)
+
+
+class CompiledPagedStep:
+    """``step(tokens, positions, cache)``: next-token logits (B, vocab) for the rows ``cache``
+    (a ``PagedKVCache``) is bound to, one token each, written into the pool in place."""
+
+    def __init__(self, runner: Any, folder) -> None:
+        self.runner, self.folder = runner, folder
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+        write, read = cache.decode_inputs(positions)
+        if read.shape[1] < 2:  # the library's read span is at least 2: pad with the trash slot
+            read = torch.cat([read, torch.full_like(read, cache.trash_slot)], dim=1)
+        keys = [cache.keys[i] for i in range(cache.num_layers)]  # contiguous views
+        values = [cache.values[i] for i in range(cache.num_layers)]
+        inputs = [tokens.contiguous(), positions.contiguous(), write, read.contiguous()]
+        return self.runner.run([*inputs, cache.slot_pos, *keys, *values])[0]
+
+
+@dataclass(frozen=True)
+class StepKind:
+    """What ``archopt.decode_step`` needs of a kind: its format (part of the key), the module
+    it exports (with ``example(model)``) and the wrapper of the loaded library."""
+
+    format: str
+    graph: type[nn.Module]
+    wrapper: type
+
+
+KINDS = {
+    "static": StepKind("archopt.step/1", StaticGraph, CompiledStep),
+    "paged": StepKind("archopt.paged-step/1", PagedGraph, CompiledPagedStep),
+}

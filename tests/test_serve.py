@@ -324,7 +324,7 @@ def test_smollm2_gguf_greedy_batched_equals_alone():
 def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone():
     """The benchmark's load: 8 streams of 128 greedy tokens (a padded batch drifted from
     token 83 here, before attention went row by row)."""
-    from archopt.bench.serve import PROMPTS
+    from archopt.bench.serve_load import PROMPTS
     from archopt.loading.llm import load_llm, smollm2_path
 
     try:

@@ -4,9 +4,11 @@ One run, on the same GGUF file and thread count: 1, 4 and 8 concurrent streams o
 ``--new-tokens`` tokens each (greedy, end-of-sequence ignored), through each server's
 OpenAI-compatible ``/v1/completions`` with streaming; for each, aggregate tokens/s and the
 p50/p99 time to first token (TTFT) and inter-token latency (ITL), measured at the client.
-Anchors in the same run: archopt's single-stream ``generate`` (eager dense cache, and the
-compiled static-cache step: by default the ahead-of-time step that plain ``generate`` uses,
-built into the cache folder once), llama-cpp-python's
+``archopt serve`` runs as a user gets it (its decode batches through the compiled paged step,
+built here into the cache folder first if it is not there) and, by default, also with
+``--compile off`` (eager). Anchors in the same run: archopt's single-stream ``generate``
+(eager dense cache, and the compiled static-cache step: by default the ahead-of-time step
+that plain ``generate`` uses), llama-cpp-python's
 ``llama_cpp.server`` and, when given ``--llama-server PATH``, llama.cpp's own ``llama-server``
 started with ``-np`` equal to the stream count. Then prefix reuse: 8 chat requests sharing a
 512-token system prompt, the time to first token of the later ones against the cold first one.
@@ -17,202 +19,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import shlex
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 
 from archopt.bench.common import machine_line
+from archopt.bench.serve_load import (
+    PROMPTS,
+    Server,
+    completion_bodies,
+    free_port,
+    prefix_reuse,
+    run_streams,
+)
 from archopt.io import atomic_write_text, check_writable
 from archopt.report import ArgumentParser, int_in, save_figure
-
-PROMPTS = [
-    "Write a long story about a lighthouse keeper.",
-    "Explain in detail how a steam engine works.",
-    "Describe the history of the city of Rome.",
-    "Write a long letter to a friend about a journey by train.",
-    "Explain how computers store numbers, step by step.",
-    "Describe a walk through a forest in autumn.",
-    "Write an essay about the importance of sleep.",
-    "Tell the story of a chess tournament.",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess on loopback; ``up()`` waits for its health check."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, *, health: str, env=None):
-        self.name, self.cmd, self.port, self.health = name, cmd, port, health
-        self.env = env
-        self.proc: subprocess.Popen | None = None
-        self.start_s = 0.0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def up(self, timeout: float = 300) -> Server:
-        import tempfile
-
-        import httpx
-
-        t0 = time.perf_counter()
-        # A file, not a pipe: a pipe nobody reads fills up and stalls a chatty server.
-        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in down())
-        self.proc = subprocess.Popen(
-            self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=self.env
-        )
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                err = self.log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {err}")
-            try:
-                if httpx.get(self.base + self.health, timeout=2).status_code == 200:
-                    self.start_s = time.perf_counter() - t0
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.down()
-        raise RuntimeError(f"{self.name} did not become healthy in {timeout} s")
-
-    def down(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        if getattr(self, "log", None) is not None:
-            self.log.close()
-            self.log = None
-
-
-def stream_one(base: str, body: dict, path: str, out: dict, timeout: float) -> None:
-    """One streamed request; records send time, chunk arrival times, text and token count."""
-    import httpx
-
-    out["times"], out["text"], out["tokens"] = [], [], None
-    t0 = time.perf_counter()
-    out["t0"] = t0
-    with (
-        httpx.Client(timeout=timeout) as client,
-        client.stream("POST", base + path, json=body) as r,
-    ):
-        if r.status_code != 200:
-            out["error"] = f"HTTP {r.status_code}: {r.read()[:300]!r}"
-            return
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                out["tokens"] = event["usage"].get("completion_tokens")
-            for choice in event.get("choices") or []:
-                piece = choice.get("text")
-                if piece is None:
-                    piece = (choice.get("delta") or {}).get("content")
-                if piece:
-                    out["times"].append(time.perf_counter())
-                    out["text"].append(piece)
-    out["t_end"] = time.perf_counter()
-
-
-def model_id(base: str) -> str:
-    import httpx
-
-    return httpx.get(base + "/v1/models", timeout=10).json()["data"][0]["id"]
-
-
-def run_streams(base: str, bodies: list[dict], path: str, timeout: float = 600) -> dict:
-    name = model_id(base)
-    bodies = [{**b, "model": name} for b in bodies]
-    outs = [{} for _ in bodies]
-    threads = [
-        threading.Thread(target=stream_one, args=(base, b, path, o, timeout))
-        for b, o in zip(bodies, outs)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout + 10)
-    errors = [o["error"] for o in outs if "error" in o]
-    if errors:
-        raise RuntimeError(errors[0])
-    start = min(o["t0"] for o in outs)
-    end = max(o["t_end"] for o in outs)
-    tokens = [o["tokens"] if o["tokens"] is not None else len(o["times"]) for o in outs]
-    ttft = [(o["times"][0] - o["t0"]) * 1e3 for o in outs if o["times"]]
-    itl = [(b - a) * 1e3 for o in outs for a, b in zip(o["times"], o["times"][1:])]
-    return {
-        "streams": len(bodies),
-        "tokens": sum(tokens),
-        "seconds": end - start,
-        "tokens_per_s": sum(tokens) / (end - start),
-        "ttft_p50_ms": _q(ttft, 0.5),
-        "ttft_p99_ms": _q(ttft, 0.99),
-        "itl_p50_ms": _q(itl, 0.5),
-        "itl_p99_ms": _q(itl, 0.99),
-        "texts": ["".join(o["text"]) for o in outs],
-    }
-
-
-def _q(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(int(q * len(xs)), len(xs) - 1)] if q < 1 else xs[-1]
-
-
-def completion_bodies(n: int, new_tokens: int, *, eos_id: int, how: str) -> list[dict]:
-    """``n`` greedy completions that run ``new_tokens`` tokens (end-of-sequence suppressed in
-    the way the server understands: ``ignore_eos``, or a logit bias)."""
-    bodies = []
-    for i in range(n):
-        b = {
-            "model": "m",
-            "prompt": PROMPTS[i % len(PROMPTS)],
-            "max_tokens": new_tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if how == "ignore_eos":
-            b["ignore_eos"] = True
-        else:
-            b["logit_bias"] = {str(eos_id): -100}
-        bodies.append(b)
-    return bodies
-
-
-def prefix_reuse(base: str, system: str, *, requests: int = 8, how: str, eos_id: int) -> dict:
-    """TTFT of ``requests`` chat requests (one at a time) sharing the ``system`` prompt."""
-    ttfts = []
-    for i in range(requests):
-        body = {"model": "m", "max_tokens": 8, "temperature": 0, "stream": True,
-                "messages": [{"role": "system", "content": system},
-                             {"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]}  # fmt: skip
-        if how == "ignore_eos":
-            body["ignore_eos"] = True
-        r = run_streams(base, [body], "/v1/chat/completions")
-        ttfts.append(r["ttft_p50_ms"])
-    cold, warm = ttfts[0], statistics.median(ttfts[1:])
-    return {"cold_ttft_ms": cold, "cached_ttft_ms": warm, "ratio": warm / cold, "all": ttfts}
 
 
 def single_stream_generate(model, prompt_ids, new_tokens: int, compile: str | None) -> dict:
@@ -232,23 +57,38 @@ def single_stream_generate(model, prompt_ids, new_tokens: int, compile: str | No
 
 
 @torch.inference_mode()
-def paged_vs_dense_step(model, contexts=(128, 512), steps: int = 24) -> list[dict]:
-    """Decode-step time at batch 1, paged cache against dense, interleaved step by step."""
+def paged_vs_dense_step(model, contexts=(128, 512), steps: int = 24, compiled=None) -> list[dict]:
+    """Decode-step time at batch 1, paged cache against dense, interleaved step by step: the
+    eager model on both, and with ``compiled`` = (static step, paged step) the two compiled
+    steps (what ``generate`` and the serving engine run)."""
     rows = []
     gen = torch.Generator().manual_seed(0)
     for ctx in contexts:
         ids = torch.randint(0, model.config.vocab_size, (1, ctx + steps), generator=gen)
-        caches = {k: model.make_cache(k, reserve=ctx + steps) for k in ("dense", "paged")}
+        kinds = {"dense": "dense", "paged": "paged"}
+        if compiled is not None:
+            kinds |= {"static (compiled)": "static", "paged (compiled)": "paged"}
+        caches = {k: model.make_cache(kind, reserve=ctx + steps) for k, kind in kinds.items()}
         for kv in caches.values():
             model(ids[:, :ctx], cache=kv, last_only=True)
+        run = {k: (lambda t, p, kv: model(t, positions=p, cache=kv, last_only=True)) for k in kinds}
+        if compiled is not None:
+            run["static (compiled)"], run["paged (compiled)"] = compiled
         times = {k: [] for k in caches}
         for i in range(steps):
+            tok, pos = ids[:, ctx + i : ctx + i + 1], torch.tensor([[ctx + i]])
             for k, kv in caches.items() if i % 2 else reversed(caches.items()):
                 t0 = time.perf_counter()
-                model(ids[:, ctx + i : ctx + i + 1], cache=kv, last_only=True)
+                run[k](tok, pos, kv)
                 times[k].append(time.perf_counter() - t0)
-        d, p = (statistics.median(times[k]) * 1e3 for k in ("dense", "paged"))
-        rows.append({"context": ctx, "dense_ms": d, "paged_ms": p, "ratio": p / d})
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        row = {"context": ctx, "dense_ms": ms["dense"], "paged_ms": ms["paged"]}
+        row["ratio"] = row["paged_ms"] / row["dense_ms"]
+        if compiled is not None:
+            row |= {"static_compiled_ms": ms["static (compiled)"],
+                    "paged_compiled_ms": ms["paged (compiled)"]}  # fmt: skip
+            row["compiled_ratio"] = row["paged_compiled_ms"] / row["static_compiled_ms"]
+        rows.append(row)
     return rows
 
 
@@ -300,6 +140,12 @@ def format_report(report: dict) -> str:
         lines.append(
             f"decode step at batch 1, context {r['context']}: dense {r['dense_ms']:.2f} ms, "
             f"paged {r['paged_ms']:.2f} ms ({r['ratio']:.3f}x)"
+            + (
+                f"; compiled: static {r['static_compiled_ms']:.2f} ms, paged "
+                f"{r['paged_compiled_ms']:.2f} ms ({r['compiled_ratio']:.3f}x)"
+                if "compiled_ratio" in r
+                else ""
+            )
         )
     if "greedy_same" in report:
         lines.append(f"greedy text of stream 0, same at 1/4/8 streams: {report['greedy_same']}")
@@ -317,11 +163,14 @@ def main(argv: list[str] | None = None) -> dict:
         "--compile",
         choices=["aot", "inductor", "inductor-cpp", "off"],
         default="aot",
-        help="the compiled single-stream generate to time beside the eager one (aot: the "
-        "default path's step, from the cache folder, built there once; off: none)",
+        help="generate's compiled step to time beside the eager one (aot, the default: the "
+        "step plain generate uses, kept in the cache folder); unless off, the compiled paged "
+        "step archopt serve decodes with is built into the cache folder first, so the "
+        "servers start with it (off: a server compiles in the background while measured)",
     )
-    ap.add_argument("--attention", nargs="+", default=["auto", "span"],
-                    help="archopt serve's attention plans to run (auto, span, gather)")  # fmt: skip
+    ap.add_argument("--serve-flags", nargs="*", default=["", "--compile off"],
+                    help="archopt serve configurations to run besides the default one, each "
+                    "its extra flags in one string (e.g. '--attention span')")  # fmt: skip
     ap.add_argument("--llama-server", help="path of a llama.cpp llama-server binary")
     ap.add_argument("--no-llama-cpp-python", action="store_true")
     ap.add_argument("--json", help="write the report here")
@@ -355,24 +204,33 @@ def main(argv: list[str] | None = None) -> dict:
         report["single_stream"][f"archopt generate ({args.compile})"] = single_stream_generate(
             model, ids, args.new_tokens, args.compile
         )
+    compiled = None
+    if args.compile != "off":
+        from archopt.decode_step import compile_step
+
+        say("the compiled paged step archopt serve decodes with (kept in the cache folder) ...")
+        t0 = time.perf_counter()
+        paged = compile_step(model, kind="paged", progress=True)
+        report["paged_step_ready_s"] = time.perf_counter() - t0
+        if args.compile == "aot":
+            compiled = (compile_step(model), paged)
     say("decode step at batch 1, paged against dense ...")
-    report["paged_step"] = paged_vs_dense_step(model)
+    report["paged_step"] = paged_vs_dense_step(model, compiled=compiled)
     tok = model.tokenizer
     system = tok.decode(tok.encode(_system_text())[: args.prefix_tokens])
     del model
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     servers: list[tuple[str, object, str]] = []
-    if "auto" not in args.attention:
-        args.attention.insert(0, "auto")  # the default configuration is always measured
-    for attention in args.attention:
+    flags = [""] + [f for f in args.serve_flags if f.strip()]  # the default always runs
+    for extra in dict.fromkeys(f.strip() for f in flags):
         port = free_port()
-        name = "archopt serve" + ("" if attention == "auto" else f" --attention {attention}")
+        name = f"archopt serve {extra}".strip()
         ours = Server(
             name,
             [sys.executable, "-m", "archopt.cli", "serve", "--model", str(gguf), "--port",
              str(port), "--threads", str(args.threads), "--max-batch", str(max(args.streams)),
-             "--attention", attention],
+             *shlex.split(extra)],
             port, health="/health", env=env,
         )  # fmt: skip
         servers.append((name, lambda n, srv=ours: srv, "ignore_eos"))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from archopt.generate import generate, sample, stream
-from archopt.ops.kv_cache import make_cache
+from archopt.ops.cache_spec import make_cache
 
 from .tiny_llama import rand_ids, sharp_tiny_llama
 

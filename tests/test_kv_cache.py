@@ -212,7 +212,7 @@ def test_int8_cache_error_is_quantization_only(model, spec):
 
 
 def test_int8_cache_nbytes_counts_scales_and_window():
-    from archopt.ops.kv_cache import Int8Cache
+    from archopt.ops.int8_cache import Int8Cache
 
     layers, heads, d, tokens, recent = 3, 2, 64, 1000, 16
     kv = Int8Cache(

@@ -29,7 +29,7 @@ def cmd_generate(args) -> None:
 
     from archopt.generate import plan_decode, stream_text
     from archopt.loading.llm import load_llm
-    from archopt.ops.kv_cache import check_cache_spec
+    from archopt.ops.cache_spec import check_cache_spec
 
     # Everything that can be wrong with the arguments fails here, before a model is read.
     check_cache_spec(args.cache)

@@ -273,7 +273,7 @@ class Llama(nn.Module):
         """A cache for this model from a spec (``none``, ``dense``, ``static``, ``sliding:W``,
         ``sink:S:W``, ``int8[:R]``, ``paged[:B]``; see archopt.ops.kv_cache); capacity: its max
         positions."""
-        from archopt.ops.kv_cache import make_cache
+        from archopt.ops.cache_spec import make_cache
 
         cfg = self.config
         return make_cache(

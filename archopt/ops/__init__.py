@@ -4,7 +4,10 @@
   ``inverted_residual``: MobileNetV2's block (MobileViT's conv stages);
 - ``transformer``, ``rope``, ``norms``: attention layers, rotary embeddings, RMSNorm;
 - ``attention/``: local (Longformer) attention, one function over interchangeable backends;
-- ``kv_cache``: the KV caches of decoding; ``quant``: int8 / int4 weight-only linears.
+- the KV caches of decoding: ``kv_cache`` (the protocol, dense, static), ``window_cache``
+  (sliding, sinks), ``int8_cache``; ``paged_kv`` (a pool of blocks: ``paged_blocks`` keeps
+  their books, ``paged_attention`` reads them); ``cache_spec.make_cache``, the door;
+- ``quant``: int8 / int4 weight-only linears.
 
 Imports: torch, and ``archopt.io`` / ``archopt.report`` at most; never models or above.
 """

@@ -321,9 +321,10 @@ def test_smollm2_gguf_greedy_batched_equals_alone():
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone():
+@pytest.mark.parametrize("compile", ["off", "aot"])
+def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone(compile):
     """The benchmark's load: 8 streams of 128 greedy tokens (a padded batch drifted from
-    token 83 here, before attention went row by row)."""
+    token 83 here, before attention went row by row), eager and through the compiled step."""
     from archopt.bench.serve_load import PROMPTS
     from archopt.loading.llm import load_llm, smollm2_path
 
@@ -334,9 +335,10 @@ def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone():
     model = load_llm("smollm2-135m")
     prompts = [model.tokenizer.encode(t) for t in PROMPTS[:8]]
     params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
-    alone_ = [Engine(model).generate([p], params)[0].output for p in prompts]
-    engine = Engine(model, max_batch=8)
+    alone_ = [Engine(model, compile=compile).generate([p], params)[0].output for p in prompts]
+    engine = Engine(model, max_batch=8, compile=compile)
     assert [r.output for r in engine.generate(prompts, params)] == alone_
+    assert (engine.compiled is not None) == (compile == "aot")
     assert_no_leaks(engine)
 
 

@@ -7,7 +7,8 @@
 - ``loop``: ``train``, a run's preparation and one epoch (``run_epoch``);
 - ``resume``: a run's folder: may it continue, what each epoch and the end write;
 - ``build``: the model sized for the data, and its optimizer; ``evaluate``: validation;
-- ``data``: digits, CIFAR-10, image folders (``files`` reads them); ``schedule``: seeds,
+- ``data``: the data spec, ``load_data`` and batch transforms; ``sources``: digits, CIFAR-10,
+  image folders (``files`` reads them) into the splits of ``images``; ``schedule``: seeds,
   batches, learning rate;
 - ``runtime``: processes (DDP), bf16 decision; ``checkpoint``: safetensors files;
 - ``study``: train and measure several models for a Pareto front (``archopt pareto``).

@@ -4,7 +4,8 @@
 ``archopt train`` builds the ``TrainConfig`` from its options and calls it. What lives where:
 
 - ``config``: ``TrainConfig`` (what decides a run, checked) and ``TrainResult``;
-- ``loop``: ``train``, a run's preparation and one epoch (``run_epoch``);
+- ``loop``: ``train`` and one epoch (``run_epoch``); ``session``: a run's preparation (data,
+  model, optimizer, restored or fresh);
 - ``resume``: a run's folder: may it continue, what each epoch and the end write;
 - ``build``: the model sized for the data, and its optimizer; ``evaluate``: validation;
 - ``data``: the data spec, ``load_data`` and batch transforms; ``sources``: digits, CIFAR-10,

@@ -25,9 +25,10 @@ averaged over the ranks after every epoch so all ranks evaluate and end with the
 only rank 0 writes checkpoints and metrics.
 
 A run, in steps: ``train`` settles the config and the process group; ``_run`` checks whether
-the folder's run may continue (``resume.saved_run``), ``_prepare`` loads the data and builds the
-model and optimizer (restored from the checkpoint, or a fresh bf16 decision), then each epoch is
-``run_epoch`` followed by ``resume.save_epoch``, and the end ``resume.save_result``.
+the folder's run may continue (``resume.saved_run``), ``session.prepare_session`` loads the
+data and builds the model and optimizer (restored from the checkpoint, or a fresh bf16
+decision), then each epoch is ``run_epoch`` followed by ``resume.save_epoch``, and the end
+``resume.save_result``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,20 +47,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from archopt.report import log
-from archopt.train.build import build_model, check_logits, make_optimizer
+from archopt.train.build import build_model
 from archopt.train.config import TrainConfig, TrainResult
-from archopt.train.data import ImageData, augment, load_data, normalize, parse_data_spec
+from archopt.train.data import ImageData, augment, normalize, parse_data_spec
 from archopt.train.evaluate import evaluate, iter_batches
 from archopt.train.resume import (
     read_result,
-    restore_run,
     save_epoch,
     save_result,
     saved_run,
     start_run_files,
 )
-from archopt.train.runtime import allreduce_sum, average_buffers, choose_bf16, dist_info
+from archopt.train.runtime import allreduce_sum, average_buffers, dist_info
 from archopt.train.schedule import AUGMENT, TORCH, derive_seed, epoch_batches, lr_at
+from archopt.train.session import Session, prepare_session
 
 # Re-exported: the names this module has always offered.
 __all__ = ["TrainConfig", "TrainResult", "build_model", "evaluate", "lr_at", "read_result", "train"]
@@ -157,27 +158,6 @@ def _settle(config, data, settings: dict) -> tuple[TrainConfig, str | nn.Module,
     return TrainConfig(model=name, data=data_name, **settings), config, data
 
 
-@dataclass
-class _Session:
-    """A run in progress: what it trains, how, and where it stands."""
-
-    cfg: TrainConfig
-    data: ImageData
-    model: nn.Module
-    train_module: nn.Module  # the model, or its DistributedDataParallel wrapper
-    optimizer: torch.optim.Optimizer
-    device: torch.device
-    rank: int
-    world: int
-    use_bf16: bool
-    steps_per_epoch: int
-    total_steps: int
-    warmup_steps: int
-    start_epoch: int = 0
-    time_before: float = 0.0  # training time of earlier sessions of the run
-    history: list[dict] = field(default_factory=list)
-
-
 def _run(
     cfg: TrainConfig,
     model_arg: str | nn.Module,
@@ -194,7 +174,7 @@ def _run(
 ) -> TrainResult:
     is_main = rank == 0
     saved = saved_run(cfg, out_dir, resume, world, announce=verbose and is_main)
-    s = _prepare(cfg, model_arg, data_arg, saved, out_dir, device, rank, world)
+    s = prepare_session(cfg, model_arg, data_arg, saved, out_dir, device, rank, world)
     if saved is not None:
         log(f"resuming {out_dir} after epoch {s.start_epoch}", verbose and is_main)
     if is_main and out_dir is not None:
@@ -232,74 +212,7 @@ def _run(
     return result
 
 
-def _prepare(
-    cfg: TrainConfig,
-    model_arg: str | nn.Module,
-    data_arg: str | ImageData,
-    saved: dict | None,
-    out_dir: Path | None,
-    device: torch.device,
-    rank: int,
-    world: int,
-) -> _Session:
-    """The data, the model and its optimizer, restored from the checkpoint when ``saved``,
-    else with a fresh bf16 decision (one for every rank)."""
-    data = (
-        data_arg
-        if isinstance(data_arg, ImageData)
-        else load_data(
-            data_arg,
-            resolution=cfg.resolution,
-            channels=cfg.channels,
-            val_fraction=cfg.val_fraction,
-        )
-    )
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data) if isinstance(model_arg, str) else model_arg
-    model = model.to(device)
-    optimizer = make_optimizer(model, cfg)
-
-    batches0 = epoch_batches(
-        len(data.train), cfg.batch_size, seed=cfg.seed, epoch=0, rank=rank, world_size=world
-    )
-    steps_per_epoch = len(batches0)
-    total_steps = steps_per_epoch * cfg.epochs
-    s = _Session(
-        cfg=cfg,
-        data=data,
-        model=model,
-        train_module=model,
-        optimizer=optimizer,
-        device=device,
-        rank=rank,
-        world=world,
-        use_bf16=False,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        warmup_steps=min(total_steps, round(cfg.warmup_epochs * steps_per_epoch)),
-    )
-    if saved is not None:
-        state = restore_run(out_dir, model, optimizer, is_main=rank == 0)
-        s.history, s.start_epoch = state["history"], state["epoch"]
-        s.time_before, s.use_bf16 = state["time_s"], state["bf16"]
-    else:
-        x, y = next(iter_batches(data.train, batches0[:1], cfg.num_workers))
-        x, y = normalize(x.to(device), data.mean, data.std), y.to(device)
-        check_logits(model, x, data)
-        s.use_bf16 = choose_bf16(cfg.bf16, model, x, y)
-        if world > 1:  # one timing decides for every rank
-            flag = [s.use_bf16]
-            dist.broadcast_object_list(flag, src=0)
-            s.use_bf16 = bool(flag[0])
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [device.index] if device.type == "cuda" else None
-        s.train_module = DistributedDataParallel(model, device_ids=ids)
-    return s
-
-
-def run_epoch(s: _Session, epoch: int, progress: bool) -> dict:
+def run_epoch(s: Session, epoch: int, progress: bool) -> dict:
     """Train one epoch, average the batch-norm statistics over ranks, validate; the epoch's
     row of metrics. Raises FloatingPointError (on every rank) when the loss diverged."""
     cfg, data, device, rank, world = s.cfg, s.data, s.device, s.rank, s.world
@@ -376,7 +289,7 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _result(s: _Session, elapsed: float, out_dir: Path | None) -> TrainResult:
+def _result(s: Session, elapsed: float, out_dir: Path | None) -> TrainResult:
     history, cfg = s.history, s.cfg
     done = len(history)
     last = history[-1] if history else {}

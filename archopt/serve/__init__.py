@@ -2,7 +2,8 @@
 
 ``Engine`` (engine.py) steps the model over many requests at once; ``Scheduler``
 (scheduler.py) decides who runs; ``app.py`` serves it over HTTP (starlette and uvicorn,
-imported only there).
+imported only there), with ``protocol.py`` for the OpenAI API's side: requests parsed and
+checked, errors, whole and streamed (server-sent events) responses.
 """
 
 from archopt.serve.engine import Engine

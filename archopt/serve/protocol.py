@@ -1,0 +1,289 @@
+"""The OpenAI API's side of the server: requests parsed and checked into the engine's terms
+(the body, the API key, the prompt of a chat or a completion, the sampling parameters), errors
+as OpenAI's ``{"error": {...}}`` bodies, and responses shaped as OpenAI's: a whole completion,
+the server-sent events of a streamed one, and the metrics as Prometheus text. Nothing of
+starlette's but the one JSON response of an error, imported when one is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from archopt.serve.scheduler import Request, SamplingParams
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.code = code
+        self.type = {401: "authentication_error", 503: "service_unavailable"}.get(
+            status, "invalid_request_error"
+        )
+
+
+def error_response(err: APIError):
+    from starlette.responses import JSONResponse
+
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param}}
+    body["error"]["code"] = err.code
+    return JSONResponse(body, status_code=err.status)
+
+
+# -- request parsing --------------------------------------------------------------------------
+def _number(body: dict, key: str, default, *, kind=float, low=None, high=None, low_open=False):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        bounds = f"{'>' if low_open else '>='} {low}" if low is not None else ""
+        if high is not None:
+            bounds += f"{' and ' if bounds else ''}<= {high}"
+        what = "an integer" if kind is int else "a number"
+        raise APIError(400, f"{key} must be {what} {bounds}, got {value!r}".strip(), param=key)
+    return value
+
+
+def sampling_params(body: dict, prompt_len: int, capacity: int, default_max: int | None):
+    room = capacity - prompt_len
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, key, default_max, kind=int, low=1)
+    if max_tokens is None:
+        max_tokens = room
+    if max_tokens > room:
+        raise APIError(
+            400,
+            f"this model's context holds {capacity} tokens, and the prompt has {prompt_len}: "
+            f"{key} must be at most {room}, got {max_tokens}",
+            param=key,
+            code="context_length_exceeded",
+        )
+    n = _number(body, "n", 1, kind=int, low=1)
+    if n != 1:
+        raise APIError(400, f"n must be 1 (one choice per request), got {n}", param="n")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+        msg = f"stop must be a string or a list of strings, got {stop!r}"
+        raise APIError(400, msg, param="stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
+        raise APIError(400, f"stop_token_ids must be a list of integers, got {stop_ids!r}")
+    top_k = body.get("top_k")
+    if top_k is not None and top_k != -1:
+        top_k = _number(body, "top_k", None, kind=int, low=1)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, low=0, high=2),
+        top_p=_number(body, "top_p", 1.0, low=0, high=1, low_open=True),
+        top_k=None if top_k in (None, -1) else top_k,
+        seed=_number(body, "seed", None, kind=int),
+        stop=stop,
+        stop_token_ids=stop_ids,
+        ignore_eos=bool(body.get("ignore_eos", False)),
+    )
+
+
+def chat_prompt(tokenizer, messages) -> list[int]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of messages", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise APIError(
+                400,
+                f"messages[{i}] must be an object with a role of system, user or assistant, "
+                f"got {m!r}",
+                param="messages",
+            )
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: the text ones, joined
+            parts = [p.get("text") for p in content if isinstance(p, dict)]
+            if not all(isinstance(p, str) for p in parts) or len(parts) != len(content):
+                raise APIError(400, f"messages[{i}].content: only text parts are supported")
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise APIError(400, f"messages[{i}].content must be a string, got {content!r}")
+        clean.append({"role": m["role"], "content": content})
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise APIError(400, "this model has no chat template: use /v1/completions")
+    ids = tokenizer.apply_chat_template(clean, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    return [int(t) for t in ids]
+
+
+def completion_prompt(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise APIError(400, "this model has no tokenizer: send the prompt as token ids")
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        return [int(t) for t in tokenizer.encode(prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    raise APIError(
+        400,
+        f"prompt must be a non-empty string or list of token ids (one prompt), got {prompt!r}",
+        param="prompt",
+    )
+
+
+def parse_body(raw: bytes, model_name: str) -> dict:
+    """A request's JSON body: an object, naming this server's model if it names one."""
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the request body must be valid JSON: {e}") from None
+    if not isinstance(body, dict):
+        got = type(body).__name__
+        raise APIError(400, f"the request body must be a JSON object, got {got}")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise APIError(
+            400,
+            f"model must be {model_name!r} (the one this server runs), got {model!r}",
+            param="model",
+            code="model_not_found",
+        )
+    return body
+
+
+def check_api_key(authorization: str, api_key: str | None) -> None:
+    """401 unless ``authorization`` is ``Bearer <api_key>`` (anything goes without a key)."""
+    if api_key is None:
+        return
+    given = authorization[7:] if authorization.lower().startswith("bearer ") else ""
+    if not secrets.compare_digest(given.encode(), api_key.encode()):
+        raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+
+def parse_generation(body: dict, engine, *, chat: bool):
+    """(prompt ids, SamplingParams, stream, include_usage) of a completion request for
+    ``engine`` (its tokenizer, capacity and prompt check)."""
+    if chat:
+        if "messages" not in body:
+            raise APIError(400, "messages is required", param="messages")
+        prompt = chat_prompt(engine.tokenizer, body["messages"])
+    else:
+        if "prompt" not in body:
+            raise APIError(400, "prompt is required", param="prompt")
+        prompt = completion_prompt(engine.tokenizer, body["prompt"])
+    if len(prompt) >= engine.capacity:
+        raise APIError(
+            400,
+            f"the prompt has {len(prompt)} tokens, and this model's context holds "
+            f"{engine.capacity}: shorten it",
+            param="messages" if chat else "prompt",
+            code="context_length_exceeded",
+        )
+    try:
+        params = sampling_params(body, len(prompt), engine.capacity, None if chat else 16)
+        engine.check_prompt(prompt)
+    except ValueError as e:
+        raise APIError(400, str(e)) from None
+    stream = bool(body.get("stream", False))
+    options = body.get("stream_options") or {}
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return prompt, params, stream, include_usage
+
+
+# -- responses ----------------------------------------------------------------------------------
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def whole_response(head: dict, req: Request, counts: dict, *, chat: bool) -> dict:
+    """The body of a finished, unstreamed completion: ``head`` (id, created, model), its one
+    choice and ``counts`` (its usage)."""
+    if chat:
+        message = {"role": "assistant", "content": req.text}
+        choice = {"index": 0, "message": message, "finish_reason": req.finish_reason}
+        obj = "chat.completion"
+    else:
+        choice = {"index": 0, "text": req.text, "logprobs": None,
+                  "finish_reason": req.finish_reason}  # fmt: skip
+        obj = "text_completion"
+    return {**head, "object": obj, "choices": [choice], "usage": counts}
+
+
+def _chunk_object(chat: bool) -> str:
+    return "chat.completion.chunk" if chat else "text_completion"
+
+
+def event(data: dict | str) -> str:
+    """One server-sent event: ``data: <json>`` (or the text as it is, for ``[DONE]``)."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def chunk(
+    head: dict,
+    delta: str | None,
+    finish: str | None,
+    *,
+    chat: bool,
+    include_usage: bool,
+    role: bool = False,
+) -> str:
+    """One streamed chunk as an event: new text, or the finish reason (or, for chat, the
+    opening ``role`` chunk)."""
+    if chat:
+        d = {"role": "assistant", "content": ""} if role else {}
+        if delta:
+            d["content"] = delta
+        choice = {"index": 0, "delta": d, "finish_reason": finish}
+    else:
+        choice = {"index": 0, "text": delta or "", "logprobs": None,
+                  "finish_reason": finish}  # fmt: skip
+    data = {**head, "object": _chunk_object(chat), "choices": [choice]}
+    if include_usage:
+        data["usage"] = None
+    return event(data)
+
+
+def usage_chunk(head: dict, counts: dict, *, chat: bool) -> str:
+    """The last chunk before ``[DONE]`` when the client asked for usage: no choices."""
+    return event({**head, "object": _chunk_object(chat), "choices": [], "usage": counts})
+
+
+def metrics_text(metrics: dict) -> str:
+    """The engine's metrics in Prometheus' text format."""
+    lines = []
+    for k, v in metrics.items():
+        kind = "counter" if k.endswith("_total") else "gauge"
+        lines += [f"# TYPE archopt_{k} {kind}", f"archopt_{k} {v}"]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "APIError",
+    "chat_prompt",
+    "check_api_key",
+    "chunk",
+    "completion_prompt",
+    "error_response",
+    "event",
+    "metrics_text",
+    "parse_body",
+    "parse_generation",
+    "sampling_params",
+    "usage",
+    "usage_chunk",
+    "whole_response",
+]

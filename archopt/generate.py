@@ -1,4 +1,6 @@
-"""Autoregressive decoding: prefill, one-token steps, sampling, streaming.
+"""Autoregressive decoding: the decode plan (eager or a compiled step), prefill, one-token
+steps, streams of tokens and of text. Sampling is ``archopt.sampling``'s, perplexity
+``archopt.perplexity``'s; both are importable from here too.
 
 ``cache="none"`` is the lecture's loop: every step re-runs the whole sequence, so step t costs
 O(t) matmul work and O(t^2) attention, and the run is quadratic in length. With a KV cache
@@ -29,6 +31,8 @@ from archopt.decode_step import (
     step_folder,
 )
 from archopt.ops.kv_cache import KVCache
+from archopt.perplexity import perplexity, reference_text
+from archopt.sampling import check_sampling, sample
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -194,48 +198,6 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def sample(
-    logits: torch.Tensor,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else top-k/top-p."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens before it already reach top_p (the first always stays).
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
-    import math
-
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not isinstance(temperature, int | float) or not math.isfinite(temperature):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
 @torch.inference_mode()
 def stream(
     model,
@@ -265,7 +227,7 @@ def stream(
     path gives the tokens of the eager model (the compiled step matches it to fp32 rounding).
     ``progress``: say on stderr when a first compile runs.
     """
-    _check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     cfg = model.config
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0
     ids, mask = _as_batch(input_ids, attention_mask, pad_id)
@@ -403,46 +365,19 @@ def stream_text(
             shown = text
 
 
-def reference_text(tokens: int | None = None, tokenizer=None) -> str:
-    """A fixed English text that ships with Python (the standard library's help topics).
-
-    Perplexity is measured on it so that every run, on every machine, scores the same words.
-    """
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in ("assert", "assignment", "if", "while", "for", "try"))
-    if tokens is not None and tokenizer is not None:
-        text = tokenizer.decode(tokenizer.encode(text)[:tokens])
-    return text
-
-
-@torch.inference_mode()
-def perplexity(model, ids, *, cache: str | KVCache | None = "dense", chunk: int = 64) -> float:
-    """exp(mean negative log-likelihood) of ``ids`` (1D), fed in ``chunk``-token steps through
-    ``cache`` so that the cache's approximations (int8, a window) shape what is scored."""
-    ids = torch.as_tensor(ids, dtype=torch.long)
-    if ids.dim() > 2 or (ids.dim() == 2 and ids.shape[0] != 1):
-        raise ValueError(
-            f"perplexity scores one sequence: ids must be (length,) or (1, length), got shape "
-            f"{tuple(ids.shape)} (score the rows one by one)"
-        )
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
-    ids = ids.reshape(1, -1)
-    n = ids.shape[1]
-    if n < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens, got {n}")
-    kv = model.make_cache(cache, reserve=n) if cache is not None else None
-    nll, count = 0.0, 0
-    for start in range(0, n - 1, chunk):
-        end = min(start + chunk, n - 1)
-        if kv is None:  # no cache: the whole prefix every time
-            logits = model(ids[:, :end])[:, start:end]
-        else:
-            logits = model(ids[:, start:end], cache=kv)
-        targets = ids[:, start + 1 : end + 1]
-        nll += torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1), targets.flatten(), reduction="sum"
-        ).item()
-        count += targets.numel()
-    return float(torch.tensor(nll / count).exp())
+# The public names, with those that live in archopt.sampling and archopt.perplexity.
+__all__ = [
+    "AUTO_COMPILE_TOKENS",
+    "COMPILE_MODES",
+    "DecodePlan",
+    "building_elsewhere",
+    "compiled_step",
+    "encode_prompt",
+    "generate",
+    "perplexity",
+    "plan_decode",
+    "reference_text",
+    "sample",
+    "stream",
+    "stream_text",
+]

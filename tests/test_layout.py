@@ -20,7 +20,17 @@ FLOORS = [
     {"ops"},  # building blocks, no model knowledge
     {"models"},  # one file per family, and the registry table they fill
     {"loading", "registry"},  # checkpoints (loading a pretrained model is a registry lookup)
-    {"generate", "decode_step", "step_graphs", "measure", "optimize", "export", "references"},
+    {
+        "generate",
+        "sampling",
+        "perplexity",
+        "decode_step",
+        "step_graphs",
+        "measure",
+        "optimize",
+        "export",
+        "references",
+    },
     {"pareto", "train", "serve", "search"},
     {"bench", "tour"},
     {"cli"},

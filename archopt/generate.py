@@ -1,6 +1,6 @@
 """Autoregressive decoding: the decode plan (eager or a compiled step), prefill, one-token
-steps, streams of tokens and of text. Sampling is ``archopt.sampling``'s, perplexity
-``archopt.perplexity``'s; both are importable from here too.
+steps, streams of tokens and of text. Sampling lives in ``archopt.sampling``, perplexity in
+``archopt.perplexity``.
 
 ``cache="none"`` is the lecture's loop: every step re-runs the whole sequence, so step t costs
 O(t) matmul work and O(t^2) attention, and the run is quadratic in length. With a KV cache
@@ -31,7 +31,6 @@ from archopt.decode_step import (
     step_folder,
 )
 from archopt.ops.kv_cache import KVCache
-from archopt.perplexity import perplexity, reference_text
 from archopt.sampling import check_sampling, sample
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -365,7 +364,7 @@ def stream_text(
             shown = text
 
 
-# The public names, with those that live in archopt.sampling and archopt.perplexity.
+# The public names.
 __all__ = [
     "AUTO_COMPILE_TOKENS",
     "COMPILE_MODES",
@@ -374,10 +373,7 @@ __all__ = [
     "compiled_step",
     "encode_prompt",
     "generate",
-    "perplexity",
     "plan_decode",
-    "reference_text",
-    "sample",
     "stream",
     "stream_text",
 ]

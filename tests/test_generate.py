@@ -4,8 +4,9 @@ tokens the uncached loop gives. The caches themselves: test_kv_cache.py."""
 import pytest
 import torch
 
-from archopt.generate import generate, sample, stream
+from archopt.generate import generate, stream
 from archopt.ops.cache_spec import make_cache
+from archopt.sampling import sample
 
 from .tiny_llama import rand_ids, sharp_tiny_llama
 
@@ -140,7 +141,7 @@ def test_generate_checks_its_arguments(model, kwargs, message):
 
 
 def test_perplexity_scores_one_sequence(model):
-    from archopt.generate import perplexity
+    from archopt.perplexity import perplexity
 
     ids = rand_ids(2, 20)
     with pytest.raises(ValueError, match=r"ids must be \(length,\) or \(1, length\), got shape"):

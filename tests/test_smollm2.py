@@ -74,7 +74,7 @@ def test_stream_text_chat(ours):
 
 
 def test_cache_kinds_perplexity_on_a_fixed_text(ours):
-    from archopt.generate import perplexity, reference_text
+    from archopt.perplexity import perplexity, reference_text
 
     ids = ours.tokenizer.encode(reference_text())[:512]
     dense = perplexity(ours, ids, cache="dense")

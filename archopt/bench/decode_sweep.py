@@ -69,9 +69,9 @@ def sweep(
     something); memory is weights plus the cache's bytes at that point; perplexity is on the
     fixed reference text, fed through the cache.
     """
-    from archopt.generate import perplexity, reference_text
     from archopt.loading.llm import WEIGHT_FORMATS
     from archopt.pareto import pareto_front, plot_front
+    from archopt.perplexity import perplexity, reference_text
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")

@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _system_text() -> str:
-    from archopt.generate import reference_text
+    from archopt.perplexity import reference_text
 
     return "You are a careful assistant. Here is a reference you may need:\n\n" + reference_text()
 

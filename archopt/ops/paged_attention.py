@@ -2,11 +2,23 @@
 
 A layer's pool is ``keys``/``values`` (Hkv, slots, d); a sequence's tokens sit in the slots of
 its block table. Masks are bool (B, 1, T, S), True = attend, built from each slot's position
-(``visible``). The plans (``PagedKVCache`` picks one per step; its docstring says why):
+(``visible``). The plans (``plan_attention``, run by ``attend_planned``; ``PagedKVCache``
+picks one per step by its ``attention``):
 
-- ``attend_row``: one row alone over its own whole blocks, in place when they are consecutive;
-- ``attend_span``: every row against the span of the batch's blocks, under a mask;
-- ``attend_gathered``: every row's slots copied out in table order, the reference.
+- ``"auto"`` (the default): every row alone, as if it were the only sequence. A row whose
+  blocks are consecutive (the usual case: the allocator hands out the lowest free ids) reads
+  them in place, a strided view of each layer's pool; other rows copy their own blocks out.
+  One SDPA call per row, over that row's whole blocks only: its sums are then the same numbers
+  in the same order whether it runs alone or batched, which is what keeps greedy decoding
+  identical alone and batched even with bf16 activations (as the GGUF kernels use), where any
+  other order of summation flips near ties. Padding rows to a common width does not: SDPA
+  tiles keys by their padded length (benchmarks/RESULTS.md, serving);
+- ``"span"``: no copy at any batch size. The batch's blocks lie within one span of block ids, a
+  strided view of the pool; all rows are scored against the span at once under a mask from the
+  block tables (llama.cpp's unified KV cache does the same). It reads every slot once but
+  multiplies rows by slots, and its sums depend on where the other rows' blocks lie, so it is
+  exact only up to rounding.
+- ``"gather"``: the reference, every step copied out (what ``update`` returns too).
 
 ``DecodeView`` is the cache a compiled one-token step sees (``archopt.step_graphs``): the
 pools and each row's slots as tensors, so the whole step is one graph with no Python between
@@ -53,6 +65,71 @@ def table_slots(
     slots = (table[:, :, None] * block_size + torch.arange(block_size)).reshape(len(tables), -1)
     slots = torch.where(table.repeat_interleave(block_size, dim=1) >= 0, slots, trash)
     return slots.to(device)
+
+
+def plan_attention(
+    attention: str,
+    tables: list[list[int]],
+    positions: torch.Tensor,
+    slot_pos: torch.Tensor,
+    block_size: int,
+    trash: int,
+) -> tuple:
+    """How a step's attention reads the pool: ``("rows", [row plan, ...])``, every row alone
+    (``row_plan``); ``("span", lo, hi, mask)``, every row against the span of the batch's
+    blocks; ``("gather", slots, mask)``, each row's blocks copied out in table order, padded
+    to the widest. ``tables``: each row's blocks; ``positions`` (B, T): the step's queries."""
+    bs, device = block_size, slot_pos.device
+    b = positions.shape[0]
+    if attention == "auto":
+        rows = enumerate(tables)
+        return ("rows", [row_plan(tb, positions[r : r + 1], slot_pos, bs, trash) for r, tb in rows])
+    if attention == "span":
+        used = [x for tb in tables for x in tb]
+        lo_b, hi_b = min(used), max(used) + 1
+        member = torch.zeros(b, hi_b - lo_b, dtype=torch.bool)
+        for r, tb in enumerate(tables):
+            if tb:
+                member[r, torch.tensor(tb) - lo_b] = True
+        member = member.to(device).repeat_interleave(bs, dim=1)  # (B, S)
+        k_pos = torch.where(member, slot_pos[lo_b * bs : hi_b * bs], -1)
+        return ("span", lo_b * bs, hi_b * bs, visible(positions, k_pos))
+    slots = table_slots(tables, bs, trash, device)  # (B, S)
+    return ("gather", slots, visible(positions, slot_pos[slots]))
+
+
+def row_plan(table, positions, slot_pos, block_size, trash) -> tuple:
+    """One row alone: ``(lo, hi, mask)`` for consecutive blocks read in place, or
+    ``(slots, None, mask)`` for its own blocks copied out; whole blocks either way."""
+    bs = block_size
+    if table and table == list(range(table[0], table[0] + len(table))):
+        lo, hi = table[0] * bs, (table[0] + len(table)) * bs
+        return (lo, hi, visible(positions, slot_pos[lo:hi][None]))
+    slots = table_slots([table], bs, trash, slot_pos.device)
+    return (slots.reshape(-1), None, visible(positions, slot_pos[slots]))
+
+
+def grouped_plan(plan: tuple, t: int, g: int) -> tuple:
+    """``plan`` with its masks laid out for queries of ``t`` tokens, ``g`` heads per kv head."""
+    kind, *rest = plan
+    if kind == "rows":
+        return (kind, [(a, z, grouped(m, t, g)) for a, z, m in rest[0]])
+    return (kind, *rest[:-1], grouped(rest[-1], t, g))
+
+
+def attend_planned(plan: tuple, q, keys, values):
+    """Attention (B, Hq, T, d) of q (B, Hq, T, d) over a layer's pools by a grouped plan."""
+    b, hq, t, d = q.shape
+    h = keys.shape[0]
+    kind, *where = plan
+    qg = q.reshape(b, h, hq // h * t, d)  # grouped-query heads as extra query rows
+    if kind == "rows":
+        out = [attend_row(qg[r : r + 1], keys, values, *p) for r, p in enumerate(where[0])]
+        return torch.cat(out).view(b, hq, t, d)
+    *where, mask = where
+    if kind == "span":
+        return attend_span(q, keys, values, *where, mask)
+    return attend_gathered(qg, keys, values, where[0], mask).view(b, hq, t, d)
 
 
 def attend_row(q, keys, values, lo, hi, mask):

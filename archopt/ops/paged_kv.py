@@ -18,22 +18,10 @@ digest is a 128-bit BLAKE2b, not Python's ``hash``, so a collision (wrong keys s
 request) is not a practical concern. Shared blocks are reference counted; a write into a shared
 (or registered) block first copies it (copy-on-write).
 
-Attention (``attend``) has three plans, chosen per step by ``attention``:
-
-- ``"auto"`` (the default): every row alone, as if it were the only sequence. A row whose
-  blocks are consecutive (the usual case: the allocator hands out the lowest free ids) reads
-  them in place, a strided view of each layer's pool; other rows copy their own blocks out.
-  One SDPA call per row, over that row's whole blocks only: its sums are then the same numbers
-  in the same order whether it runs alone or batched, which is what keeps greedy decoding
-  identical alone and batched even with bf16 activations (as the GGUF kernels use), where any
-  other order of summation flips near ties. Padding rows to a common width does not: SDPA
-  tiles keys by their padded length (benchmarks/RESULTS.md, issue 18);
-- ``"span"``: no copy at any batch size. The batch's blocks lie within one span of block ids, a
-  strided view of the pool; all rows are scored against the span at once under a mask from the
-  block tables (llama.cpp's unified KV cache does the same). It reads every slot once but
-  multiplies rows by slots, and its sums depend on where the other rows' blocks lie, so it is
-  exact only up to rounding.
-- ``"gather"``: the reference, every step copied out (what ``update`` returns too).
+Attention (``attend``) follows one of three plans per step, chosen by ``attention``: ``"auto"``
+(every row alone over its own blocks, so a request's sums do not depend on its batch),
+``"span"`` (no copy, exact up to rounding) and ``"gather"`` (the reference); see
+``archopt.ops.paged_attention``, whose docstring says why each exists.
 
 The plans are in ``archopt.ops.paged_attention``, with the view a compiled one-token step reads
 the pool through (``decode_inputs`` prepares its tensors; the serving engine decodes with it);
@@ -53,11 +41,10 @@ import torch
 
 from archopt.ops.paged_attention import (
     ATTENTION_BACKENDS,
-    attend_gathered,
-    attend_row,
-    attend_span,
+    attend_planned,
     gathered,
-    grouped,
+    grouped_plan,
+    plan_attention,
     table_slots,
     visible,
 )
@@ -371,7 +358,8 @@ class PagedKVCache:
     def _begin(self, positions: torch.Tensor) -> None:
         """Slots of this forward's tokens (written by every layer) and the attention plan."""
         slots, tables = self._advance(positions)
-        self._step = (slots, self._plan(tables, positions))
+        args = (tables, positions, self.slot_pos, self.block_size, self._trash)
+        self._step = (slots, plan_attention(self.attention, *args))
 
     def decode_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For a compiled one-token step (``archopt.ops.paged_attention.DecodeView``) over the
@@ -385,41 +373,6 @@ class PagedKVCache:
 
     def _slots_of(self, tables: list[list[int]]) -> torch.Tensor:
         return table_slots(tables, self.block_size, self._trash, self.device)
-
-    def _plan(self, tables: list[list[int]], positions: torch.Tensor) -> tuple:
-        """How this step's attention reads the pool: ``("rows", [row plan, ...])``, every row
-        alone (``_row_plan``); ``("span", lo, hi, mask)``, every row against the span of the
-        batch's blocks; ``("gather", slots, mask)``, each row's blocks copied out in table
-        order, padded to the widest. Masks are bool (B, 1, T, S), True = attend."""
-        bs = self.block_size
-        b = positions.shape[0]
-        if self.attention == "auto":
-            return (
-                "rows",
-                [self._row_plan(tb, positions[r : r + 1]) for r, tb in enumerate(tables)],
-            )
-        if self.attention == "span":
-            used = [x for tb in tables for x in tb]
-            lo_b, hi_b = min(used), max(used) + 1
-            member = torch.zeros(b, hi_b - lo_b, dtype=torch.bool)
-            for r, tb in enumerate(tables):
-                if tb:
-                    member[r, torch.tensor(tb) - lo_b] = True
-            member = member.to(self.device).repeat_interleave(bs, dim=1)  # (B, S)
-            k_pos = torch.where(member, self.slot_pos[lo_b * bs : hi_b * bs], -1)
-            return ("span", lo_b * bs, hi_b * bs, visible(positions, k_pos))
-        slots = self._slots_of(tables)  # (B, S)
-        return ("gather", slots, visible(positions, self.slot_pos[slots]))
-
-    def _row_plan(self, table: list[int], positions: torch.Tensor) -> tuple:
-        """One row alone: ``(lo, hi, mask)`` for consecutive blocks read in place, or
-        ``(slots, None, mask)`` for its own blocks copied out; whole blocks either way."""
-        bs = self.block_size
-        if table and table == list(range(table[0], table[0] + len(table))):
-            lo, hi = table[0] * bs, (table[0] + len(table)) * bs
-            return (lo, hi, visible(positions, self.slot_pos[lo:hi][None]))
-        slots = self._slots_of([table])
-        return (slots.reshape(-1), None, visible(positions, self.slot_pos[slots]))
 
     def _write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         slots = self._step[0]
@@ -449,28 +402,10 @@ class PagedKVCache:
         positions: torch.Tensor,
     ) -> torch.Tensor:
         """Write ``k``/``v`` (B, Hkv, T, d) and return attention (B, Hq, T, d) for ``q``
-        (B, Hq, T, d), by the step's plan (see ``_plan``)."""
-        b, hq, t, d = q.shape
-        h = self.kv_heads
-        g = hq // h
+        (B, Hq, T, d), by the step's plan (``plan_attention``)."""
         if layer == 0:
             self._begin(positions)
-            kind, *rest = self._step[1]
-            if kind == "rows":
-                rows = [(a, z, grouped(m, t, g)) for a, z, m in rest[0]]
-                self._step = (self._step[0], (kind, rows))
-            else:
-                self._step = (self._step[0], (kind, *rest[:-1], grouped(rest[-1], t, g)))
+            slots, plan = self._step
+            self._step = (slots, grouped_plan(plan, q.shape[2], q.shape[1] // k.shape[1]))
         self._write(layer, k, v)
-        kind, *where = self._step[1]
-        keys, values = self.keys[layer], self.values[layer]
-        qg = q.reshape(b, h, g * t, d)  # grouped-query heads as extra query rows
-        if kind == "rows":
-            out = [
-                attend_row(qg[r : r + 1], keys, values, *plan) for r, plan in enumerate(where[0])
-            ]
-            return torch.cat(out).view(b, hq, t, d)
-        *where, mask = where
-        if kind == "span":
-            return attend_span(q, keys, values, *where, mask)
-        return attend_gathered(qg, keys, values, where[0], mask).view(b, hq, t, d)
+        return attend_planned(self._step[1], q, self.keys[layer], self.values[layer])

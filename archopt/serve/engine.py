@@ -29,8 +29,8 @@ from collections.abc import Sequence
 import torch
 
 from archopt import decode_step
-from archopt.generate import sample
 from archopt.ops.paged_kv import PagedKVCache
+from archopt.sampling import sample
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 
 __all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]

@@ -39,8 +39,9 @@ def kv_cache_section(
 ) -> Section:
     """Decoding with and without a KV cache on SmolLM2-135M, and what each cache kind costs."""
     from archopt.bench.decode import plot, step_times
-    from archopt.generate import perplexity, reference_text, stream_text
+    from archopt.generate import stream_text
     from archopt.measure import num_threads
+    from archopt.perplexity import perplexity, reference_text
 
     positions = [16, 64] if quick else [32, 128, 512]
     steps = 2 if quick else 4

@@ -107,6 +107,28 @@ def test_self_attention_module_matches_hf():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+def test_padded_hidden_states_never_reach_local_or_global_rows(bad):
+    """Masks win over values: whatever a padded position holds, the real tokens' outputs
+    (local rows and the global ones, which attend every token) are those with zeros there."""
+    from archopt.models.longformer import LongformerSelfAttention
+
+    torch.manual_seed(3)
+    attn = LongformerSelfAttention(32, 4, window=4).eval()
+    h = torch.randn(2, 19, 32)
+    pad = torch.zeros(2, 19, dtype=torch.bool)
+    pad[1, -5:] = True
+    glob = torch.zeros(2, 19, dtype=torch.bool)
+    glob[:, [0, 6]] = True
+    clean, dirty = h.clone(), h.clone()
+    clean[pad] = 0.0
+    dirty[pad] = bad
+    with torch.no_grad():
+        want, got = attn(clean, glob, pad), attn(dirty, glob, pad)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_preset_shapes_and_bad_input():
     model = archopt.create_model("longformer_base_4096")
     assert count_params(model) == 148_659_456

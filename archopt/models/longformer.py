@@ -126,7 +126,13 @@ class LongformerSelfAttention(nn.Module):
         q = self._heads(self.query_global(picked))  # (B, H, G, dh)
         k = self._heads(self.key_global(hidden))  # (B, H, N, dh)
         v = self._heads(self.value_global(hidden))
-        keep = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, N)
+        keep = None
+        if padding_mask is not None:
+            keep = ~padding_mask[:, None, None, :]  # (B, 1, 1, N)
+            # Masks win over values (as in local_attention): a padded key or value that is not
+            # finite must not reach a global row through 0 * NaN, so padding reads as zeros.
+            pad = padding_mask[:, None, :, None]
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
         rows = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, H, G, dh)
         index = order[:, None, :, None].expand(-1, out.shape[1], -1, out.shape[-1])
         rows = torch.where(valid[:, None, :, None], rows, out.gather(2, index))

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from archopt.bench.common import machine_line
-from archopt.io import check_writable
+from archopt.io import atomic_write_text, check_writable
 from archopt.measure import interleaved
 from archopt.report import ArgumentParser, int_in, save_figure
 
@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     report = run(args)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1, default=float) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=1, default=float) + "\n")
     print(format_report(report))
     sys.stdout.flush()
 

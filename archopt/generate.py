@@ -13,6 +13,7 @@ Batches of prompts of different lengths are left-padded; each row gets its own p
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -79,6 +80,9 @@ class DecodePlan:
     compile_seconds: float = 0.0
     static_shapes: bool = False  # torch.compile'd steps: a fixed cache size (no recompiles)
     after: Callable[[], object] | None = None
+    # Threads to decode with, when fewer than torch's: one while a build runs beside this run
+    # (with every core busy, OpenMP threads wait on each other at each barrier, 10-40x slower).
+    threads: int | None = None
 
     def finish(self) -> None:
         after, self.after = self.after, None
@@ -125,7 +129,8 @@ def plan_decode(
         if new_tokens < AUTO_COMPILE_TOKENS:
             eager = "dense" if cache == "auto" else cache
             if building_elsewhere(model):
-                return DecodePlan(eager, how="eager (the compiled step is still being built)")
+                how = "eager on one thread (the compiled step is still being built)"
+                return DecodePlan(eager, how=how, threads=1)
             if can_build_in_background(model):
                 how = "eager (the compiled step will be built in the background for later runs)"
                 return DecodePlan(eager, how=how, after=lambda: build_in_background(model))
@@ -260,9 +265,24 @@ def stream(
         positions = torch.where(mask, positions + kv.length, -1)
     done = torch.zeros(b, dtype=torch.bool, device=device)
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-    yield from _decode(model, plan, kv, ids, positions, done, max_new_tokens, stop_ids, pad_id,
-                       sampling)  # fmt: skip
+    with _fewer_threads(plan.threads):
+        yield from _decode(model, plan, kv, ids, positions, done, max_new_tokens, stop_ids,
+                           pad_id, sampling)  # fmt: skip
     plan.finish()  # only after a whole run: a failed or abandoned one starts nothing
+
+
+@contextlib.contextmanager
+def _fewer_threads(n: int | None):
+    """torch's thread count lowered to ``n`` inside (never raised), restored after."""
+    old = torch.get_num_threads()
+    if n is None or n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _decode(model, plan, kv, tokens, token_pos, done, max_new_tokens, stop_ids, pad_id, sampling):

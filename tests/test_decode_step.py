@@ -12,7 +12,7 @@ import torch
 
 import archopt
 from archopt import decode_step as ds
-from archopt.generate import generate, plan_decode
+from archopt.generate import generate, plan_decode, stream
 
 pytest.importorskip("safetensors")
 
@@ -171,6 +171,25 @@ def test_without_a_writable_cache_auto_runs_eager(tmp_path, monkeypatch):
     plan = plan_decode(m)
     assert plan.step is None and plan.cache == "dense"
     assert ds.build_in_background(m) is None
+
+
+def test_while_a_build_runs_beside_it_auto_decodes_on_one_thread(cache_root):
+    """With every core busy, OpenMP threads wait on each other at every barrier: beside a
+    build, the eager run takes one thread (and gives the rest back when it ends)."""
+    torch.manual_seed(1)
+    m = archopt.create_model("llama-tiny", max_position_embeddings=128).eval()
+    folder = ds.step_folder(m)
+    folder.mkdir(parents=True)
+    (folder / ds.LOCK_FILE).write_text(str(os.getpid()))  # a live builder: this process
+    before = torch.get_num_threads()
+    plan = plan_decode(m)
+    assert plan.step is None and plan.threads == 1 and "still being built" in plan.how
+    seen = []
+    for _ in stream(m, [[1, 2, 3]], 4, stop=None):
+        seen.append(torch.get_num_threads())
+    assert seen == [1] * 4 and torch.get_num_threads() == before
+    (folder / ds.LOCK_FILE).unlink()
+    assert plan_decode(m).threads is None
 
 
 # -- the paged step (the serving engine's decode batch) -------------------------------------

@@ -402,16 +402,22 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
     monkeypatch.setattr(ds, "can_build_in_background", lambda model: True)
     monkeypatch.setattr(ds, "build_in_background", start_build)
     monkeypatch.setattr(engine_module, "POLL_BUILD_S", 0.0)
-    engine = Engine(tiny, block_size=4)
-    assert engine.compile_how.startswith("eager until")
-    first = engine.generate([[1, 2, 3]], GREEDY)[0].output
-    assert engine.compiled is None
-    shutil.copytree(built, folder, dirs_exist_ok=True)  # the build lands, its lock goes
-    (folder / ds.LOCK_FILE).unlink()
-    engine.generate([[4, 5, 6]], GREEDY)
-    assert engine.compiled is not None and engine.compile_how == "aot (built in the background)"
-    assert len(first) == 12
-    assert_no_leaks(engine)
+    threads = torch.get_num_threads()
+    try:
+        engine = Engine(tiny, block_size=4)
+        assert engine.compile_how.startswith("eager until")
+        engine.generate([[1, 2, 3]], GREEDY)
+        assert engine.compiled is None
+        assert torch.get_num_threads() == 1  # beside a build, one thread
+        shutil.copytree(built, folder, dirs_exist_ok=True)  # the build lands, its lock goes
+        (folder / ds.LOCK_FILE).unlink()
+        engine.generate([[4, 5, 6]], GREEDY)
+        assert engine.compiled is not None
+        assert engine.compile_how == "aot (built in the background)"
+        assert torch.get_num_threads() == threads
+        assert_no_leaks(engine)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_bad_compile_mode_is_a_sentence(tiny):

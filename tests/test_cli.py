@@ -132,6 +132,8 @@ BAD_ARGUMENTS = [
     (["bench", "serve", "--streams", "0"], "--streams: must be in [1, 4096], got 0"),
     (["bench", "serve", "--plot", "{dir}"], "--plot must be a file path"),
     (["bench", "search", "--budget", "0"], "--budget: must be in [1, 100000], got 0"),
+    (["bench", "predictor", "--max-ms", "0"], "--max-ms: must be"),
+    (["bench", "predictor", "--candidates", "2"], "--candidates: must be in [3, 10000], got 2"),
     (["bench", "search", "--out", "{file}"], "--out must be a folder, got"),
     (["generate", "--temperature", "nan"], "--temperature: must be a finite number in [0, 100]"),
     (["generate", "--top-p", "0"], "--top-p: must be a finite number in (0, 1], got 0"),

@@ -345,3 +345,17 @@ def test_cli_search_list_spaces_and_errors(capsys, tmp_path):
         err = capsys.readouterr().err.strip()
         assert code == 2
         assert err.startswith("archopt: error:") and msg in err and "\n" not in err
+
+
+def test_bench_predictor_reports_held_out_candidates(tmp_path):
+    from archopt.bench.predictor import main
+
+    out = tmp_path / "p.json"
+    r = main(["--candidates", "4", "--calibrate", "1", "--repeats", "2", "--quiet",
+              "--json", str(out)])  # fmt: skip
+    assert r["held_out"] == 3 and len(r["rows"]) == 4
+    for fit in ("median_ratio", "affine"):
+        assert 0.0 <= r[fit]["within_10pct"] <= 1.0 and r[fit]["n"] == 3
+    s = [row["kernel_sum_ms"] for row in r["rows"]]
+    assert r["median_ratio"]["a"] == pytest.approx(r["rows"][0]["measured_ms"] / s[0])
+    assert json.loads(out.read_text())["held_out"] == 3

@@ -104,6 +104,7 @@ BENCH_SUITES = {
     "quant-linear": "quant_linear",
     "serve": "serve",
     "search": "search",
+    "predictor": "predictor",
 }
 
 

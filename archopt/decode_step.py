@@ -17,8 +17,10 @@ int4 kernel's group sizes) are recorded while compiling and kept beside it.
 
 An entry is keyed by the model's structure (config, layer types, tensor names, shapes and
 dtypes), the thread count (inductor decides per thread count which loops to parallelise),
-torch's version, the CPU's vector capability and the kind's format. It is written with its record
-last, so an interrupted build leaves no entry; one that fails to load is removed and rebuilt.
+torch's version, the CPU's vector capability, the kind's format and the key of archopt's CPU
+kernels its graph calls (``archopt.ops.cpu_kernels``; "torch" where they cannot be built). It
+is written with its record last, so an interrupted build leaves no entry; one that fails to
+load is removed and rebuilt.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 from archopt.io import atomic_write_text, writable_cache_dir
+from archopt.ops import cpu_kernels
 from archopt.step_graphs import KINDS, MAX_BATCH, CompiledPagedStep, CompiledStep
 
 SUBDIR = "steps"
@@ -70,6 +73,7 @@ def step_key(model: nn.Module, threads: int | None = None, kind: str = "static")
     ]
     parts = [
         KINDS[kind].format,
+        _kernels_key() if KINDS[kind].kernels else "",
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         str(threads or torch.get_num_threads()),
@@ -78,6 +82,12 @@ def step_key(model: nn.Module, threads: int | None = None, kind: str = "static")
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     prefix = type(model).__name__.lower() + ("" if kind == "static" else f"-{kind}")
     return f"{prefix}-{digest}"
+
+
+def _kernels_key() -> str:
+    """The C++ kernels a step of a kind that uses them is built with: their key, or "torch"
+    where they cannot be built (the step then runs the torch expressions)."""
+    return "torch" if cpu_kernels.why_unavailable() else cpu_kernels.key()
 
 
 def step_folder(model: nn.Module, kind: str = "static") -> Path | None:
@@ -156,12 +166,14 @@ def build_step(
     model.rope.reserve(cfg.max_position_embeddings)
     graph = KINDS[kind].graph
     example, dynamic = graph.example(model)
+    kernels = KINDS[kind].kernels and cpu_kernels.load(build=True)
+    module = graph(model, kernel=True) if kernels else graph(model)
     folder.mkdir(parents=True, exist_ok=True)
     for stale in (RECORD_FILE, PACKAGE_FILE, CONSTANTS_FILE):
         (folder / stale).unlink(missing_ok=True)
     message = "compiling the decode step (once per model and machine, about a minute)..."
     with _Progress(message, progress), torch.no_grad():
-        exported = torch.export.export(graph(model), example, dynamic_shapes=dynamic, strict=False)
+        exported = torch.export.export(module, example, dynamic_shapes=dynamic, strict=False)
         with _recording_anonymous_constants() as made:
             torch._inductor.aoti_compile_and_package(
                 exported,
@@ -184,6 +196,7 @@ def build_step(
         "weights": cfg.extra.get("weights"),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "kernels": cpu_kernels.key() if kernels else None,
         "compile_seconds": round(seconds, 1),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -202,6 +215,8 @@ def load_step(model: nn.Module, folder: Path, kind: str = "static") -> CompiledS
         expected = KINDS[kind].format
         if record.get("format") != expected or record.get("key") != folder.name:
             raise ValueError(f"record {record.get('format')!r}, expected {expected!r}")
+        if record.get("kernels") and not cpu_kernels.load():
+            raise ValueError(f"archopt's CPU kernels {record['kernels']} are not built here")
         made = load_file(str(folder / CONSTANTS_FILE))
         model.rope.reserve(model.config.max_position_embeddings)
         runner = torch._C._aoti.AOTIModelPackageLoader(

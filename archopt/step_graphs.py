@@ -6,6 +6,10 @@ loads them):
 
 - ``static``: the static cache's tensors as inputs, written in place (``generate``'s default
   path). The batch and the number of cache slots are dynamic.
+
+Both attend with archopt's C++ decode-attention kernels where they build
+(``archopt.ops.cpu_kernels``: each row reads only the slots it sees, in place), else with the
+torch expressions those kernels are tested against.
 - ``paged``: a paged cache's pools (per layer, written in place), each row's write slot and
   read slots (``archopt.ops.paged_attention.DecodeView``); the serving engine's decode batch.
   The batch, the read span and the pool's size are dynamic, so one library serves every batch,
@@ -23,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from archopt.ops.kv_cache import StaticCache
+from archopt.ops.kv_cache import StaticCache, StaticDecodeView
 from archopt.ops.paged_attention import DecodeView
 
 # Examples are exported with sizes above 1, so that export keeps them dynamic (a size of 1
@@ -33,14 +37,16 @@ MAX_BATCH = 256
 
 
 class StaticGraph(nn.Module):
-    """logits (B, vocab) of the next token, the static cache's tensors as (mutated) inputs."""
+    """logits (B, vocab) of the next token, the static cache's tensors as (mutated) inputs;
+    ``kernel``: the attention by archopt's C++ kernel (``StaticDecodeView``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kernel: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.kernel = model, kernel
 
     def forward(self, tokens, positions, cursor, cache_positions, keys, values):
-        kv = StaticCache.over(cursor, cache_positions, keys, values)
+        view = StaticDecodeView if self.kernel else StaticCache
+        kv = view.over(cursor, cache_positions, keys, values)
         return self.model(tokens, positions=positions, cache=kv, last_only=True)[:, -1]
 
     @staticmethod
@@ -71,14 +77,15 @@ class CompiledStep:
 
 
 class PagedGraph(nn.Module):
-    """logits (B, vocab) of the next token, a paged cache's pools as (mutated) inputs."""
+    """logits (B, vocab) of the next token, a paged cache's pools as (mutated) inputs;
+    ``kernel``: the attention by archopt's C++ kernel (``DecodeView``)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, kernel: bool = False) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.kernel = model, kernel
 
     def forward(self, tokens, positions, write_slots, read_slots, slot_pos, keys, values):
-        view = DecodeView(write_slots, read_slots, slot_pos, keys, values)
+        view = DecodeView(write_slots, read_slots, slot_pos, keys, values, self.kernel)
         return self.model(tokens, positions=positions, cache=view, last_only=True)[:, -1]
 
     @staticmethod
@@ -123,14 +130,16 @@ class CompiledPagedStep:
 @dataclass(frozen=True)
 class StepKind:
     """What ``archopt.decode_step`` needs of a kind: its format (part of the key), the module
-    it exports (with ``example(model)``) and the wrapper of the loaded library."""
+    it exports (with ``example(model)``), the wrapper of the loaded library, and whether its
+    graph calls archopt's C++ kernels where they build (``archopt.ops.cpu_kernels``)."""
 
     format: str
     graph: type[nn.Module]
     wrapper: type
+    kernels: bool = False
 
 
 KINDS = {
-    "static": StepKind("archopt.step/1", StaticGraph, CompiledStep),
-    "paged": StepKind("archopt.paged-step/1", PagedGraph, CompiledPagedStep),
+    "static": StepKind("archopt.step/1", StaticGraph, CompiledStep, kernels=True),
+    "paged": StepKind("archopt.paged-step/1", PagedGraph, CompiledPagedStep, kernels=True),
 }

@@ -135,6 +135,8 @@ BAD_ARGUMENTS = [
     (["bench", "predictor", "--max-ms", "0"], "--max-ms: must be"),
     (["bench", "predictor", "--candidates", "2"], "--candidates: must be in [3, 10000], got 2"),
     (["bench", "search", "--out", "{file}"], "--out must be a folder, got"),
+    (["bench", "decode-kernels", "--batches", "0"], "--batches: must be in [1, 256], got 0"),
+    (["bench", "decode-kernels", "--json", "{dir}"], "--json must be a file path"),
     (["generate", "--temperature", "nan"], "--temperature: must be a finite number in [0, 100]"),
     (["generate", "--top-p", "0"], "--top-p: must be a finite number in (0, 1], got 0"),
     (["cache", "purge"], "argument action: invalid choice: 'purge'"),

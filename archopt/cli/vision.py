@@ -105,6 +105,7 @@ BENCH_SUITES = {
     "serve": "serve",
     "search": "search",
     "predictor": "predictor",
+    "decode-kernels": "decode_kernels",
 }
 
 

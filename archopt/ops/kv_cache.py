@@ -232,6 +232,20 @@ class StaticCache(KVCache):
         return self.keys[layer], self.values[layer], self._mask
 
 
+class StaticDecodeView(StaticCache):
+    """A static cache inside a compiled one-token step (``archopt.step_graphs``) whose attention
+    is archopt's C++ kernel (``torch.ops.archopt.static_decode_attention``, loaded by
+    ``archopt.ops.cpu_kernels``): it writes the token as ``update`` does, then scores only the
+    slots each row sees, where the torch expression scores the whole capacity under a mask.
+    Equal to it to rounding, each row's sums in an order that does not depend on its batch."""
+
+    def attend(self, layer, q, k, v, positions):
+        keys, values, _ = self.update(layer, k, v, positions)
+        return torch.ops.archopt.static_decode_attention(
+            q, keys, values, self.positions, positions, q.shape[-1] ** -0.5
+        )
+
+
 def position_mask(
     q_pos: torch.Tensor,
     k_pos: torch.Tensor,

@@ -26,7 +26,10 @@ layers. It writes each row's token, copies each row's slots out (one copy per la
 price of a graph whose shapes do not follow the block tables) and attends with two batched
 products, each row's sums in the same order whatever the batch, so a request's greedy tokens
 do not depend on who shares its batch. Its reference is ``attend_gathered`` (tests compare
-them).
+them). With ``kernel=True`` the attention is one call per layer to archopt's C++ kernel
+(``archopt.ops.cpu_kernels``), which reads each row's slots in place instead of copying them:
+the same per-row order of sums (a row's result does not depend on its batch), equal to the
+torch expression to rounding (tests compare them).
 """
 
 from __future__ import annotations
@@ -184,13 +187,15 @@ class DecodeView:
     ``write_slots`` (B,): where each row's new token goes; ``read_slots`` (B, S): each row's
     slots in table order, padded with an empty slot (position -1); ``slot_pos``: the pool's
     positions, this step's tokens already recorded; ``keys``/``values``: per layer, the pool
-    (Hkv, slots, d), written in place.
+    (Hkv, slots, d), written in place. ``kernel``: attend with
+    ``torch.ops.archopt.paged_decode_attention`` (loaded by ``archopt.ops.cpu_kernels``).
     """
 
-    def __init__(self, write_slots, read_slots, slot_pos, keys, values) -> None:
-        self.write_slots, self.read_slots = write_slots, read_slots
+    def __init__(self, write_slots, read_slots, slot_pos, keys, values, kernel=False) -> None:
+        self.write_slots, self.read_slots, self.slot_pos = write_slots, read_slots, slot_pos
         self.keys, self.values = keys, values
-        self.read_pos = slot_pos[read_slots]  # (B, S)
+        self.kernel = kernel
+        self.read_pos = None if kernel else slot_pos[read_slots]  # (B, S)
 
     def attend(self, layer, q, k, v, positions):
         b, hq, _, d = q.shape
@@ -198,6 +203,10 @@ class DecodeView:
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1))  # (Hkv, B, d)
         values.index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1))
+        if self.kernel:
+            return torch.ops.archopt.paged_decode_attention(
+                q, keys, values, self.read_slots, self.slot_pos, positions, d**-0.5
+            )
         rk, rv = keys[:, self.read_slots], values[:, self.read_slots]  # (Hkv, B, S, d)
         qg = q.view(b, h, hq // h, d).transpose(0, 1)  # (Hkv, B, g, d)
         scores = torch.matmul(qg, rk.transpose(-1, -2)) * d**-0.5  # (Hkv, B, g, S)

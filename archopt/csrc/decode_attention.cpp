@@ -1,0 +1,303 @@
+// One-token (decode) attention read straight from the KV cache, skipping the slots a row
+// does not see: no gathered copy of a paged cache, no scoring of a static cache's empty slots.
+// Two layouts: a paged pool shared by the rows (``paged_decode_attention``, the serving
+// engine's compiled step) and a static cache per row (``static_decode_attention``, generate's
+// compiled step). Their dense references are the torch expressions they replace
+// (archopt.ops.paged_attention.DecodeView, archopt.ops.kv_cache.StaticCache); the tests in
+// archopt/ops/test_cpu_kernels.py compare them. Built on first use by archopt.ops.cpu_kernels.
+//
+// q (B, Hq, 1, d); positions (B, 1): each row's position. Row b attends over the slots holding
+// positions 0..positions[b]; a row with none gets zeros. Each (row, kv head) is one task with
+// a fixed order of sums, so a row's result does not depend on the other rows of its batch.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+inline void axpy(float w, const float* __restrict x, float* __restrict y, int64_t d) {
+#pragma omp simd
+  for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+}
+
+// exp(x) for x <= 0 (scores minus their maximum), to about 1 ulp, in a form the compiler
+// vectorizes (no library call): 2^n * p(r), n = round(x / ln 2), r = x - n ln 2, p Cephes'.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.3f);  // below, exp underflows: 2^-126 is close enough to 0 here
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Softmax of each of the g rows of w (g, n) in place.
+void softmax_rows(float* w, int64_t g, int64_t n) {
+  for (int64_t j = 0; j < g; ++j) {
+    float* wj = w + j * n;
+    const float m = *std::max_element(wj, wj + n);
+    float total = 0.f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t i = 0; i < n; ++i) {
+      wj[i] = exp_nonpositive(wj[i] - m);
+      total += wj[i];
+    }
+    const float inv = 1.f / total;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) wj[i] *= inv;
+  }
+}
+
+// Any head size and group: the n visible slots' keys ks and values vs, g query heads qh.
+void attend_generic(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
+                    int64_t g, int64_t d, float scale, float* w, float* oh) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < g; ++j) w[j * n + i] = dot(qh + j * d, ks[i], d) * scale;
+  softmax_rows(w, g, n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < g; ++j) axpy(w[j * n + i], vs[i], oh + j * d, d);
+}
+
+#if defined(__AVX512F__)
+// Head size D and group G known: the query heads and the outputs stay in registers.
+template <int D, int G>
+void attend_avx512(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
+                   float scale, float* w, float* oh) {
+  constexpr int V = D / 16;
+  __m512 q[G][V];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < V; ++c) q[j][c] = _mm512_loadu_ps(qh + j * D + c * 16);
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 k[V];
+    for (int c = 0; c < V; ++c) k[c] = _mm512_loadu_ps(ks[i] + c * 16);
+    for (int j = 0; j < G; ++j) {
+      __m512 acc = _mm512_mul_ps(q[j][0], k[0]);
+      for (int c = 1; c < V; ++c) acc = _mm512_fmadd_ps(q[j][c], k[c], acc);
+      w[j * n + i] = _mm512_reduce_add_ps(acc) * scale;
+    }
+  }
+  softmax_rows(w, G, n);
+  __m512 o[G][V];
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < V; ++c) o[j][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    __m512 v[V];
+    for (int c = 0; c < V; ++c) v[c] = _mm512_loadu_ps(vs[i] + c * 16);
+    for (int j = 0; j < G; ++j) {
+      const __m512 wi = _mm512_set1_ps(w[j * n + i]);
+      for (int c = 0; c < V; ++c) o[j][c] = _mm512_fmadd_ps(wi, v[c], o[j][c]);
+    }
+  }
+  for (int j = 0; j < G; ++j)
+    for (int c = 0; c < V; ++c) _mm512_storeu_ps(oh + j * D + c * 16, o[j][c]);
+}
+
+using Attend = void (*)(const float*, const float* const*, const float* const*, int64_t, float,
+                        float*, float*);
+
+template <int D>
+Attend pick_group(int64_t g) {
+  switch (g) {
+    case 1: return attend_avx512<D, 1>;
+    case 2: return attend_avx512<D, 2>;
+    case 3: return attend_avx512<D, 3>;
+    case 4: return attend_avx512<D, 4>;
+    case 5: return attend_avx512<D, 5>;
+    case 6: return attend_avx512<D, 6>;
+    case 8: return attend_avx512<D, 8>;
+    default: return nullptr;
+  }
+}
+
+Attend pick(int64_t d, int64_t g) {
+  if (d == 64) return pick_group<64>(g);
+  if (d == 128) return pick_group<128>(g);
+  return nullptr;
+}
+#else
+using Attend = void (*)(const float*, const float* const*, const float* const*, int64_t, float,
+                        float*, float*);
+Attend pick(int64_t, int64_t) { return nullptr; }
+#endif
+
+void check(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
+           int64_t dim) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must have ", dim, " dimensions, got ",
+              t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+void check_q(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+             const at::Tensor& positions, int64_t kv_dim, const char* op) {
+  check(keys, op, "keys", at::kFloat, kv_dim);
+  check(values, op, "values", at::kFloat, kv_dim);
+  check(positions, op, "positions", at::kLong, 2);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1, op,
+              ": q must be float32 (B, Hq, 1, d), got ", q.scalar_type(), " ", q.sizes());
+  TORCH_CHECK(values.sizes() == keys.sizes(), op, ": values ", values.sizes(),
+              " must match keys ", keys.sizes());
+  TORCH_CHECK(keys.size(kv_dim - 1) == q.size(3), op, ": head_dim of keys ",
+              keys.size(kv_dim - 1), " must match q's ", q.size(3));
+  const int64_t hkv = keys.size(kv_dim - 3);
+  TORCH_CHECK(hkv > 0 && q.size(1) % hkv == 0, op, ": ", q.size(1),
+              " query heads must be a multiple of ", hkv, " kv heads");
+  TORCH_CHECK(positions.size(0) == q.size(0) && positions.size(1) == 1, op, ": positions ",
+              positions.sizes(), " must be (", q.size(0), ", 1)");
+}
+
+// The shared driver: one task per (row, kv head); ``slots(b, h, ks, vs)`` lists the visible
+// slots' key and value rows and returns how many there are.
+template <class Slots>
+at::Tensor decode_attention(const at::Tensor& q, int64_t hkv, int64_t max_slots, double scale,
+                            const Slots& slots) {
+  const at::Tensor qc = q.contiguous();
+  at::Tensor out = at::empty_like(qc);
+  const int64_t B = q.size(0), Hq = q.size(1), d = q.size(3), g = Hq / hkv;
+  const float* qp = qc.const_data_ptr<float>();
+  float* op = out.mutable_data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const Attend fast = pick(d, g);
+  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> ks(max_slots), vs(max_slots);
+    std::vector<float> w(g * max_slots);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / hkv, h = t % hkv;
+      const int64_t n = slots(b, h, ks.data(), vs.data());
+      const float* qh = qp + (b * Hq + h * g) * d;
+      float* oh = op + (b * Hq + h * g) * d;
+      if (n == 0) {  // nothing visible: zeros, not NaN
+        std::fill(oh, oh + g * d, 0.f);
+      } else if (fast != nullptr) {
+        fast(qh, ks.data(), vs.data(), n, sc, w.data(), oh);
+      } else {
+        std::fill(oh, oh + g * d, 0.f);
+        attend_generic(qh, ks.data(), vs.data(), n, g, d, sc, w.data(), oh);
+      }
+    }
+  });
+  return out;
+}
+
+// keys, values (Hkv, P, d): one layer's pool; read_slots (B, S): each row's slots (any order,
+// padded with slots that hold no position); slot_pos (P,): each slot's position (-1 empty).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys,
+                                  const at::Tensor& values, const at::Tensor& read_slots,
+                                  const at::Tensor& slot_pos, const at::Tensor& positions,
+                                  double scale) {
+  const char* op = "paged_decode_attention";
+  check_q(q, keys, values, positions, 3, op);
+  check(read_slots, op, "read_slots", at::kLong, 2);
+  check(slot_pos, op, "slot_pos", at::kLong, 1);
+  const int64_t hkv = keys.size(0), P = keys.size(1), d = keys.size(2), S = read_slots.size(1);
+  TORCH_CHECK(read_slots.size(0) == q.size(0), op, ": read_slots ", read_slots.sizes(),
+              " must have one row per query row (", q.size(0), ")");
+  TORCH_CHECK(slot_pos.size(0) == P, op, ": slot_pos has ", slot_pos.size(0),
+              " entries, the pool ", P, " slots");
+  const float* kp = keys.const_data_ptr<float>();
+  const float* vp = values.const_data_ptr<float>();
+  const int64_t* rs = read_slots.const_data_ptr<int64_t>();
+  const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  std::atomic<int64_t> bad{-1};
+  at::Tensor out = decode_attention(q, hkv, S, scale, [&](int64_t b, int64_t h, const float** ks,
+                                                          const float** vs) {
+    int64_t n = 0;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t slot = rs[b * S + s];
+      if (slot < 0 || slot >= P) {
+        bad = slot;
+        continue;
+      }
+      const int64_t p = sp[slot];
+      if (p >= 0 && p <= pos[b]) {
+        ks[n] = kp + (h * P + slot) * d;
+        vs[n++] = vp + (h * P + slot) * d;
+      }
+    }
+    return n;
+  });
+  TORCH_CHECK(bad.load() < 0, op, ": read slot ", bad.load(), " is outside the pool of ", P,
+              " slots");
+  return out;
+}
+
+// keys, values (B, Hkv, S, d): one layer's static cache; slot_pos (B, S): each slot's
+// position (-1 empty). Row b attends over its own slots with 0 <= position <= positions[b].
+at::Tensor static_decode_attention(const at::Tensor& q, const at::Tensor& keys,
+                                   const at::Tensor& values, const at::Tensor& slot_pos,
+                                   const at::Tensor& positions, double scale) {
+  const char* op = "static_decode_attention";
+  check_q(q, keys, values, positions, 4, op);
+  check(slot_pos, op, "slot_pos", at::kLong, 2);
+  const int64_t B = keys.size(0), hkv = keys.size(1), S = keys.size(2), d = keys.size(3);
+  TORCH_CHECK(B == q.size(0) && slot_pos.size(0) == B && slot_pos.size(1) == S, op,
+              ": keys ", keys.sizes(), " and slot_pos ", slot_pos.sizes(),
+              " must have one row per query row (", q.size(0), ") and the same slots");
+  const float* kp = keys.const_data_ptr<float>();
+  const float* vp = values.const_data_ptr<float>();
+  const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
+  const int64_t* pos = positions.const_data_ptr<int64_t>();
+  return decode_attention(q, hkv, S, scale, [&](int64_t b, int64_t h, const float** ks,
+                                                const float** vs) {
+    int64_t n = 0;
+    const int64_t base = (b * hkv + h) * S;
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t p = sp[b * S + s];
+      if (p >= 0 && p <= pos[b]) {
+        ks[n] = kp + (base + s) * d;
+        vs[n++] = vp + (base + s) * d;
+      }
+    }
+    return n;
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(archopt, m) {
+  m.def(
+      "paged_decode_attention(Tensor q, Tensor keys, Tensor values, Tensor read_slots, "
+      "Tensor slot_pos, Tensor positions, float scale) -> Tensor");
+  m.def(
+      "static_decode_attention(Tensor q, Tensor keys, Tensor values, Tensor slot_pos, "
+      "Tensor positions, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(archopt, CPU, m) {
+  m.impl("paged_decode_attention", paged_decode_attention);
+  m.impl("static_decode_attention", static_decode_attention);
+}

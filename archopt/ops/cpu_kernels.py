@@ -1,0 +1,151 @@
+"""archopt's own CPU kernels (C++ in ``archopt/csrc``), built once per machine and kept.
+
+The decode step's attention, read straight from the cache (``decode_attention.cpp``):
+``torch.ops.archopt.paged_decode_attention`` over a paged pool, where the torch expression
+(``DecodeView``) copies every row's slots before two small products, and
+``static_decode_attention`` over a static cache, where the torch expression scores every slot
+of the capacity, empty or not. The compiled steps call them when they are here; they are
+custom ops, so ``torch.export`` and AOTInductor keep each as one call.
+
+The library is compiled from source with the machine's compiler (``-march=native``, about half
+a minute) by ``load(build=True)``, which the compiled step's build does, and kept in the cache
+folder under a key of the source, torch's version and the CPU; a later process only loads it.
+It is written with its record last, so an interrupted build leaves no entry.
+``ARCHOPT_CPU_KERNELS=0`` turns it off (the torch expression runs instead).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from archopt.io import atomic_write_text, writable_cache_dir
+
+SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "decode_attention.cpp",)
+SUBDIR = "kernels"
+RECORD_FILE = "kernels.json"
+FLAGS = ("-O3", "-march=native", "-fopenmp")
+log = logging.getLogger("archopt")
+_loaded: Path | None = None
+_failed: str | None = None
+
+
+def why_unavailable() -> str | None:
+    """Why the kernels cannot be built or loaded here, or None when they can."""
+    if os.environ.get("ARCHOPT_CPU_KERNELS", "1") == "0":
+        return "turned off (ARCHOPT_CPU_KERNELS=0)"
+    if not sys.platform.startswith("linux"):
+        return f"built on Linux only, this is {sys.platform}"
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return "no C++ compiler (c++ or $CXX) on the PATH"
+    if not all(s.is_file() for s in SOURCES):
+        return f"the kernel sources are missing ({SOURCES[0].parent})"
+    return _failed
+
+
+def key() -> str:
+    """What the built library depends on: its sources, flags, torch and the CPU."""
+    h = hashlib.sha256()
+    for s in SOURCES:
+        h.update(s.read_bytes())
+    h.update(repr((FLAGS, torch.__version__, platform.machine(), _cpu_model())).encode())
+    return h.hexdigest()[:20]
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags")):
+                    return line
+    except OSError:
+        pass
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def loaded() -> bool:
+    return _loaded is not None
+
+
+def load(*, build: bool = False) -> bool:
+    """Load the kernels into this process (building them first when ``build`` and they are not
+    kept yet); whether ``torch.ops.archopt`` has them now. A failed build is logged, remembered
+    for the process and reported by ``why_unavailable``."""
+    global _loaded, _failed
+    if _loaded is not None:
+        return True
+    if why_unavailable() is not None:
+        return False
+    root = writable_cache_dir(SUBDIR)
+    if root is None:
+        return False
+    folder = root / key()
+    library = folder / "archopt_kernels.so"
+    if not (folder / RECORD_FILE).exists():
+        if not build:
+            return False
+        try:
+            _build(folder)
+        except Exception as e:  # a compiler error, a missing header: run without the kernels
+            _failed = f"the build failed: {str(e).strip().splitlines()[-1] if str(e) else e}"
+            log.warning("archopt: building the CPU kernels failed (%s); using torch ops", e)
+            return False
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as e:
+        log.warning(
+            "archopt: the CPU kernels in %s do not load (%s); rebuilding next time", folder, e
+        )
+        (folder / RECORD_FILE).unlink(missing_ok=True)
+        return False
+    _register_fakes()
+    _loaded = library
+    return True
+
+
+def _build(folder: Path) -> None:
+    from torch.utils.cpp_extension import load as load_extension
+
+    start = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RECORD_FILE).unlink(missing_ok=True)
+    log.info("archopt: building the CPU kernels (once per machine, about half a minute)")
+    load_extension(
+        name="archopt_kernels",
+        sources=[str(s) for s in SOURCES],
+        extra_cflags=list(FLAGS),
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(folder),
+        is_python_module=False,
+        verbose=False,
+    )  # loads it too; a second load_library of the same path is a no-op
+    seconds = time.perf_counter() - start
+    record = {
+        "summary": f"archopt CPU kernels ({', '.join(s.name for s in SOURCES)}), "
+        f"built in {seconds:.0f} s",
+        "key": folder.name,
+        "torch": torch.__version__,
+        "flags": list(FLAGS),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    atomic_write_text(folder / RECORD_FILE, json.dumps(record, indent=1))
+
+
+def _register_fakes() -> None:
+    """Shapes for tracing (torch.export), without running the kernels."""
+    for name in ("archopt::paged_decode_attention", "archopt::static_decode_attention"):
+        if torch._library.simple_registry.singleton.find(name).fake_impl.kernel is None:
+            torch.library.register_fake(name, _like_q)
+
+
+def _like_q(q, *args):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)

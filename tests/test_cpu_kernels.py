@@ -1,0 +1,144 @@
+"""archopt's C++ decode-attention kernels against their dense references: random shapes, ragged
+and padded slots, rows that see nothing, head sizes with and without the vectorized path; a
+row's result independent of its batch; clear errors on bad input."""
+
+import os
+
+import pytest
+import torch
+
+from archopt.ops import cpu_kernels
+from archopt.ops.paged_attention import DecodeView
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels(tmp_path_factory):
+    old = os.environ.get("ARCHOPT_CACHE")
+    os.environ["ARCHOPT_CACHE"] = str(tmp_path_factory.mktemp("kernel-cache"))
+    try:
+        if not cpu_kernels.load(build=True):  # ~10 s on 2 cores
+            pytest.skip(f"archopt's CPU kernels: {cpu_kernels.why_unavailable()}")
+        yield
+    finally:
+        os.environ["ARCHOPT_CACHE"] = old or ""
+
+
+def dense(q, keys, values, seen):
+    """float64 softmax attention of each row over the slots ``seen`` (B, S) marks; keys and
+    values (B, Hkv, S, d); zeros for a row that sees nothing."""
+    b, hq, _, d = q.shape
+    h = keys.shape[1]
+    qg = q.double().reshape(b, h, hq // h, d)
+    s = qg @ keys.double().transpose(-1, -2) * d**-0.5  # (B, Hkv, g, S)
+    s = s.masked_fill(~seen[:, None, None], float("-inf"))
+    p = torch.nan_to_num(s.softmax(-1))  # a row that sees nothing: zeros
+    return (p @ values.double()).reshape(b, hq, 1, d)
+
+
+def paged_case(b, hq, hkv, d, span, pool, gen):
+    keys, values = (torch.randn(hkv, pool, d, generator=gen) for _ in range(2))
+    slot_pos = torch.randint(-1, 60, (pool,), generator=gen)  # -1: an empty slot
+    read = torch.randint(0, pool, (b, span), generator=gen)
+    positions = torch.randint(0, 60, (b, 1), generator=gen)
+    q = torch.randn(b, hq, 1, d, generator=gen)
+    return q, keys, values, read, slot_pos, positions
+
+
+SHAPES = [  # (batch, query heads, kv heads, head size, read span, pool)
+    (1, 9, 3, 64, 7, 40),  # vectorized path (d 64, group 3)
+    (4, 9, 3, 64, 129, 300),
+    (3, 8, 2, 128, 33, 70),  # vectorized path (d 128, group 4)
+    (2, 7, 1, 64, 17, 50),  # group 7: the generic path
+    (5, 6, 3, 48, 31, 90),  # d 48: the generic path
+    (2, 4, 4, 16, 2, 3),
+]
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
+def test_paged_kernel_equals_the_dense_reference_and_the_torch_expression(
+    b, hq, hkv, d, span, pool
+):
+    gen = torch.Generator().manual_seed(b * 1000 + d)
+    q, keys, values, read, slot_pos, positions = paged_case(b, hq, hkv, d, span, pool, gen)
+    read_pos = slot_pos[read]
+    seen = (read_pos >= 0) & (read_pos <= positions)
+    seen[0] = False  # a row that sees nothing gets zeros, not NaN
+    positions[0] = -1
+    got = torch.ops.archopt.paged_decode_attention(
+        q, keys, values, read, slot_pos, positions, d**-0.5
+    )
+    per_row = (keys[:, read].transpose(0, 1), values[:, read].transpose(0, 1))  # (B, Hkv, S, d)
+    want = dense(q, *per_row, seen)
+    assert not got.isnan().any()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * want.abs().max().item())
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    # the torch expression the compiled step runs without the kernel, on rows that see a slot
+    rows = seen.any(-1)
+    view = DecodeView(None, read[rows], slot_pos, None, None)
+    view.keys, view.values = [keys], [values]
+    view.write_slots = read[rows, 0]  # rewriting a slot with its own contents: no change
+    k_new = keys[:, read[rows, 0]].transpose(0, 1)[:, :, None]
+    v_new = values[:, read[rows, 0]].transpose(0, 1)[:, :, None]
+    torch_expr = view.attend(0, q[rows], k_new, v_new, positions[rows])
+    torch.testing.assert_close(got[rows], torch_expr, rtol=0, atol=2e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
+def test_paged_kernel_rows_do_not_depend_on_their_batch(b, hq, hkv, d, span, pool):
+    gen = torch.Generator().manual_seed(7 + d)
+    q, keys, values, read, slot_pos, positions = paged_case(b, hq, hkv, d, span, pool, gen)
+    op = torch.ops.archopt.paged_decode_attention
+    batched = op(q, keys, values, read, slot_pos, positions, d**-0.5)
+    for r in range(b):
+        alone = op(
+            q[r : r + 1], keys, values, read[r : r + 1], slot_pos, positions[r : r + 1], d**-0.5
+        )
+        assert torch.equal(alone, batched[r : r + 1])
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
+def test_static_kernel_equals_the_dense_reference(b, hq, hkv, d, span, pool):
+    gen = torch.Generator().manual_seed(3 * d + b)
+    keys, values = (torch.randn(b, hkv, span, d, generator=gen) for _ in range(2))
+    slot_pos = torch.randint(-1, 60, (b, span), generator=gen)  # padding and empty slots: -1
+    positions = torch.randint(0, 60, (b, 1), generator=gen)
+    positions[-1] = -1  # sees nothing
+    q = torch.randn(b, hq, 1, d, generator=gen)
+    op = torch.ops.archopt.static_decode_attention
+    got = op(q, keys, values, slot_pos, positions, d**-0.5)
+    want = dense(q, keys, values, (slot_pos >= 0) & (slot_pos <= positions))
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * want.abs().max().item())
+    for r in range(b):
+        alone = op(q[r : r + 1], keys[r : r + 1], values[r : r + 1], slot_pos[r : r + 1],
+                   positions[r : r + 1], d**-0.5)  # fmt: skip
+        assert torch.equal(alone, got[r : r + 1])
+
+
+def test_bad_inputs_are_clear_errors():
+    gen = torch.Generator().manual_seed(0)
+    q, keys, values, read, slot_pos, positions = paged_case(2, 6, 3, 64, 5, 20, gen)
+    op = torch.ops.archopt.paged_decode_attention
+    bad = read.clone()
+    bad[1, 2] = 20
+    with pytest.raises(RuntimeError, match="read slot 20 is outside the pool of 20 slots"):
+        op(q, keys, values, bad, slot_pos, positions, 0.125)
+    with pytest.raises(RuntimeError, match="keys must be Float, got Half"):
+        op(q, keys.half(), values, read, slot_pos, positions, 0.125)
+    with pytest.raises(RuntimeError, match="5 query heads must be a multiple of 3 kv heads"):
+        op(q[:, :5], keys, values, read, slot_pos, positions, 0.125)
+    with pytest.raises(RuntimeError, match="slot_pos has 19 entries, the pool 20 slots"):
+        op(q, keys, values, read, slot_pos[:19], positions, 0.125)
+    with pytest.raises(RuntimeError, match="keys must be contiguous"):
+        op(q, keys.transpose(1, 2).contiguous().transpose(1, 2), values, read, slot_pos,
+           positions, 0.125)  # fmt: skip
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    from archopt import decode_step as ds
+
+    model = __import__("archopt").create_model("llama-tiny")
+    with_kernels = ds.step_key(model, kind="paged")
+    monkeypatch.setenv("ARCHOPT_CPU_KERNELS", "0")
+    assert cpu_kernels.why_unavailable() == "turned off (ARCHOPT_CPU_KERNELS=0)"
+    assert not cpu_kernels.load() or cpu_kernels.loaded()  # already loaded stays loaded
+    assert ds.step_key(model, kind="paged") != with_kernels  # the step built without them

@@ -165,7 +165,10 @@ def search(
         repeats,
         data_name,
         train_size,
-        LatencyPredictor(threads=threads),
+        # Without speed tracking: the search's decisions (which candidates the latency bound
+        # rejects) stay a function of the table alone, so a resumed search proposes what an
+        # uninterrupted one does; every candidate is measured whole anyway.
+        LatencyPredictor(threads=threads, track_speed=False),
         verbose,
         {},
     )

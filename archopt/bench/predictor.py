@@ -4,9 +4,8 @@
 candidates at random (seeded), keeps those whose kernel sum is under ``--max-ms``, measures each
 whole (fastest of ``--repeats``, as the search does), fits the predictor's calibration on the
 first ``--calibrate`` and reports, on the rest (held out): the share within +-10%, Spearman's
-rank correlation and the median and worst relative error; beside it, the same without the
-speed tracking (the table's entries as measured, not scaled by the speed probe) and an affine
-fit (``a * sum + b``) on the same calibration models, as checks of what each buys.
+rank correlation and the median and worst relative error; beside it, an affine fit
+(``a * sum + b``) on the same calibration models, as a check of what a richer calibration buys.
 The per-kernel table is fresh (a temporary cache folder) unless ``--keep-table``.
 """
 
@@ -47,7 +46,6 @@ def run(args) -> dict:
             continue
         lat = measure_latency(model, (x,), warmup=3, repeats=args.repeats, threads=args.threads)
         rows.append({"genes": [int(g) for g in genes], "kernel_sum_ms": p.kernel_sum_ms,
-                     "raw_sum_ms": p.raw_sum_ms, "probe_ms": p.speed_ms,
                      "kernels": p.kernels, "measured_ms": lat.min_ms})  # fmt: skip
         if not args.quiet:
             print(f"{len(rows)}: kernels {p.kernel_sum_ms:.2f} ms, whole {lat.min_ms:.2f} ms",
@@ -60,9 +58,7 @@ def run(args) -> dict:
         )
     s = np.array([r["kernel_sum_ms"] for r in rows])
     m = np.array([r["measured_ms"] for r in rows])
-    raw = np.array([r["raw_sum_ms"] for r in rows])
     ratio = float(np.median(m[:n] / s[:n]))
-    raw_ratio = float(np.median(m[:n] / raw[:n]))
     line = np.linalg.lstsq(np.c_[s[:n], np.ones(n)], m[:n], rcond=None)[0]
     return {
         "machine": machine_line(args.threads),
@@ -71,10 +67,6 @@ def run(args) -> dict:
         "calibration_models": n,
         "held_out": len(rows) - n,
         "median_ratio": {"a": ratio, **check_predictions(list(ratio * s[n:]), list(m[n:]))},
-        "without_speed_tracking": {
-            "a": raw_ratio,
-            **check_predictions(list(raw_ratio * raw[n:]), list(m[n:])),
-        },
         "affine": {
             "a": float(line[0]),
             "b": float(line[1]),
@@ -87,7 +79,7 @@ def run(args) -> dict:
 def format_report(r: dict) -> str:
     head = f"space {r['space']}, seed {r['seed']}: {r['calibration_models']} calibration models"
     lines = [f"machine: {r['machine']}", f"{head}, {r['held_out']} held out", ""]
-    for name in ("median_ratio", "without_speed_tracking", "affine"):
+    for name in ("median_ratio", "affine"):
         c = r[name]
         lines.append(
             f"{name}: within +-10% {100 * c['within_10pct']:.0f}%, Spearman "

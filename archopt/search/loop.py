@@ -165,10 +165,7 @@ def search(
         repeats,
         data_name,
         train_size,
-        # Without speed tracking: the search's decisions (which candidates the latency bound
-        # rejects) stay a function of the table alone, so a resumed search proposes what an
-        # uninterrupted one does; every candidate is measured whole anyway.
-        LatencyPredictor(threads=threads, track_speed=False),
+        LatencyPredictor(threads=threads),
         verbose,
         {},
     )

@@ -18,13 +18,6 @@ every one of them to report how close the prediction was.
 Latency here is the fastest of the timed repeats, for the kernels and for whole models alike:
 on a machine shared with other work the median moves with the others' load, the minimum much
 less (the median and p90 are kept beside it).
-
-The machine's own speed drifts too (a cloud CPU's clock and its neighbours' memory traffic:
-the same products 1.4x slower an hour later), and a table measured at one moment then
-mispredicts every model measured at another. So every entry is stamped with the time of a
-fixed reference network (``SpeedProbe``) measured just before it, and a prediction times the
-probe again and scales each entry by now / then (``track_speed``, on by default):
-relative timing, as one would time against a reference clock.
 """
 
 from __future__ import annotations
@@ -64,7 +57,7 @@ KERNEL_TYPES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d,
 )
 CACHE_SUB = "latency"
-TABLE_VERSION = 2  # 2: entries stamped with the speed probe's time
+TABLE_VERSION = 1
 
 
 @dataclass
@@ -189,11 +182,7 @@ class LatencyTable:
         with contextlib.suppress(OSError):
             atomic_write_text(self.path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
-    def kernel_ms(
-        self, call: KernelCall, *, repeats: int = 20, speed: float | None = None
-    ) -> float:
-        """The call's time from the table (measured now if it is not there); with ``speed``,
-        the speed probe's time now, scaled from the probe's time when it was measured."""
+    def kernel_ms(self, call: KernelCall, *, repeats: int = 20) -> float:
         entry = self.kernels.get(call.key)
         if entry is None:
             lat = measure_latency(
@@ -206,65 +195,26 @@ class LatencyTable:
                 "desc": call.desc,
                 "measured": time.strftime("%Y-%m-%d %H:%M"),
             }
-            if speed is not None:
-                entry["probe_ms"] = speed
             self.kernels[call.key] = entry
             self.measured_now += 1
-        if speed is not None and entry.get("probe_ms"):
-            return entry["ms"] * speed / entry["probe_ms"]
         return entry["ms"]
-
-
-class SpeedProbe:
-    """The machine's speed now: the fastest of a few runs of a fixed small network (a strided
-    conv, a depthwise separable block, an inverted residual, pooling and a linear layer at
-    32 x 32: the operators the image spaces are made of), in milliseconds."""
-
-    def __init__(self, threads: int, repeats: int = 10) -> None:
-        self.threads, self.repeats = threads, repeats
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            self.net = nn.Sequential(
-                ConvNormAct(3, 16, 3, stride=2),
-                DepthwiseSeparableConv2d(16, 32),
-                InvertedResidual(32, 32, stride=1, expand_ratio=4),
-                nn.AdaptiveAvgPool2d(1),
-                nn.Flatten(),
-                nn.Linear(32, 10),
-            ).eval()
-            self.x = torch.randn(1, 3, 32, 32)
-
-    def ms(self) -> float:
-        lat = measure_latency(self.net, (self.x,), warmup=2, repeats=self.repeats,
-                              threads=self.threads)  # fmt: skip
-        return lat.min_ms
 
 
 @dataclass
 class Prediction:
     ms: float  # calibrated prediction of the whole model
-    kernel_sum_ms: float  # the table's sum, before calibration (scaled to the speed now)
+    kernel_sum_ms: float  # the table's sum, before calibration
     kernels: int  # kernel calls in one forward pass
     new_entries: int  # of them measured now (not found in the table)
-    raw_sum_ms: float = 0.0  # the table's sum as measured, without the speed scaling
-    speed_ms: float | None = None  # the speed probe's time now (None: not tracked)
 
 
 class LatencyPredictor:
-    """Predict batch-1 latency of a model from the table; ``calibrate`` once per space.
-    ``track_speed``: scale the table's entries by the machine's speed now (``SpeedProbe``)."""
+    """Predict batch-1 latency of a model from the table; ``calibrate`` once per space."""
 
-    def __init__(
-        self,
-        table: LatencyTable | None = None,
-        *,
-        threads: int | None = None,
-        track_speed: bool = True,
-    ) -> None:
+    def __init__(self, table: LatencyTable | None = None, *, threads: int | None = None) -> None:
         self.table = table if table is not None else LatencyTable(threads)
         self.a, self.b = 1.0, 0.0
         self.calibration: dict | None = None
-        self.probe = SpeedProbe(self.table.threads) if track_speed else None
 
     @property
     def threads(self) -> int:
@@ -274,13 +224,11 @@ class LatencyPredictor:
         before = self.table.measured_now
         with num_threads(self.threads):
             calls = kernel_calls(model, inputs)
-            speed = self.probe.ms() if self.probe is not None else None
-            total = sum(self.table.kernel_ms(c, speed=speed) for c in calls)
-            raw = sum(self.table.kernel_ms(c) for c in calls)
+            total = sum(self.table.kernel_ms(c) for c in calls)
         new = self.table.measured_now - before
         if new:
             self.table.save()
-        return Prediction(total, total, len(calls), new, raw_sum_ms=raw, speed_ms=speed)
+        return Prediction(total, total, len(calls), new)
 
     def predict(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Prediction:
         p = self.kernel_sum(model, inputs)
@@ -345,7 +293,6 @@ __all__ = [
     "LatencyPredictor",
     "LatencyTable",
     "Prediction",
-    "SpeedProbe",
     "check_predictions",
     "kernel_calls",
     "table_folder",

@@ -142,3 +142,13 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert cpu_kernels.why_unavailable() == "turned off (ARCHOPT_CPU_KERNELS=0)"
     assert not cpu_kernels.load() or cpu_kernels.loaded()  # already loaded stays loaded
     assert ds.step_key(model, kind="paged") != with_kernels  # the step built without them
+
+
+def test_loaded_kernels_are_kept_in_a_new_cache_folder(tmp_path, monkeypatch):
+    """Loaded from one cache folder, then built for another (a step built there must load in a
+    later process): the library and its record are copied there, the record last."""
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path))
+    assert cpu_kernels.load(build=True)
+    folder = tmp_path / cpu_kernels.SUBDIR / cpu_kernels.key()
+    assert (folder / cpu_kernels.RECORD_FILE).is_file()
+    assert (folder / cpu_kernels.LIBRARY_FILE).stat().st_size > 1000

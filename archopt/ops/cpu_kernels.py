@@ -33,6 +33,7 @@ from archopt.io import atomic_write_text, writable_cache_dir
 SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "decode_attention.cpp",)
 SUBDIR = "kernels"
 RECORD_FILE = "kernels.json"
+LIBRARY_FILE = "archopt_kernels.so"
 FLAGS = ("-O3", "-march=native", "-fopenmp")
 log = logging.getLogger("archopt")
 _loaded: Path | None = None
@@ -82,6 +83,11 @@ def load(*, build: bool = False) -> bool:
     for the process and reported by ``why_unavailable``."""
     global _loaded, _failed
     if _loaded is not None:
+        if build:  # keep them where later processes will look (the cache folder may be new)
+            try:
+                _keep_copy()
+            except OSError as e:
+                log.warning("archopt: could not keep the CPU kernels in the cache folder (%s)", e)
         return True
     if why_unavailable() is not None:
         return False
@@ -89,7 +95,7 @@ def load(*, build: bool = False) -> bool:
     if root is None:
         return False
     folder = root / key()
-    library = folder / "archopt_kernels.so"
+    library = folder / LIBRARY_FILE
     if not (folder / RECORD_FILE).exists():
         if not build:
             return False
@@ -110,6 +116,23 @@ def load(*, build: bool = False) -> bool:
     _register_fakes()
     _loaded = library
     return True
+
+
+def _keep_copy() -> None:
+    """Copy the loaded library (and its record) into the cache folder now in force, when it
+    has none: the same key is the same library."""
+    root = writable_cache_dir(SUBDIR)
+    if root is None or _loaded is None:
+        return
+    folder = root / _loaded.parent.name
+    if (folder / RECORD_FILE).exists() or folder == _loaded.parent:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{LIBRARY_FILE}.{os.getpid()}.tmp"
+    shutil.copyfile(_loaded, tmp)
+    os.replace(tmp, folder / LIBRARY_FILE)
+    shutil.copyfile(_loaded.parent / RECORD_FILE, folder / f"{RECORD_FILE}.tmp")
+    os.replace(folder / f"{RECORD_FILE}.tmp", folder / RECORD_FILE)  # the record last
 
 
 def _build(folder: Path) -> None:

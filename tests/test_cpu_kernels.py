@@ -152,3 +152,39 @@ def test_loaded_kernels_are_kept_in_a_new_cache_folder(tmp_path, monkeypatch):
     folder = tmp_path / cpu_kernels.SUBDIR / cpu_kernels.key()
     assert (folder / cpu_kernels.RECORD_FILE).is_file()
     assert (folder / cpu_kernels.LIBRARY_FILE).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("damage", ["truncated library", "no library", "bad record"])
+def test_a_broken_kept_library_is_removed_and_rebuilt(tmp_path, damage):
+    """In a fresh process (a library loads once per process): a kept library that does not
+    load is removed and built again, and the kernels then run."""
+    import shutil
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    src = cpu_kernels._loaded.parent
+    dst = cache / cpu_kernels.SUBDIR / src.name
+    dst.mkdir(parents=True)
+    for f in (cpu_kernels.LIBRARY_FILE, cpu_kernels.RECORD_FILE):
+        shutil.copyfile(src / f, dst / f)
+    lib = dst / cpu_kernels.LIBRARY_FILE
+    if damage == "truncated library":
+        lib.write_bytes(lib.read_bytes()[:4096])
+    elif damage == "no library":
+        lib.unlink()
+    else:
+        (dst / cpu_kernels.RECORD_FILE).write_text("{not json")
+    code = (
+        "import torch; from archopt.ops import cpu_kernels\n"
+        "assert cpu_kernels.load(build=True), cpu_kernels.why_unavailable()\n"
+        "q = torch.randn(1, 2, 1, 64); k = torch.randn(1, 2, 1, 64)\n"
+        "p = torch.zeros(1, 1, dtype=torch.long)\n"
+        "y = torch.ops.archopt.static_decode_attention(q, k, k.clone(), p, p, 0.125)\n"
+        "assert torch.allclose(y, k.expand(1, 2, 1, 64))\n"
+    )
+    env = {**os.environ, "ARCHOPT_CACHE": str(cache)}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "do not load" in run.stderr and "removed" in run.stderr
+    assert lib.stat().st_size > 10_000 and (dst / cpu_kernels.RECORD_FILE).is_file()

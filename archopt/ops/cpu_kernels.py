@@ -7,10 +7,12 @@ The decode step's attention, read straight from the cache (``decode_attention.cp
 of the capacity, empty or not. The compiled steps call them when they are here; they are
 custom ops, so ``torch.export`` and AOTInductor keep each as one call.
 
-The library is compiled from source with the machine's compiler (``-march=native``, about half
-a minute) by ``load(build=True)``, which the compiled step's build does, and kept in the cache
+The library is compiled from source with the machine's compiler (``-march=native``, 10-15 s
+on 2 cores) by ``load(build=True)``, which the compiled step's build does, and kept in the cache
 folder under a key of the source, torch's version and the CPU; a later process only loads it.
-It is written with its record last, so an interrupted build leaves no entry.
+It is written with its record last, so an interrupted build leaves no entry, and the record
+holds the library's SHA-256, checked before loading: a damaged library is removed and built
+again, never loaded (loading a truncated one would kill the process).
 ``ARCHOPT_CPU_KERNELS=0`` turns it off (the torch expression runs instead).
 """
 
@@ -96,26 +98,43 @@ def load(*, build: bool = False) -> bool:
         return False
     folder = root / key()
     library = folder / LIBRARY_FILE
-    if not (folder / RECORD_FILE).exists():
-        if not build:
-            return False
+    for attempt in range(2):  # a kept library that does not load is removed and built anew
+        if not (folder / RECORD_FILE).exists():
+            if not build:
+                return False
+            try:
+                _build(folder)
+            except Exception as e:  # a compiler error, a missing header: run without them
+                _failed = f"the build failed: {str(e).strip().splitlines()[-1] if str(e) else e}"
+                log.warning("archopt: building the CPU kernels failed (%s); using torch ops", e)
+                return False
         try:
-            _build(folder)
-        except Exception as e:  # a compiler error, a missing header: run without the kernels
-            _failed = f"the build failed: {str(e).strip().splitlines()[-1] if str(e) else e}"
-            log.warning("archopt: building the CPU kernels failed (%s); using torch ops", e)
-            return False
-    try:
-        torch.ops.load_library(str(library))
-    except OSError as e:
-        log.warning(
-            "archopt: the CPU kernels in %s do not load (%s); rebuilding next time", folder, e
-        )
-        (folder / RECORD_FILE).unlink(missing_ok=True)
-        return False
+            _check_library(folder)  # dlopen of a damaged file can kill the process: look first
+            torch.ops.load_library(str(library))
+            break
+        except (OSError, ValueError) as e:  # ValueError: a record that is not JSON
+            log.warning("archopt: the CPU kernels in %s do not load (%s); removed", folder, e)
+            shutil.rmtree(folder, ignore_errors=True)
+            if attempt:
+                _failed = f"the built library does not load: {e}"
+                return False
     _register_fakes()
     _loaded = library
     return True
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _check_library(folder: Path) -> None:
+    """OSError unless the library is the one its record describes (size and SHA-256)."""
+    record = json.loads((folder / RECORD_FILE).read_text() or "{}")
+    library = folder / LIBRARY_FILE
+    if not library.is_file():
+        raise OSError(f"{LIBRARY_FILE} is missing")
+    if record.get("library_sha256") != _digest(library):
+        raise OSError(f"{LIBRARY_FILE} is not the library its record describes")
 
 
 def _keep_copy() -> None:
@@ -141,7 +160,7 @@ def _build(folder: Path) -> None:
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RECORD_FILE).unlink(missing_ok=True)
-    log.info("archopt: building the CPU kernels (once per machine, about half a minute)")
+    log.info("archopt: building the CPU kernels (once per machine, 10-15 s)")
     load_extension(
         name="archopt_kernels",
         sources=[str(s) for s in SOURCES],
@@ -158,6 +177,7 @@ def _build(folder: Path) -> None:
         "key": folder.name,
         "torch": torch.__version__,
         "flags": list(FLAGS),
+        "library_sha256": _digest(folder / LIBRARY_FILE),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     atomic_write_text(folder / RECORD_FILE, json.dumps(record, indent=1))

@@ -18,6 +18,7 @@ again, never loaded (loading a truncated one would kill the process).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -55,24 +56,28 @@ def why_unavailable() -> str | None:
     return _failed
 
 
+@functools.cache
 def key() -> str:
-    """What the built library depends on: its sources, flags, torch and the CPU."""
+    """What the built library depends on: its sources, flags, torch and the CPU (its model
+    and feature flags, since it is compiled for this CPU's instructions)."""
     h = hashlib.sha256()
     for s in SOURCES:
         h.update(s.read_bytes())
-    h.update(repr((FLAGS, torch.__version__, platform.machine(), _cpu_model())).encode())
+    h.update(repr((FLAGS, torch.__version__, platform.machine(), _cpu_id())).encode())
     return h.hexdigest()[:20]
 
 
-def _cpu_model() -> str:
+def _cpu_id() -> str:
+    lines: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("model name", "flags")):
-                    return line
+                name = line.split(":", 1)[0].strip()
+                if name in ("model name", "flags") and name not in lines:
+                    lines[name] = line.strip()
     except OSError:
         pass
-    return torch.backends.cpu.get_cpu_capability()
+    return " | ".join(lines.values()) or torch.backends.cpu.get_cpu_capability()
 
 
 def loaded() -> bool:

@@ -423,3 +423,39 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
 def test_bad_compile_mode_is_a_sentence(tiny):
     with pytest.raises(ValueError, match="compile must be one of auto, aot, off"):
         Engine(tiny, compile="fast")
+
+
+def _full_and_incremental(tokenizer, ids):
+    from archopt.serve.detokenize import IncrementalText
+
+    inc = IncrementalText(tokenizer)
+    for i in range(1, len(ids) + 1):
+        full = tokenizer.decode(ids[:i], skip_special_tokens=True)
+        got = inc.add(ids[:i])
+        assert full.startswith(got), (i, full, got)
+        if not full.endswith("\ufffd"):  # a character still coming: held back until complete
+            assert got == full, (i, full, got)
+    assert inc.flush(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_incremental_detokenization_equals_decoding_the_whole_output():
+    """Bytes of multi-byte characters split across tokens, invalid bytes, an output ending
+    mid-character: at every token the text so far is the whole decode (complete characters),
+    and flushing gives the whole decode exactly."""
+    tok = ByteTokenizer()
+    text = "héllo wörld ✓ 🙂 end"
+    ids = tok.encode(text)
+    _full_and_incremental(tok, ids)
+    _full_and_incremental(tok, [*ids[:-2], 0xFF, 0x41, *ids[:7]])  # a stray byte, then more
+    _full_and_incremental(tok, tok.encode("🙂")[:3])  # ends mid-character: flushed as U+FFFD
+
+
+def test_incremental_detokenization_on_smollm2s_tokenizer():
+    from archopt.loading.llm import load_llm
+
+    tok = load_llm("smollm2-135m", weights="fp32", tokenizer=True).tokenizer
+    gen = torch.Generator().manual_seed(0)
+    ids = tok.encode("Zürich, 東京 and Αθήνα 🙂 — a test of “quotes”.", add_special_tokens=False)
+    _full_and_incremental(tok, ids)
+    rand = torch.randint(0, 49152, (300,), generator=gen).tolist()  # special tokens included
+    _full_and_incremental(tok, rand)

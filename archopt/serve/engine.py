@@ -31,6 +31,7 @@ import torch
 from archopt import decode_step
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import sample
+from archopt.serve.detokenize import IncrementalText
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 
 __all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
@@ -299,17 +300,19 @@ class Engine:
         p = req.params
         finish = None
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
+        last = len(req.output) >= p.max_tokens or len(req.tokens) >= self.capacity
         if token in stops:
             finish = "stop"
-        elif self.tokenizer is not None:
-            text = self.tokenizer.decode(req.output, skip_special_tokens=True)
+        elif self.tokenizer is not None:  # O(new tokens) per token, not the whole output
+            req.detokenizer = req.detokenizer or IncrementalText(self.tokenizer)
+            text = (req.detokenizer.flush if last else req.detokenizer.add)(req.output)
             if p.stop:
                 start = max(req.emitted - max(len(s) for s in p.stop), 0)
                 hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
                 if hits:
                     text, finish = text[: min(hits)], "stop"
             req.text = text
-        if finish is None and (len(req.output) >= p.max_tokens or len(req.tokens) >= self.capacity):
+        if finish is None and last:
             finish = "length"
         if finish is not None:
             self._finish(req, finish)

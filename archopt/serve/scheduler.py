@@ -18,6 +18,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -71,6 +72,7 @@ class Request:
     status: str = WAITING
     finish_reason: str | None = None
     text: str = ""  # the output decoded so far (stop strings cut off)
+    detokenizer: Any = None  # the engine's IncrementalText of output
     emitted: int = 0  # characters of text handed to on_output
     first_token_time: float | None = None
     finish_time: float | None = None

@@ -1,0 +1,48 @@
+"""A request's output text, decoded as its tokens come, in time proportional to the new tokens.
+
+Decoding the whole output again at every token costs O(n) per token, O(n^2) per request: 4 ms
+per token at 4096 tokens of output on SmolLM2's tokenizer, more than a decode step. The way
+vLLM does it instead: keep two offsets into the tokens, ``prefix`` and ``read``; decode
+``tokens[prefix:read]`` and ``tokens[prefix:]``, and the text the new tokens add is where the
+second extends the first. Both decodes start at the same token, so a tokenizer whose output
+depends on where decoding starts (a SentencePiece leading space) treats them alike. While the
+new text ends in U+FFFD (a character whose bytes have not all come yet) nothing is added, and
+the offsets stay. ``flush`` adds what is left as a whole decode would (U+FFFD included).
+The reference is decoding the whole output (tests compare them at every token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+INCOMPLETE = "\ufffd"
+
+
+class IncrementalText:
+    """``text``: the decoded output so far, complete characters only until ``flush``."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.prefix = self.read = 0
+        self.text = ""
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, tokens: Sequence[int]) -> str:
+        """``tokens``: the whole output so far (the last ones new). Returns ``text``."""
+        before = self._decode(tokens[self.prefix : self.read])
+        after = self._decode(tokens[self.prefix :])
+        if len(after) > len(before) and not after.endswith(INCOMPLETE):
+            self.text += after[len(before) :]
+            self.prefix, self.read = self.read, len(tokens)
+        return self.text
+
+    def flush(self, tokens: Sequence[int]) -> str:
+        """The text with whatever is still pending, as decoding the whole output gives it."""
+        before = self._decode(tokens[self.prefix : self.read])
+        after = self._decode(tokens[self.prefix :])
+        if len(after) > len(before):
+            self.text += after[len(before) :]
+        self.prefix = self.read = len(tokens)
+        return self.text

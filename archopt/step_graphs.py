@@ -6,14 +6,14 @@ loads them):
 
 - ``static``: the static cache's tensors as inputs, written in place (``generate``'s default
   path). The batch and the number of cache slots are dynamic.
-
-Both attend with archopt's C++ decode-attention kernels where they build
-(``archopt.ops.cpu_kernels``: each row reads only the slots it sees, in place), else with the
-torch expressions those kernels are tested against.
 - ``paged``: a paged cache's pools (per layer, written in place), each row's write slot and
   read slots (``archopt.ops.paged_attention.DecodeView``); the serving engine's decode batch.
   The batch, the read span and the pool's size are dynamic, so one library serves every batch,
   context and pool growth.
+
+Both attend with archopt's C++ decode-attention kernels where they build
+(``archopt.ops.cpu_kernels``: each row reads only the slots it sees, in place), else with the
+torch expressions those kernels are tested against.
 
 The libraries index their inputs with the strides they were compiled for (contiguous) and do
 not check them, so the wrappers pass contiguous tensors only.

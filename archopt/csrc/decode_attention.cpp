@@ -4,7 +4,7 @@
 // engine's compiled step) and a static cache per row (``static_decode_attention``, generate's
 // compiled step). Their dense references are the torch expressions they replace
 // (archopt.ops.paged_attention.DecodeView, archopt.ops.kv_cache.StaticCache); the tests in
-// archopt/ops/test_cpu_kernels.py compare them. Built on first use by archopt.ops.cpu_kernels.
+// tests/test_cpu_kernels.py compare them. Built on first use by archopt.ops.cpu_kernels.
 //
 // q (B, Hq, 1, d); positions (B, 1): each row's position. Row b attends over the slots holding
 // positions 0..positions[b]; a row with none gets zeros. Each (row, kv head) is one task with
@@ -25,7 +25,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace {

@@ -133,7 +133,7 @@ def _digest(path: Path) -> str:
 
 
 def _check_library(folder: Path) -> None:
-    """OSError unless the library is the one its record describes (size and SHA-256)."""
+    """OSError unless the library is the one its record describes (its SHA-256)."""
     record = json.loads((folder / RECORD_FILE).read_text() or "{}")
     library = folder / LIBRARY_FILE
     if not library.is_file():
@@ -152,11 +152,8 @@ def _keep_copy() -> None:
     if (folder / RECORD_FILE).exists() or folder == _loaded.parent:
         return
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f"{LIBRARY_FILE}.{os.getpid()}.tmp"
-    shutil.copyfile(_loaded, tmp)
-    os.replace(tmp, folder / LIBRARY_FILE)
-    shutil.copyfile(_loaded.parent / RECORD_FILE, folder / f"{RECORD_FILE}.tmp")
-    os.replace(folder / f"{RECORD_FILE}.tmp", folder / RECORD_FILE)  # the record last
+    shutil.copyfile(_loaded, folder / LIBRARY_FILE)  # checked against the record when loaded
+    atomic_write_text(folder / RECORD_FILE, (_loaded.parent / RECORD_FILE).read_text())
 
 
 def _build(folder: Path) -> None:

@@ -25,24 +25,26 @@ class IncrementalText:
         self.tokenizer = tokenizer
         self.prefix = self.read = 0
         self.text = ""
+        self._before = ""  # decode of tokens[prefix:read]: changes only when they move
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def _advance(self, tokens: Sequence[int], after: str) -> None:
+        self.text += after[len(self._before) :]
+        self.prefix, self.read = self.read, len(tokens)
+        self._before = self._decode(tokens[self.prefix : self.read])
+
     def add(self, tokens: Sequence[int]) -> str:
         """``tokens``: the whole output so far (the last ones new). Returns ``text``."""
-        before = self._decode(tokens[self.prefix : self.read])
         after = self._decode(tokens[self.prefix :])
-        if len(after) > len(before) and not after.endswith(INCOMPLETE):
-            self.text += after[len(before) :]
-            self.prefix, self.read = self.read, len(tokens)
+        if len(after) > len(self._before) and not after.endswith(INCOMPLETE):
+            self._advance(tokens, after)
         return self.text
 
     def flush(self, tokens: Sequence[int]) -> str:
         """The text with whatever is still pending, as decoding the whole output gives it."""
-        before = self._decode(tokens[self.prefix : self.read])
         after = self._decode(tokens[self.prefix :])
-        if len(after) > len(before):
-            self.text += after[len(before) :]
-        self.prefix = self.read = len(tokens)
+        if len(after) > len(self._before):
+            self._advance(tokens, after)
         return self.text

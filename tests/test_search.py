@@ -215,6 +215,13 @@ def test_latency_table_is_kept_in_the_cache_and_reused():
     second = LatencyPredictor(LatencyTable(1))  # a new process: read back, nothing measured
     p2 = second.kernel_sum(cand.build(10, 1).eval(), x)
     assert p2.new_entries == 0 and p2.kernel_sum_ms == pytest.approx(p1.kernel_sum_ms)
+    # A later round times every kernel again; each entry keeps its fastest, on disk too.
+    p3 = second.add_round(model, x)
+    assert p3.kernel_sum_ms <= p2.kernel_sum_ms
+    entries = LatencyTable(1).kernels
+    for c in calls:
+        rounds = entries[c.key]["rounds"]
+        assert len(rounds) >= 2 and entries[c.key]["ms"] == min(rounds)
     # A window or a dilation changes the key even where the module's repr does not show it.
     a = archopt.create_model("pixel_longformer", img_size=8, window=2).eval()
     b = archopt.create_model("pixel_longformer", img_size=8, window=4).eval()
@@ -351,11 +358,21 @@ def test_bench_predictor_reports_held_out_candidates(tmp_path):
     from archopt.bench.predictor import main
 
     out = tmp_path / "p.json"
-    r = main(["--candidates", "4", "--calibrate", "1", "--repeats", "2", "--quiet",
-              "--json", str(out)])  # fmt: skip
-    assert r["held_out"] == 3 and len(r["rows"]) == 4
-    for fit in ("median_ratio", "affine"):
-        assert 0.0 <= r[fit]["within_10pct"] <= 1.0 and r[fit]["n"] == 3
-    s = [row["kernel_sum_ms"] for row in r["rows"]]
-    assert r["median_ratio"]["a"] == pytest.approx(r["rows"][0]["measured_ms"] / s[0])
+    r = main(["--candidates", "4", "--calibrate", "1", "--repeats", "2", "--rounds", "2",
+              "--round-gap", "0", "--quiet", "--json", str(out)])  # fmt: skip
+    assert r["held_out"] == 3 and len(r["rows"]) == 4 and r["rounds"] == 2
+    for label in ("first_round", "fastest_of_2"):
+        for fit in ("median_ratio", "affine"):
+            assert 0.0 <= r[label][fit]["within_10pct"] <= 1.0 and r[label][fit]["n"] == 3
+    for row in r["rows"]:
+        # every kernel keeps its fastest round, so a model's kernel sum can only go down
+        first, last = row["kernel_sum_rounds_ms"]
+        assert last <= first and len(row["measured_rounds_ms"]) == 2
+    row = r["rows"][0]
+    assert r["first_round"]["median_ratio"]["a"] == pytest.approx(
+        row["measured_rounds_ms"][0] / row["kernel_sum_rounds_ms"][0]
+    )
+    assert r["fastest_of_2"]["median_ratio"]["a"] == pytest.approx(
+        min(row["measured_rounds_ms"]) / row["kernel_sum_rounds_ms"][1]
+    )
     assert json.loads(out.read_text())["held_out"] == 3

@@ -96,3 +96,55 @@ def test_the_command_line_says_it_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith(f"archopt: error: {tree / 'cat' / 'img0.png'}: cannot")
     assert err.count("\n") == 1
+
+
+DDP_FOLDER_SCRIPT = """
+import sys
+from archopt.errors import DataError
+from archopt.train import train
+from tests.test_train import tiny
+
+kw = dict(epochs=2, resolution=8, batch_size=4, bf16="off", progress=False, verbose=False)
+try:
+    train(tiny(in_chans=3, num_classes=2), f"folder:{sys.argv[1]}", out_dir=sys.argv[2],
+          stop_after=int(sys.argv[3]) or None, resume=sys.argv[3] == "0", **kw)
+except DataError as e:
+    print(f"archopt: error: {e}", file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_corrupt_image_under_two_processes_stops_both_and_loses_nothing(tmp_path):
+    """DDP: one rank meets the corrupt file and exits with its name; torchrun stops the
+    other (waiting in an all-reduce) instead of leaving it hung, and the checkpoint of the
+    last finished epoch is intact."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .test_train import _free_port
+
+    tree, out = tmp_path / "tree", tmp_path / "run"
+    write_image_tree(tree, per_class=8)
+    script = tmp_path / "ddp_folder.py"
+    script.write_text(DDP_FOLDER_SCRIPT)
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+
+    def torchrun(stop_after: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+               str(script), str(tree), str(out), str(stop_after)]  # fmt: skip
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+    first = torchrun(1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = (out / "checkpoint.safetensors").read_bytes()
+    bad = tree / "dog" / "img3.png"
+    bad.write_bytes(b"not an image")
+    second = torchrun(0)  # resume: the second epoch reads the corrupt file on one rank
+    assert second.returncode != 0
+    assert f"archopt: error: {bad}: cannot read this image" in second.stderr
+    assert (out / "checkpoint.safetensors").read_bytes() == checkpoint

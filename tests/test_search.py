@@ -316,6 +316,32 @@ def test_search_writes_records_front_and_plots_and_resumes_identically(tmp_path)
         search(TINY, out_dir=part, **{**kw, "seed": 4})
 
 
+def test_search_settles_latency_in_rounds_and_checks_the_predictor_on_them(tmp_path):
+    pytest.importorskip("pymoo")
+    from archopt.search.loop import format_search, search
+
+    kw = dict(budget=2, hand_designed=False, max_latency_ms=None, round_gap_s=0.0, **FAST)
+    one = search(TINY, out_dir=tmp_path / "one", algorithm="random", **kw)
+    assert one["predictor_settled"] is None and "settled" not in one["candidates"][0]
+    r = search(TINY, out_dir=tmp_path / "two", algorithm="random", rounds=2, **kw)
+    assert r["predictor_settled"]["n"] == 2 and r["predictor_settled"]["rounds"] == 2
+    for c in r["candidates"]:
+        st = c["settled"]
+        # the first round is the trained model's own measurement; the fastest round is kept
+        assert st["latency_rounds_ms"][0] == c["latency_ms"] and len(st["latency_rounds_ms"]) == 2
+        assert st["latency_ms"] == min(st["latency_rounds_ms"])
+        assert 0 < st["kernel_sum_ms"] <= c["kernel_sum_ms"]  # every kernel at its fastest
+    text = format_search(r)  # also with no latency bound (once a TypeError here)
+    assert "fastest of 2 rounds" in text and "no latency bound" in text
+    # Continued with the same rounds: nothing timed again; with more: timed again.
+    again = search(TINY, out_dir=tmp_path / "two", algorithm="random", rounds=2, **kw)
+    assert [c["settled"] for c in again["candidates"]] == [c["settled"] for c in r["candidates"]]
+    more = search(TINY, out_dir=tmp_path / "two", algorithm="random", rounds=3, **kw)
+    assert all(len(c["settled"]["latency_rounds_ms"]) == 3 for c in more["candidates"])
+    with pytest.raises(ValueError, match="rounds must be"):
+        search(TINY, out_dir=tmp_path / "bad", rounds=0, **kw)
+
+
 def test_broken_record_file_is_an_error_and_is_kept(tmp_path):
     pytest.importorskip("pymoo")
     from archopt.search.loop import RECORDS, search

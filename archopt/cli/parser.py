@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-latency", default="auto", metavar="MS|auto|none",
         help="reject candidates predicted slower (auto: the slowest hand-designed model)",
     )  # fmt: skip
+    sp.add_argument("--rounds", type=POSITIVE, default=3,
+                    help="after the search, time kernels and models this many times in all, "
+                         "--round-gap apart, and check the predictor on the fastest")  # fmt: skip
+    sp.add_argument("--round-gap", type=float_in(0), default=15.0, metavar="S")
     sp.add_argument("--no-hand-designed", action="store_true", help="do not train them")
     sp.add_argument("--stop-after", type=POSITIVE, metavar="N", help="stop after N, resumable")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -225,6 +225,8 @@ def cmd_search(args) -> None:
             max_latency_ms=None if bound == "none" else bound,
             hand_designed=not args.no_hand_designed,
             stop_after=args.stop_after,
+            rounds=args.rounds,
+            round_gap_s=args.round_gap,
             progress=False if args.no_progress else None,
             verbose=not args.json,
         )

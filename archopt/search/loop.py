@@ -40,6 +40,7 @@ from archopt.search.evaluate import (
     Context,
     cost_figures,
     fixed_start,
+    settle_latency,
     train_and_measure,
     train_hand_designed,
 )
@@ -101,6 +102,8 @@ def search(
     calibration_size: int = 6,
     stop_after: int | None = None,
     min_time_s: float | None = None,
+    rounds: int = 1,
+    round_gap_s: float = 15.0,
     progress: bool | None = None,
     verbose: bool = True,
 ) -> dict:
@@ -114,7 +117,10 @@ def search(
     the space's hand-designed models with the same recipe for the plots. ``stop_after``: stop
     once that many candidates are trained, as if interrupted (rerun to continue).
     ``min_time_s``: keep searching past ``budget`` until this much search time has passed
-    (equal wall time for a benchmark). Returns what ``search.json`` holds.
+    (equal wall time for a benchmark). ``rounds``: after the search, time every trained
+    candidate's kernels and whole model ``rounds - 1`` more times, ``round_gap_s`` apart, and
+    report the predictor's check on the fastest rounds too (``predictor_settled``). Returns
+    what ``search.json`` holds.
     """
     _check_counts(
         budget=budget,
@@ -132,6 +138,9 @@ def search(
     pop = pop_size if pop_size is not None else max(4, min(16, budget // 4))
     _check_int("pop_size", pop, 2)
     _check_latency_bound(max_latency_ms)
+    _check_int("rounds", rounds, 1)
+    if not round_gap_s >= 0:
+        raise ValueError(f"round_gap_s must be >= 0, got {round_gap_s}")
     threads = threads or torch.get_num_threads()
     from archopt.train import parse_data_spec
 
@@ -152,6 +161,7 @@ def search(
         "repeats": repeats,
         "hand_designed": hand_designed,
         "min_time_s": min_time_s,
+        "rounds": rounds,
     }
     out = Path(out_dir)
     records = _open_records(out, settings)
@@ -188,8 +198,11 @@ def search(
     if stalled:
         log(f"no new candidate in 50 rounds: stopping after {n_trained} evaluations")
 
-    if hand_designed and (stop_after is None or n_trained < stop_after):
+    finished = stop_after is None or n_trained < stop_after
+    if hand_designed and finished:
         train_hand_designed(ctx, records, log)
+    if finished:
+        settle_latency(ctx, records, rounds, round_gap_s, log)
     done_proposals = records.proposals()
     search_s = done_proposals[-1]["elapsed_s"] if done_proposals else 0.0
     report = write_result(ctx, records, out, ref, bound, search_s, n_trained, stalled)

@@ -14,7 +14,7 @@ from archopt.io import atomic_write_text
 
 RECORDS = "records.jsonl"
 # Settings that may change when a search is continued without changing what it proposes.
-RESUME_FREE = ("budget", "repeats", "hand_designed", "min_time_s")
+RESUME_FREE = ("budget", "repeats", "hand_designed", "min_time_s", "rounds")
 
 
 class RecordFile:

@@ -226,10 +226,15 @@ def format_search(report: dict) -> str:
     """The search as text: settings, the front, the hypervolume, the predictor's check."""
     names = report["objectives"]
     s = report["settings"]
+    bound = report["latency_bound_ms"]
+    rejected = (
+        f"{report['rejected']} rejected by predicted latency > {bound:.2f} ms"
+        if bound is not None
+        else "no latency bound"
+    )
     lines = [
         f"{s['algorithm']} on space {s['space']['name']}: {report['evaluations']} evaluations "
-        f"({report['rejected']} rejected by predicted latency > {report['latency_bound_ms']:.2f}"
-        f" ms), {report['elapsed_s']:.0f} s; accuracy: {report['accuracy_proxy']}",
+        f"({rejected}), {report['elapsed_s']:.0f} s; accuracy: {report['accuracy_proxy']}",
         f"hypervolume {report['hypervolume']:.4g} (reference point "
         + ", ".join(f"{o}={v:.4g}" for o, v in report["reference_point"].items())
         + "; minimized: 1 - top-1, ms, M MACs, M params)",
@@ -258,6 +263,13 @@ def format_search(report: dict) -> str:
             f"latency predictor on {p['n']} held-out candidates: "
             f"{100 * p['within_10pct']:.0f}% within +-10% of measured, Spearman {rho}",
         ]
+        q = report.get("predictor_settled")
+        if q and q["n"]:
+            rho = "n/a" if q["spearman"] is None else f"{q['spearman']:.3f}"
+            lines.append(
+                f"  with kernels and models at their fastest of {q['rounds']} rounds: "
+                f"{100 * q['within_10pct']:.0f}% within +-10%, Spearman {rho}"
+            )
     dom = report["dominated_hand_designed"]
     if dom:
         lines.append(

@@ -49,6 +49,14 @@ def write_result(
     check = check_predictions(
         [r["predicted_latency_ms"] for r in cands], [r["latency_ms"] for r in cands]
     )
+    settled = [r["settled"] for r in cands if "settled" in r]
+    check_settled = (
+        check_predictions(
+            [r["predicted_latency_ms"] for r in settled], [r["latency_ms"] for r in settled]
+        )
+        if settled
+        else None
+    )
     hand_front = front_of(hand, names)
     report = {
         "settings": records.header["settings"],
@@ -77,6 +85,10 @@ def write_result(
         else None,
         "front": [r["index"] for r in front],
         "predictor": {**check, "calibration": records.header["calibration"]},
+        # the same check with every kernel and whole model at its fastest of several rounds
+        "predictor_settled": (
+            {**check_settled, "rounds": settled[0]["rounds"]} if check_settled else None
+        ),
         "dominated_hand_designed": dominated_hand_designed(front, hand) if hand else [],
         "candidates": cands,
         "rejected_candidates": [e for e in proposals if e["kind"] == "rejected"],

@@ -65,6 +65,31 @@ def get_model_fn(name: str) -> ModelFn:
     return model_info(name).fn
 
 
+def _check_size(info: ModelInfo, overrides: dict) -> None:
+    """Build the model on the meta device first, which holds no memory, so a configuration
+    too large for this machine is a ResourceError naming it instead of a failed allocation."""
+    import torch
+
+    from archopt.io import check_fits
+
+    try:
+        with torch.device("meta"):
+            probe = info.fn(**overrides)
+    except ValueError:
+        raise  # the configuration's own errors, as the real build would raise them
+    except Exception as e:
+        if "overflow" in str(e).lower():
+            raise ValueError(
+                f"model {info.name!r} with {overrides}: a layer's size does not fit in 64 bits"
+            ) from None
+        return  # cannot be built on meta: the real build says what it says
+    tensors = (*probe.parameters(), *probe.buffers())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
+    settings = f" with {overrides}" if overrides else ""
+    count = sum(t.numel() for t in tensors)
+    check_fits(f"model {info.name!r}{settings} ({count:,} weights)", nbytes)
+
+
 def create_model(
     name: str, pretrained: bool = False, *, weights: str | None = None, **overrides
 ) -> nn.Module:
@@ -79,6 +104,7 @@ def create_model(
     if not pretrained:
         if weights is not None:
             raise ValueError(f"weights={weights!r} needs pretrained=True")
+        _check_size(info, overrides)
         return info.fn(**overrides)
     if info.pretrained is None:
         have = sorted(n for n, i in MODELS.items() if i.pretrained is not None)

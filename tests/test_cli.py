@@ -147,10 +147,10 @@ BAD_ARGUMENTS = [
     (["tour", "--threads", "0"], "--threads: must be in [1, 1024], got 0"),
     (["train", "mobilenet_v1_025", "--out", "{file}"], "--out must be a folder, got"),
     (["train", "mobilenet_v1_025", "--lr", "-1"], "--lr: must be a finite number in (0, inf)"),
-    (["train", "mobilenet_v1_025", "--set", "width_mult=bad"], "width_mult must be > 0, got 'bad'"),
+    (["train", "mobilenet_v1_025", "--set", "width_mult=bad"], "width_mult must be a number"),
     (
         ["pareto", "--models", "mobilenet_v1_025,mobilenet_v1_100:width_mult=bad"],
-        "model 'mobilenet_v1_100:width_mult=bad': width_mult must be > 0, got 'bad'",
+        "model 'mobilenet_v1_100:width_mult=bad': MobileNetV1Config.width_mult must be a number",
     ),
     (["pareto", "--models", "mobilenet_v1_025,mobilenet_v1_050:nope=1"], "unknown MobileNetV1"),
     (["pareto", "--models", "mobilenet_v1_025", "--out", "{file}"], "--out must be a folder"),

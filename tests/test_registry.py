@@ -27,6 +27,34 @@ def test_unknown_override_names_the_fields():
         archopt.create_model("mobilenet_v1_100", widht_mult=0.5)
 
 
+@pytest.mark.parametrize(
+    ("name", "overrides", "message"),
+    [
+        ("mobilevit_xxs", {"dims": 1e9}, r"MobileViTConfig\.dims must be a list \(like \(64, "),
+        ("mobilenet_v1_100", {"act": 3}, r"MobileNetV1Config\.act must be a string"),
+        ("mobilenet_v1_100", {"depthwise": 1}, r"depthwise must be true or false \(like True\)"),
+        ("mobilenet_v1_100", {"num_classes": 2.5}, r"num_classes must be an integer \(like 1000\)"),
+        ("longformer_base_4096", {"window": "8"}, r"window must be an integer or a list"),
+    ],
+)  # fmt: skip
+def test_an_override_of_the_wrong_kind_names_the_field_and_the_kind(name, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        archopt.create_model(name, **overrides)
+
+
+def test_a_model_too_large_for_the_machine_is_refused_before_any_allocation():
+    from archopt.errors import ResourceError
+
+    too_wide = r"model 'mobilenet_v1_100' with \{'width_mult': 10000\.0\}.*GiB"
+    with pytest.raises(ResourceError, match=too_wide):
+        archopt.create_model("mobilenet_v1_100", width_mult=1e4)
+    with pytest.raises(ValueError, match=r"a layer's size does not fit in 64 bits"):
+        archopt.create_model("mobilenet_v1_100", width_mult=1e30)
+    # unions and sequences where the annotation allows them; the models build as before
+    assert archopt.create_model("longformer_base_4096", window=[8] * 12, num_layers=12)
+    assert archopt.create_model("mobilenet_v1_100", width_mult=1).config.width_mult == 1
+
+
 def test_register_and_reject_duplicate():
     @register_model(name="tiny_test_model")
     def tiny(**kw):

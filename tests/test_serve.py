@@ -165,6 +165,35 @@ def server(tiny):
     thread.join(10)
 
 
+def test_serve_says_at_once_when_its_address_cannot_be_had():
+    from archopt.serve.app import listen, serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=rf"cannot listen on 127\.0\.0\.1:{port}: .*in use"):
+            listen("127.0.0.1", port)
+    with pytest.raises(ValueError, match=r"cannot listen on 999\.1\.1\.1:8000: "):
+        serve("smollm2-135m", host="999.1.1.1", port=8000)  # before any model loads
+    sock = listen("127.0.0.1", 0)  # 0: any free port, on loopback
+    assert sock.getsockname()[0] == "127.0.0.1" and sock.getsockname()[1] > 0
+    sock.close()
+
+
+def test_serve_stops_with_the_error_when_the_model_cannot_load(tmp_path):
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("starlette")
+    from archopt.serve.app import serve
+
+    bad = tmp_path / "bad.gguf"  # the right magic, then nonsense counts
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 16)
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"could not load the model .*bad\.gguf.*not a valid GGUF"):
+        serve(str(bad), port=0, log_level="warning")
+    assert time.perf_counter() - t0 < 30  # stopped by itself, not left serving 503s
+
+
 @pytest.fixture(scope="module")
 def ready(server):
     import httpx

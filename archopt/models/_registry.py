@@ -11,7 +11,10 @@ which imports every model file first.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -90,4 +93,47 @@ def with_overrides(preset: ConfigT, overrides: dict) -> ConfigT:
         raise ValueError(
             f"unknown {type(preset).__name__} field(s) {unknown}: expected any of {names}"
         )
+    try:
+        hints = typing.get_type_hints(type(preset))
+    except Exception:  # an annotation that cannot be resolved here: no kind checks
+        hints = {}
+    for key, value in overrides.items():
+        kind = _kind_mismatch(hints.get(key), value)
+        if kind is not None:
+            raise ValueError(
+                f"{type(preset).__name__}.{key} must be {kind} (like {getattr(preset, key)!r}), "
+                f"got {value!r}"
+            )
     return dataclasses.replace(preset, **overrides)
+
+
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _kind_mismatch(hint, value) -> str | None:
+    """What kind of value the field's annotation ``hint`` asks for, when ``value`` is not of
+    it; None when it is (or the annotation says too little to tell)."""
+    if hint is None or hint is typing.Any:
+        return None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        members = typing.get_args(hint)
+        misses = [_kind_mismatch(m, value) for m in members]
+        return None if None in misses else " or ".join(dict.fromkeys(misses))
+    if hint is type(None):
+        return None if value is None else "null"
+    if hint is bool:
+        return None if isinstance(value, bool) else _KINDS[bool]
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else _KINDS[int]
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return None if ok else _KINDS[float]
+    if hint is str:
+        return None if isinstance(value, str) else _KINDS[str]
+    base = origin or hint
+    if base in (tuple, list, collections.abc.Sequence):
+        return None if isinstance(value, (tuple, list)) else "a list"
+    if base is dict:
+        return None if isinstance(value, dict) else "an object"
+    return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import sys
 import threading
 import time
 from typing import Any
@@ -46,14 +47,17 @@ class ServerState:
         self.load_error: str | None = None
         self.created = int(time.time())
         self.ready = threading.Event()
+        self.on_load_error = None  # called (from the loading thread) when the load fails
 
     def load(self) -> None:
         try:
             model = self._load if hasattr(self._load, "config") else self._load()
             self.engine = Engine(model, **self.engine_kwargs)
             self.engine.start()
-        except Exception as e:  # reported by /health; the server stays up to say so
+        except Exception as e:  # reported by /health, and to on_load_error
             self.load_error = f"{type(e).__name__}: {e}"
+            if self.on_load_error is not None:
+                self.on_load_error()
         finally:
             self.ready.set()
 
@@ -219,17 +223,54 @@ def serve(
     **engine_kwargs: Any,
 ) -> None:
     """Load ``model`` (a name, an HF folder or a GGUF file, through ``load_llm``) and serve it
-    until interrupted. Binds to loopback unless ``host`` says otherwise."""
+    until interrupted. Binds to loopback unless ``host`` says otherwise.
+
+    The address is taken before anything loads, so one that cannot be had is a ValueError at
+    once; the model loads while the server answers 503, and if it cannot be loaded the
+    server stops and the load's error is raised as a ValueError (nothing to serve)."""
     import uvicorn
 
     from archopt.loading.llm import check_weights, load_llm, resolve_llm
 
     check_weights(weights)
     resolve_llm(model)  # a bad name fails here, before the server starts
+    sock = listen(host, port)
 
     def load():
         return load_llm(model, weights=weights)
 
     name = model if not str(model).endswith((".gguf", "/")) else str(model).rsplit("/", 1)[-1]
     app = create_app(load, model_name=name, api_key=api_key, **engine_kwargs)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))
+    state: ServerState = app.state.archopt
+    state.on_load_error = lambda: setattr(server, "should_exit", True)
+    bound = sock.getsockname()[1]
+    where = f"[{host}]" if ":" in host else host
+    print(f"archopt: serving {name} on http://{where}:{bound}/v1 (the model loads first; "
+          "GET /health says when it is ready)", file=sys.stderr, flush=True)  # fmt: skip
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if state.load_error is not None:
+        raise ValueError(f"could not load the model {model!r}: {state.load_error}")
+
+
+def listen(host: str, port: int):
+    """A listening TCP socket on ``host``:``port`` (0: any free port), or a ValueError that
+    names the address and why it cannot be had."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, UnicodeError) as e:
+        raise ValueError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {e}") from None
+    return sock

@@ -314,6 +314,14 @@ def test_generate_with_the_gguf_blocks_kept(capsys, tmp_path):
     assert "weights='gguf' needs a .gguf file" in capsys.readouterr().err
 
 
+def test_generate_past_the_context_is_an_error_line_without_the_prompt(capsys):
+    _smollm2_or_skip()
+    code, out, err = run(capsys, "generate", "--prompt", "hi", "--max-new-tokens", "100000",
+                         "--compile", "off")  # fmt: skip
+    assert code == 2 and out == ""  # the prompt is echoed only once a first piece came
+    assert err.startswith("archopt: error: prompt (1 tokens) + max_new_tokens (100000) exceeds")
+
+
 def test_generate_without_the_model_package_says_how_to_install(capsys, monkeypatch):
     import importlib.metadata
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -57,12 +58,15 @@ def cmd_generate(args) -> None:
     if args.ignore_eos:
         kwargs["stop"] = None
     pieces, stats = [], {}
-    if not args.json:
-        print(args.prompt if not args.chat else "", end="", flush=True)
     text_stream = stream_text(
         model, args.prompt, args.max_new_tokens, chat=args.chat, stats=stats, **kwargs
     )
-    for piece in text_stream:
+    # The first piece before the prompt is echoed: a prompt the model cannot take (too long
+    # for its context, say) is then an error line of its own, not the tail of the prompt.
+    first = next(text_stream, None)
+    if not args.json:
+        print(args.prompt if not args.chat else "", end="", flush=True)
+    for piece in itertools.chain([first] if first is not None else [], text_stream):
         pieces.append(piece)
         if not args.json:
             print(piece, end="", flush=True)

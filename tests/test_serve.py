@@ -176,6 +176,9 @@ def test_serve_says_at_once_when_its_address_cannot_be_had():
             listen("127.0.0.1", port)
     with pytest.raises(ValueError, match=r"cannot listen on 999\.1\.1\.1:8000: "):
         serve("smollm2-135m", host="999.1.1.1", port=8000)  # before any model loads
+    for key in ("", "  "):  # an unset variable in --api-key "$KEY" must not open the server
+        with pytest.raises(ValueError, match="api_key must be a non-empty string"):
+            serve("smollm2-135m", api_key=key, port=0)
     sock = listen("127.0.0.1", 0)  # 0: any free port, on loopback
     assert sock.getsockname()[0] == "127.0.0.1" and sock.getsockname()[1] > 0
     sock.close()

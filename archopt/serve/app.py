@@ -79,6 +79,7 @@ def create_app(
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
+    check_key_setting(api_key)
     state = ServerState(model, model_name=model_name, engine_kwargs=engine_kwargs, api_key=api_key)
 
     def engine_or_error() -> Engine:
@@ -234,6 +235,7 @@ def serve(
 
     check_weights(weights)
     resolve_llm(model)  # a bad name fails here, before the server starts
+    check_key_setting(api_key)
     sock = listen(host, port)
 
     def load():
@@ -254,6 +256,13 @@ def serve(
         sock.close()
     if state.load_error is not None:
         raise ValueError(f"could not load the model {model!r}: {state.load_error}")
+
+
+def check_key_setting(api_key) -> None:
+    """A ValueError unless ``api_key`` is None (no key) or a non-empty string: an empty one (an
+    unset variable in ``--api-key "$KEY"``) must not leave the server open."""
+    if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+        raise ValueError(f"api_key must be a non-empty string, or None for no key, got {api_key!r}")
 
 
 def listen(host: str, port: int):

@@ -279,6 +279,19 @@ def test_completions_whole_and_streamed(client, ready):
         ({"model": "tiny", "messages": [{"role": "user", "content": "x" * 1100}]}, 400,
          "context holds 1024"),
         ({"model": "tiny", "messages": "hi"}, 400, "non-empty list"),
+        # what the server does not implement is refused, never ignored
+        ({"model": "tiny", "messages": MSG, "logprobs": True}, 400, "logprobs is not supported"),
+        ({"model": "tiny", "messages": MSG, "presence_penalty": 0.5}, 400,
+         "presence_penalty is not supported"),
+        ({"model": "tiny", "messages": MSG, "logit_bias": {"3": -100}}, 400, "logit_bias is not"),
+        ({"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, 400,
+         "response_format must be"),
+        ({"model": "tiny", "messages": MSG, "stream": "yes"}, 400, "stream must be true or false"),
+        ({"model": "tiny", "messages": MSG, "stream_options": "yes"}, 400,
+         "stream_options must be an object"),
+        ({"model": "tiny", "messages": MSG, "seed": 2**80}, 400, "seed must be an integer"),
+        (b'{"model": "tiny", "messages": "' + b"x" * (9 * 2**20) + b'"}', 413,
+         "more than 8388608"),
     ],
 )  # fmt: skip
 def test_malformed_requests_get_openai_errors(ready, body, status, needle):
@@ -293,6 +306,15 @@ def test_malformed_requests_get_openai_errors(ready, body, status, needle):
     assert r.status_code == status
     err = r.json()["error"]
     assert needle in err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_parameters_at_their_unused_values_are_accepted(client):
+    # what an OpenAI client may send by default: zero penalties, no logprobs, an empty bias
+    r = client.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=2, temperature=0, presence_penalty=0.0,
+        frequency_penalty=0, logprobs=False, logit_bias={}, response_format={"type": "text"},
+    )  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_wrong_api_key_is_401(ready):

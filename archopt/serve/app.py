@@ -34,6 +34,8 @@ from archopt.serve.protocol import (
 )
 from archopt.serve.scheduler import QueueFull, Request
 
+MAX_BODY_BYTES = 8 * 2**20  # a full context of token ids is well under 1 MiB
+
 
 class ServerState:
     """The model and engine behind the app, loaded in a background thread."""
@@ -92,7 +94,17 @@ def create_app(
         check_api_key(request.headers.get("authorization", ""), state.api_key)
 
     async def read_body(request) -> dict:
-        return parse_body(await request.body(), state.model_name)
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            msg = f"the request body has {declared} bytes, more than {MAX_BODY_BYTES}"
+            raise APIError(413, msg)
+        chunks, size = [], 0
+        async for part in request.stream():  # read in pieces: memory stays bounded
+            size += len(part)
+            if size > MAX_BODY_BYTES:
+                raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+            chunks.append(part)
+        return parse_body(b"".join(chunks), state.model_name)
 
     def handled(fn):
         async def route(request):

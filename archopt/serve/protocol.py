@@ -52,7 +52,51 @@ def _number(body: dict, key: str, default, *, kind=float, low=None, high=None, l
     return value
 
 
+# Parameters of OpenAI's API this server does not implement, with the values that mean "not
+# used": any other value is refused rather than ignored (ignoring a penalty or a logit bias
+# would return tokens the client did not ask for).
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+}
+
+
+def _is_unused(value, unused: tuple) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, bool):  # False is "not used", True never: 0 == False must not pass
+        return value is False and any(u is False for u in unused)
+    if isinstance(value, int | float):
+        return any(value == u for u in unused if isinstance(u, int | float) and u is not False)
+    return any(type(value) is type(u) and value == u for u in unused)
+
+
+def check_unsupported(body: dict) -> None:
+    """400 for a parameter of OpenAI's API this server does not implement, set to a value
+    that would change the result (``UNSUPPORTED``)."""
+    for key, unused in UNSUPPORTED.items():
+        value = body.get(key)
+        if not _is_unused(value, unused):
+            raise APIError(400, f"{key} is not supported by this server, got {value!r}", param=key)
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise APIError(
+            400,
+            f"response_format must be {{'type': 'text'}} on this server, got {fmt!r}",
+            param="response_format",
+        )
+
+
 def sampling_params(body: dict, prompt_len: int, capacity: int, default_max: int | None):
+    check_unsupported(body)
     room = capacity - prompt_len
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, key, default_max, kind=int, low=1)
@@ -88,7 +132,7 @@ def sampling_params(body: dict, prompt_len: int, capacity: int, default_max: int
         temperature=_number(body, "temperature", 1.0, low=0, high=2),
         top_p=_number(body, "top_p", 1.0, low=0, high=1, low_open=True),
         top_k=None if top_k in (None, -1) else top_k,
-        seed=_number(body, "seed", None, kind=int),
+        seed=_number(body, "seed", None, kind=int, low=-(2**63), high=2**64 - 1),
         stop=stop,
         stop_token_ids=stop_ids,
         ignore_eos=bool(body.get("ignore_eos", False)),
@@ -194,10 +238,18 @@ def parse_generation(body: dict, engine, *, chat: bool):
         engine.check_prompt(prompt)
     except ValueError as e:
         raise APIError(400, str(e)) from None
-    stream = bool(body.get("stream", False))
-    options = body.get("stream_options") or {}
-    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
-    return prompt, params, stream, include_usage
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream")
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        msg = f"stream_options must be an object, got {options!r}"
+        raise APIError(400, msg, param="stream_options")
+    include_usage = (options or {}).get("include_usage")
+    if include_usage is not None and not isinstance(include_usage, bool):
+        msg = f"stream_options.include_usage must be true or false, got {include_usage!r}"
+        raise APIError(400, msg, param="stream_options")
+    return prompt, params, bool(stream), bool(include_usage)
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -275,6 +327,7 @@ __all__ = [
     "APIError",
     "chat_prompt",
     "check_api_key",
+    "check_unsupported",
     "chunk",
     "completion_prompt",
     "error_response",

@@ -331,6 +331,13 @@ def test_resume_refuses_other_settings_and_overwrites_nothing(tmp_path):
         train(tiny(), "digits", out_dir=tmp_path, epochs=2, lr=0.05, resume=True, **FAST)
     with pytest.raises(ValueError, match="resume needs out_dir"):
         train(tiny(), "digits", epochs=2, resume=True, **FAST)
+    # A damaged checkpoint is named and kept, with or without resume.
+    damaged = tmp_path / "checkpoint.safetensors"
+    damaged.write_bytes(b"garbage")
+    for resume in (False, True):
+        with pytest.raises(ValueError, match=r"not a readable .* left as it is: move it away"):
+            train(tiny(), "digits", out_dir=tmp_path, epochs=2, resume=resume, **FAST)
+    assert damaged.read_bytes() == b"garbage"
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -109,7 +109,10 @@ def _read_meta(path: str | os.PathLike) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable safetensors checkpoint: {e}") from e
+        raise ValueError(
+            f"{path} is not a readable safetensors checkpoint ({e}); it was left as it is: "
+            "move it away, or choose another output folder"
+        ) from e
     if META_KEY not in meta:
         raise ValueError(f"{path} is a safetensors file but not an archopt training checkpoint")
     try:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from archopt.io import atomic_write
 
 
 def export_onnx(
@@ -27,18 +28,16 @@ def export_onnx(
     if not isinstance(example_input, torch.Tensor):
         raise ValueError(f"example_input must be a tensor, got {type(example_input).__name__}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training
     model.eval()
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.part", dir=path.parent)
-    os.close(fd)
-    try:
+
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer and deprecation chatter
             torch.onnx.export(
                 model,
                 (example_input,),
-                tmp,
+                str(tmp),
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}
@@ -47,11 +46,9 @@ def export_onnx(
                 opset_version=opset,
                 dynamo=False,
             )
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    try:
+        atomic_write(path, write)
     finally:
         model.train(was_training)
     return path

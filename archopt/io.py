@@ -232,6 +232,97 @@ def clear_cache() -> int:
     return removed
 
 
+def cpu_id() -> str:
+    """This CPU's model name and feature flags (what a library compiled for it depends on)."""
+    lines: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name = line.split(":", 1)[0].strip()
+                if name in ("model name", "flags") and name not in lines:
+                    lines[name] = line.strip()
+    except OSError:
+        pass
+    if lines:
+        return " | ".join(lines.values())
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+# Fields of a cache entry's JSON record that change from one build of the same thing to the
+# next (versions, keys, timings): records equal without them describe one thing, built twice.
+VOLATILE_RECORD_FIELDS = frozenset(
+    {
+        "key",
+        "created",
+        "compile_seconds",
+        "summary",
+        "torch",
+        "flags",
+        "library_sha256",
+        "format",
+        "kernels",
+    }
+)
+INCOMPLETE_AFTER_S = 3600.0  # a folder without a record this old is an interrupted build
+
+
+def prune_cache(*, now: float | None = None) -> list[dict]:
+    """Remove from the cache folder what nothing will load again: of the entries whose records
+    describe the same thing (a decode step of one model, weights and thread count, built by an
+    older archopt or torch; an older build of the CPU kernels; ...), all but the newest, and
+    folders left without a record by builds interrupted over an hour ago. Files (latency
+    tables, records of measurements) and entries whose record cannot be read are kept.
+    Returns the removed entries (``kind``, ``name``, ``bytes``, ``why``)."""
+    import json
+    import shutil
+
+    now = time.time() if now is None else now
+    sizes = {(e["kind"], e["name"]): e["bytes"] for e in cache_entries()}
+    root = cache_dir()
+    doomed: list[tuple[Path, str]] = []
+    for kind in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        groups: dict[str, list[tuple]] = {}
+        for entry in sorted(p for p in kind.iterdir() if p.is_dir()):
+            records = sorted(entry.glob("*.json"))
+            if not records:
+                with contextlib.suppress(OSError):
+                    if now - entry.stat().st_mtime > INCOMPLETE_AFTER_S:
+                        doomed.append((entry, "an interrupted build"))
+                continue
+            try:
+                record = json.loads(records[0].read_text())
+                stamp = records[0].stat().st_mtime
+            except (OSError, ValueError):
+                continue
+            if not isinstance(record, dict):
+                continue
+            same = {
+                k: v for k, v in record.items() if k not in VOLATILE_RECORD_FIELDS and k != "cpu"
+            }
+            groups.setdefault(json.dumps(same, sort_keys=True, default=str), []).append(
+                (str(record.get("created", "")), stamp, entry, record.get("cpu"))
+            )
+        for members in groups.values():
+            # Newest first: the newest build for each CPU stays (a cache folder shared by
+            # machines holds one for each); a record from before records named their CPU is
+            # kept only when nothing newer exists.
+            seen: set = set()
+            for i, (*_, entry, cpu) in enumerate(sorted(members, reverse=True)):
+                if (cpu is None and i == 0) or (cpu is not None and cpu not in seen):
+                    seen.add(cpu)
+                    continue
+                doomed.append((entry, "superseded by a newer build of the same thing"))
+    removed = []
+    for entry, why in doomed:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(entry)
+            key = (entry.parent.name, entry.name)
+            removed.append({"kind": key[0], "name": key[1], "bytes": sizes.get(key, 0), "why": why})
+    return removed
+
+
 def fingerprint(model, *extra) -> str:
     """A short digest of what a compiled or measured artefact of ``model`` depends on: its
     class, config, layer types and tensor names, shapes and dtypes (not the weights' values),

@@ -1,5 +1,6 @@
 import argparse
 import json
+import os
 
 import pytest
 import torch
@@ -477,6 +478,13 @@ def test_cache_list_and_clear(capsys, tmp_path, monkeypatch):
     assert listed["bytes"] > 2048 and listed["detail"] == "decode step of x"
     code, out, _ = run(capsys, "cache", "list")
     assert str(tmp_path) in out and "decode step of x" in out
+    older = tmp_path / "steps" / "llama-012"  # an older build of the same step: pruned
+    older.mkdir()
+    (older / "step.json").write_text(json.dumps({"summary": "decode step of x", "key": "o"}))
+    os.utime(older / "step.json", (1, 1))
+    code, out, _ = run(capsys, "cache", "prune")
+    assert code == 0 and out.startswith("removed 1 entries") and "llama-012" in out
+    assert entry.exists() and not older.exists()
     code, out, _ = run(capsys, "cache", "clear")
     assert code == 0 and "removed 1 entries" in out and not entry.exists()
     code, out, _ = run(capsys, "cache", "list")

@@ -120,3 +120,48 @@ def test_save_figure_creates_its_folders_and_writes_atomically(tmp_path):
     plt.close(fig)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in path.parent.iterdir()] == ["front.png"]  # no temporary left
+
+
+def test_prune_keeps_the_newest_build_of_each_thing_and_what_it_cannot_read(tmp_path, monkeypatch):
+    import json
+    import time
+
+    from archopt.io import cache_entries, prune_cache
+
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path))
+
+    def entry(kind: str, name: str, record: dict | str | None, age_s: float = 0.0) -> Path:
+        folder = tmp_path / kind / name
+        folder.mkdir(parents=True)
+        (folder / "payload.bin").write_bytes(b"x" * 1000)
+        if record is not None:
+            text = record if isinstance(record, str) else json.dumps(record)
+            (folder / "record.json").write_text(text)
+        stamp = time.time() - age_s
+        os.utime(folder, (stamp, stamp))
+        return folder
+
+    step = {"kind": "static", "model": "m.gguf", "weights": "gguf", "threads": 2}
+    old = entry("steps", "llama-old", {**step, "key": "a", "created": "2026-01-01 00:00:00"})
+    new = entry("steps", "llama-new", {**step, "key": "b", "created": "2026-02-01 00:00:00",
+                                       "torch": "9.9", "kernels": "k2", "cpu": "A"})  # fmt: skip
+    other_cpu = entry("steps", "llama-b", {**step, "created": "2026-01-15 00:00:00", "cpu": "B"})
+    other_model = entry("steps", "llama-m2", {**step, "model": "m2.gguf", "created": "2025"})
+    paged = entry("steps", "llama-paged-x", {**step, "kind": "paged", "created": "2025"})
+    k_old = entry("kernels", "k1", {"key": "k1", "created": "2026-01-01 00:00:00"})
+    k_new = entry("kernels", "k2", {"key": "k2", "created": "2026-02-01 00:00:00"})
+    stuck = entry("kernels", "k-interrupted", None, age_s=7200)
+    running = entry("kernels", "k-building", None)  # a build in progress: no record yet
+    unreadable = entry("llm", "odd", "{not json")
+    (tmp_path / "latency").mkdir()
+    (tmp_path / "latency" / "table-1.json").write_text("{}")
+
+    removed = prune_cache()
+    assert {e["name"] for e in removed} == {"llama-old", "k1", "k-interrupted"}
+    assert all(e["bytes"] >= 1000 for e in removed)
+    for gone in (old, k_old, stuck):
+        assert not gone.exists()
+    for kept in (new, other_cpu, other_model, paged, k_new, running, unreadable):
+        assert kept.exists()
+    assert (tmp_path / "latency" / "table-1.json").exists()
+    assert prune_cache() == [] and len(cache_entries()) == 8

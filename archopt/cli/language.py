@@ -102,8 +102,15 @@ def cmd_generate(args) -> None:
 
 
 def cmd_cache(args) -> None:
-    from archopt.io import cache_dir, cache_entries, clear_cache
+    from archopt.io import cache_dir, cache_entries, clear_cache, prune_cache
 
+    if args.action == "prune":
+        removed = prune_cache()
+        freed = sum(e["bytes"] for e in removed) / 2**20
+        lines = [f"  {e['kind']:6s} {e['name']:40s} {e['why']}" for e in removed]
+        head = f"removed {len(removed)} entries ({freed:.1f} MiB) from {cache_dir()}"
+        emit(removed, args.json, "\n".join([head, *lines]))
+        return
     if args.action == "clear":
         removed = clear_cache()
         emit({"removed": removed}, args.json, f"removed {removed} entries from {cache_dir()}")

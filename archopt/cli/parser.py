@@ -122,7 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_generate)
 
     sp = sub.add_parser("cache", help="what archopt keeps in its cache folder")
-    sp.add_argument("action", choices=["list", "clear"])
+    sp.add_argument(
+        "action",
+        choices=["list", "prune", "clear"],
+        help="prune: remove superseded builds and interrupted ones; clear: remove everything",
+    )
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_cache)
 

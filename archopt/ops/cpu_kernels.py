@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from archopt.io import atomic_write_text, writable_cache_dir
+from archopt.io import atomic_write_text, cpu_id, writable_cache_dir
 
 SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "decode_attention.cpp",)
 SUBDIR = "kernels"
@@ -63,21 +63,8 @@ def key() -> str:
     h = hashlib.sha256()
     for s in SOURCES:
         h.update(s.read_bytes())
-    h.update(repr((FLAGS, torch.__version__, platform.machine(), _cpu_id())).encode())
+    h.update(repr((FLAGS, torch.__version__, platform.machine(), cpu_id())).encode())
     return h.hexdigest()[:20]
-
-
-def _cpu_id() -> str:
-    lines: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                name = line.split(":", 1)[0].strip()
-                if name in ("model name", "flags") and name not in lines:
-                    lines[name] = line.strip()
-    except OSError:
-        pass
-    return " | ".join(lines.values()) or torch.backends.cpu.get_cpu_capability()
 
 
 def loaded() -> bool:
@@ -179,6 +166,7 @@ def _build(folder: Path) -> None:
         "key": folder.name,
         "torch": torch.__version__,
         "flags": list(FLAGS),
+        "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],  # built for this CPU
         "library_sha256": _digest(folder / LIBRARY_FILE),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

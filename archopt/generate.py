@@ -14,6 +14,7 @@ Batches of prompts of different lengths are left-padded; each row gets its own p
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -146,6 +147,14 @@ def plan_decode(
         seconds = 0.0 if had else time.perf_counter() - start
         how = "aot (compiled step from cache)" if had else f"aot (compiled now in {seconds:.0f} s)"
         return DecodePlan("static", step, how, seconds)
+    if compile not in COMPILE_MODES:
+        import torch._dynamo
+
+        if compile not in torch._dynamo.list_backends(exclude_tags=()):
+            raise ValueError(
+                f"compile must be True, False, one of {COMPILE_MODES} or a torch.compile "
+                f"backend name ({', '.join(torch._dynamo.list_backends())}), got {compile!r}"
+            )
     compiled = compiled_step(model, compile)
 
     def run(tokens, positions, kv):
@@ -168,9 +177,19 @@ def building_elsewhere(model) -> bool:
     return folder is not None and building(folder)
 
 
+def _is_int(t) -> bool:
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) as (B, T) tensors; ragged lists are left-padded with ``pad_id``."""
     if isinstance(input_ids, torch.Tensor):
+        if (
+            input_ids.dtype.is_floating_point
+            or input_ids.is_complex()
+            or input_ids.dtype == torch.bool
+        ):
+            raise ValueError(f"input_ids must be integer token ids, got a {input_ids.dtype} tensor")
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
         if input_ids.dim() not in (1, 2):
             raise ValueError(f"input_ids must be (length,) or (batch, length), got {ids.shape}")
@@ -188,6 +207,12 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, tor
         rows = [input_ids] if input_ids and isinstance(input_ids[0], int) else list(input_ids)
         if not rows:
             raise ValueError("input_ids is empty: expected at least one prompt")
+        for r in rows:  # a float would be truncated to an id without a word: refuse it
+            bad = next(
+                (t for t in r if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None
+            )
+            if bad is not None:
+                raise ValueError(f"input_ids must be integer token ids, got {bad!r}")
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.bool)
@@ -259,7 +284,9 @@ def stream(
     stop_ids = torch.as_tensor(_stop_ids(model, stop), dtype=torch.long, device=device)
     generator = None
     if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        if not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        generator = torch.Generator(device=device).manual_seed(int(seed))
     positions = torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)  # (B, T), pads at -1
     if kv is not None and kv.length:
         positions = torch.where(mask, positions + kv.length, -1)
@@ -312,7 +339,10 @@ def _stop_ids(model, stop) -> list[int]:
         return list(model.config.eos_ids)
     if stop is None:
         return []
-    return [stop] if isinstance(stop, int) else [int(s) for s in stop]
+    ids = [stop] if isinstance(stop, numbers.Integral) else stop
+    if not isinstance(ids, Sequence | torch.Tensor) or not all(_is_int(s) for s in list(ids)):
+        raise ValueError(f"stop must be token ids, 'eos' or None, got {stop!r}")
+    return [int(s) for s in ids]
 
 
 def generate(model, input_ids, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -85,6 +85,17 @@ def test_bad_input(model):
         generate(model, [1, 2], 3, temperature=1.0, top_p=1.5)
     with pytest.raises(ValueError, match="cache capacity must be >= 1"):
         make_cache("static", num_layers=1, batch=1, kv_heads=1, head_dim=8, capacity=0)
+    # neither truncated nor passed on to torch to fail there
+    with pytest.raises(ValueError, match=r"integer token ids, got a torch\.float32 tensor"):
+        generate(model, torch.tensor([[1.5, 2.0]]), 3)
+    with pytest.raises(ValueError, match=r"input_ids must be integer token ids, got 1\.5"):
+        generate(model, [[1, 2], [1.5]], 3)
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"):
+        generate(model, [1, 2], 3, temperature=1.0, seed=2**80)
+    with pytest.raises(ValueError, match=r"stop must be token ids, 'eos' or None, got 3\.5"):
+        generate(model, [1, 2], 3, stop=3.5)
+    with pytest.raises(ValueError, match=r"a torch\.compile backend name .* got 'fast'"):
+        generate(model, [1, 2], 3, cache="static", compile="fast")
 
 
 def test_text_generation_needs_a_tokenizer(model):

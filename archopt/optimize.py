@@ -99,6 +99,15 @@ def optimize_for_inference(
     ``dtype=torch.bfloat16`` runs the weights and activations in bf16 (AMX / tensor cores);
     inputs and outputs stay fp32, and outputs differ from fp32 at bf16 precision (~1e-2).
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if example_input is not None:
+        if not isinstance(example_input, torch.Tensor) or not example_input.is_floating_point():
+            got = getattr(example_input, "dtype", type(example_input).__name__)
+            raise ValueError(f"example_input must be a floating-point tensor, got {got}")
+        if not bool(torch.isfinite(example_input).all()):
+            # the backends are compared on its outputs, which NaN or Inf would make meaningless
+            raise ValueError("example_input must be finite: it holds NaN or Inf")
     if compile is not None and compile not in (*COMPILERS, "auto"):
         raise ValueError(f"compile must be None, 'auto' or one of {COMPILERS}, got {compile!r}")
     if compile in ("jit", "onnxruntime") and example_input is None:

@@ -120,6 +120,22 @@ def test_bad_arguments(mobilenet):
     x = torch.randn(1, 3, 64, 64)
     with pytest.raises(ValueError, match="runs float32 only"):
         archopt.optimize_for_inference(mobilenet, x, compile="onnxruntime", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"model must be a torch nn\.Module, got str"):
+        archopt.optimize_for_inference("mobilenet_v1_100", x)
+    with pytest.raises(ValueError, match=r"floating-point tensor, got torch\.int64"):
+        archopt.optimize_for_inference(mobilenet, x.long())
+    with pytest.raises(ValueError, match="example_input must be finite"):
+        archopt.optimize_for_inference(mobilenet, torch.full_like(x, float("nan")))
+
+
+def test_counting_an_input_past_memory_is_refused_before_allocating(mobilenet):
+    from archopt.errors import ResourceError
+    from archopt.measure import count_macs
+
+    with pytest.raises(ResourceError, match=r"a \(1, 3, 100000, 100000\) input needs about"):
+        count_macs(mobilenet, (1, 3, 100000, 100000))
+    with pytest.raises(ValueError, match=r"sizes must be >= 1, got \(1, 3, 0, 64\)"):
+        count_macs(mobilenet, (1, 3, 0, 64))
 
 
 def test_onnx_export_runs_in_onnxruntime(mobilenet, tmp_path):

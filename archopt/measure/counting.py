@@ -150,6 +150,14 @@ def make_inputs(
     if isinstance(inputs, torch.Tensor):
         return (inputs,)
     if isinstance(inputs, (tuple, list, torch.Size)) and all(isinstance(i, int) for i in inputs):
+        from math import prod
+
+        from archopt.io import check_fits
+
+        if any(i < 1 for i in inputs):
+            raise ValueError(f"an input shape's sizes must be >= 1, got {tuple(inputs)}")
+        # the input itself, and room for a few activations of its size
+        check_fits(f"a {tuple(inputs)} input", 8 * 4 * prod(inputs))
         param = next(model.parameters(), None)
         device = param.device if param is not None else "cpu"
         dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32

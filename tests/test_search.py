@@ -340,6 +340,8 @@ def test_search_settles_latency_in_rounds_and_checks_the_predictor_on_them(tmp_p
     assert all(len(c["settled"]["latency_rounds_ms"]) == 3 for c in more["candidates"])
     with pytest.raises(ValueError, match="rounds must be"):
         search(TINY, out_dir=tmp_path / "bad", rounds=0, **kw)
+    with pytest.raises(ValueError, match="threads must be an int >= 1, got 0"):
+        search(TINY, out_dir=tmp_path / "bad", threads=0, **kw)  # not "torch's default"
 
 
 def test_broken_record_file_is_an_error_and_is_kept(tmp_path):

@@ -130,6 +130,13 @@ def test_bounded_queue_and_bad_prompts(tiny):
         engine.submit(Request([1] * 1024, GREEDY))
     with pytest.raises(ValueError, match="max_tokens must be an integer >= 1, got 0"):
         SamplingParams(max_tokens=0)
+    for kwargs, message in (
+        ({"stop": 5}, "stop must be non-empty strings, got 5"),
+        ({"stop_token_ids": "a"}, "stop_token_ids must be a list of integers"),
+        ({"seed": 2**80, "temperature": 1.0}, r"seed must be an integer in \[-2\*\*63, 2\*\*64\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            SamplingParams(**kwargs)
     for rid in list(engine._by_id):
         engine.abort(rid)
     engine.step()

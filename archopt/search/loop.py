@@ -139,6 +139,8 @@ def search(
     _check_int("pop_size", pop, 2)
     _check_latency_bound(max_latency_ms)
     _check_int("rounds", rounds, 1)
+    if threads is not None:
+        _check_int("threads", threads, 1)
     if not round_gap_s >= 0:
         raise ValueError(f"round_gap_s must be >= 0, got {round_gap_s}")
     threads = threads or torch.get_num_threads()

@@ -47,8 +47,19 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 (or absent), got {self.top_k!r}")
-        if any(not isinstance(s, str) or not s for s in self.stop):
+        if not isinstance(self.stop, list | tuple) or any(
+            not isinstance(s, str) or not s for s in self.stop
+        ):
             raise ValueError(f"stop must be non-empty strings, got {self.stop!r}")
+        ids = self.stop_token_ids
+        if not isinstance(ids, list | tuple) or any(
+            not isinstance(t, int) or isinstance(t, bool) for t in ids
+        ):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):
+            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"

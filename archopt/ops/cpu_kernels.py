@@ -167,6 +167,7 @@ def _build(folder: Path) -> None:
         "torch": torch.__version__,
         "flags": list(FLAGS),
         "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],  # built for this CPU
+        "sources": [s.name for s in SOURCES],  # what it is a build of (see io.prune_cache)
         "library_sha256": _digest(folder / LIBRARY_FILE),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

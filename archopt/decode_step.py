@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from archopt.io import atomic_write_text, cpu_id, writable_cache_dir
+from archopt.io import atomic_write_text, cpu_tag, writable_cache_dir
 from archopt.ops import cpu_kernels
 from archopt.step_graphs import KINDS, MAX_BATCH, CompiledPagedStep, CompiledStep
 
@@ -197,7 +197,7 @@ def build_step(
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "kernels": cpu_kernels.key() if kernels else None,
-        "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],  # compiled for this CPU
+        "cpu": cpu_tag(),  # compiled for this CPU
         "compile_seconds": round(seconds, 1),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -33,7 +33,7 @@ from archopt.decode_step import (
     step_folder,
 )
 from archopt.ops.kv_cache import KVCache
-from archopt.sampling import check_sampling, sample
+from archopt.sampling import check_sampling, check_seed, sample
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -184,12 +184,9 @@ def _is_int(t) -> bool:
 def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, mask) as (B, T) tensors; ragged lists are left-padded with ``pad_id``."""
     if isinstance(input_ids, torch.Tensor):
-        if (
-            input_ids.dtype.is_floating_point
-            or input_ids.is_complex()
-            or input_ids.dtype == torch.bool
-        ):
-            raise ValueError(f"input_ids must be integer token ids, got a {input_ids.dtype} tensor")
+        dt = input_ids.dtype
+        if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+            raise ValueError(f"input_ids must be integer token ids, got a {dt} tensor")
         ids = input_ids if input_ids.dim() == 2 else input_ids.reshape(1, -1)
         if input_ids.dim() not in (1, 2):
             raise ValueError(f"input_ids must be (length,) or (batch, length), got {ids.shape}")
@@ -208,9 +205,7 @@ def _as_batch(input_ids, attention_mask, pad_id: int) -> tuple[torch.Tensor, tor
         if not rows:
             raise ValueError("input_ids is empty: expected at least one prompt")
         for r in rows:  # a float would be truncated to an id without a word: refuse it
-            bad = next(
-                (t for t in r if not isinstance(t, numbers.Integral) or isinstance(t, bool)), None
-            )
+            bad = next((t for t in r if not _is_int(t)), None)
             if bad is not None:
                 raise ValueError(f"input_ids must be integer token ids, got {bad!r}")
         width = max(len(r) for r in rows)
@@ -284,8 +279,7 @@ def stream(
     stop_ids = torch.as_tensor(_stop_ids(model, stop), dtype=torch.long, device=device)
     generator = None
     if seed is not None:
-        if not isinstance(seed, numbers.Integral) or not -(2**63) <= seed < 2**64:
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+        check_seed(seed)
         generator = torch.Generator(device=device).manual_seed(int(seed))
     positions = torch.where(mask, mask.long().cumsum(dim=1) - 1, -1)  # (B, T), pads at -1
     if kv is not None and kv.length:

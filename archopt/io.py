@@ -250,6 +250,13 @@ def cpu_id() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def cpu_tag() -> str:
+    """A short digest of ``cpu_id()``: what records of builds for this CPU name it by."""
+    import hashlib
+
+    return hashlib.sha256(cpu_id().encode()).hexdigest()[:16]
+
+
 # Fields of a cache entry's JSON record that change from one build of the same thing to the
 # next (versions, keys, timings): records equal without them describe one thing, built twice.
 VOLATILE_RECORD_FIELDS = frozenset(

@@ -49,4 +49,13 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
-__all__ = ["check_sampling", "sample"]
+def check_seed(seed) -> None:
+    """A ValueError unless ``seed`` is None or an integer a torch generator takes."""
+    import numbers
+
+    ok = isinstance(seed, numbers.Integral) and not isinstance(seed, bool)
+    if seed is not None and not (ok and -(2**63) <= seed < 2**64):
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+
+
+__all__ = ["check_sampling", "check_seed", "sample"]

@@ -32,15 +32,15 @@ from archopt.report import ArgumentParser, float_in, int_in
 
 
 def run(args) -> dict:
-    from archopt.measure import measure_latency, num_threads
-    from archopt.search.predictor import LatencyPredictor, check_predictions, kernel_calls
+    from archopt.measure import measure_latency
+    from archopt.search.predictor import LatencyPredictor, check_predictions
     from archopt.search.spaces import get_space
 
     space = get_space(args.space)
     rng = np.random.default_rng(args.seed)
     predictor = LatencyPredictor(threads=args.threads)
     rows: list[dict] = []
-    kept: list[tuple] = []  # (model, input, its kernel calls) for the later rounds
+    kept: list[tuple] = []  # (model, input) for the later rounds
     start = time.perf_counter()
     while len(rows) < args.candidates and time.perf_counter() - start < args.max_seconds:
         genes = space.sample(rng)
@@ -55,7 +55,7 @@ def run(args) -> dict:
         rows.append({"genes": [int(g) for g in genes], "kernels": p.kernels,
                      "kernel_sum_rounds_ms": [p.kernel_sum_ms],
                      "measured_rounds_ms": [lat.min_ms]})  # fmt: skip
-        kept.append((model, x, kernel_calls(model, (x,))))
+        kept.append((model, x))
         if not args.quiet:
             print(f"{len(rows)}: kernels {p.kernel_sum_ms:.2f} ms, whole {lat.min_ms:.2f} ms",
                   file=sys.stderr, flush=True)  # fmt: skip
@@ -69,13 +69,10 @@ def run(args) -> dict:
         # Each later round times every kernel and every whole model again, after a pause;
         # tables and models alike keep their fastest round.
         time.sleep(args.round_gap)
-        unique = {c.key: c for _, _, calls in kept for c in calls}
-        with num_threads(args.threads):
-            for c in unique.values():
-                predictor.table.remeasure(c, repeats=args.repeats)
-        predictor.table.save()
-        for row, (model, x, calls) in zip(rows, kept):
-            row["kernel_sum_rounds_ms"].append(sum(predictor.table.kernel_ms(c) for c in calls))
+        done: set[str] = set()
+        keys = [predictor.add_round(m, (x,), done=done, repeats=args.repeats).keys for m, x in kept]
+        for row, (model, x), k in zip(rows, kept, keys):
+            row["kernel_sum_rounds_ms"].append(predictor.sum_ms(k))  # after the whole round
             lat = measure_latency(model, (x,), warmup=3, repeats=args.repeats,
                                   threads=args.threads)  # fmt: skip
             row["measured_rounds_ms"].append(lat.min_ms)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from archopt.io import atomic_write_text, cpu_id, writable_cache_dir
+from archopt.io import atomic_write_text, cpu_id, cpu_tag, writable_cache_dir
 
 SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "decode_attention.cpp",)
 SUBDIR = "kernels"
@@ -166,7 +166,7 @@ def _build(folder: Path) -> None:
         "key": folder.name,
         "torch": torch.__version__,
         "flags": list(FLAGS),
-        "cpu": hashlib.sha256(cpu_id().encode()).hexdigest()[:16],  # built for this CPU
+        "cpu": cpu_tag(),  # built for this CPU
         "sources": [s.name for s in SOURCES],  # what it is a build of (see io.prune_cache)
         "library_sha256": _digest(folder / LIBRARY_FILE),
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),

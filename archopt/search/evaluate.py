@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from archopt.measure import count_macs, count_params, cpu_name, measure_latency, num_threads
-from archopt.search.predictor import LatencyPredictor, kernel_calls
+from archopt.measure import count_macs, count_params, cpu_name, measure_latency
+from archopt.search.predictor import LatencyPredictor
 from archopt.search.records import RecordFile
 from archopt.search.space import Candidate, SearchSpace
 
@@ -144,24 +144,19 @@ def settle_latency(ctx: Context, records: RecordFile, rounds: int, gap_s: float,
     if rounds < 2 or not todo:
         return
     log(f"timing the kernels and whole models of {len(todo)} candidates {rounds - 1} more round(s)")
-    table, pred = ctx.predictor.table, ctx.predictor
+    pred = ctx.predictor
     wholes = {id(e): [e["latency_ms"]] for e in todo}
+    keys: dict[int, tuple[str, ...]] = {}
     for _ in range(rounds - 1):
         time.sleep(gap_s)
         done: set[str] = set()
-        for e in todo:
+        for e in todo:  # one model at a time: memory stays that of one candidate
             model, x = _untrained(ctx, ctx.space.decode(e["genes"]))
-            with num_threads(ctx.threads):
-                for c in kernel_calls(model, x):
-                    if c.key not in done:
-                        table.remeasure(c, repeats=ctx.repeats)
-                        done.add(c.key)
+            keys[id(e)] = pred.add_round(model, x, done=done, repeats=ctx.repeats).keys
             lat = measure_latency(model, x, warmup=3, repeats=ctx.repeats, threads=ctx.threads)
             wholes[id(e)].append(lat.min_ms)
-        table.save()
     for e in todo:
-        model, x = _untrained(ctx, ctx.space.decode(e["genes"]))
-        s = pred.kernel_sum(model, x).kernel_sum_ms
+        s = pred.sum_ms(keys[id(e)])  # after the last round: every kernel at its fastest
         e["settled"] = {
             "rounds": rounds,
             "kernel_sum_ms": s,

@@ -221,6 +221,7 @@ class Prediction:
     kernel_sum_ms: float  # the table's sum, before calibration
     kernels: int  # kernel calls in one forward pass
     new_entries: int  # of them measured now (not found in the table)
+    keys: tuple[str, ...] = ()  # the table entries summed, in execution order
 
 
 class LatencyPredictor:
@@ -243,16 +244,34 @@ class LatencyPredictor:
         new = self.table.measured_now - before
         if new:
             self.table.save()
-        return Prediction(total, total, len(calls), new)
+        return Prediction(total, total, len(calls), new, tuple(c.key for c in calls))
 
-    def add_round(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Prediction:
-        """Time every kernel of ``model`` once more; each entry keeps its fastest round."""
+    def add_round(
+        self,
+        model: nn.Module,
+        inputs: tuple[torch.Tensor, ...],
+        *,
+        done: set[str] | None = None,
+        repeats: int = 20,
+    ) -> Prediction:
+        """Time every kernel of ``model`` once more; each entry keeps its fastest round.
+        ``done``: keys already timed in this round (skipped, and the new ones added), so a
+        round over many models times a kernel they share once."""
+        done = set() if done is None else done
         with num_threads(self.threads):
-            calls = {c.key: c for c in kernel_calls(model, inputs)}
-            for c in calls.values():
-                self.table.remeasure(c)
+            calls = kernel_calls(model, inputs)
+            for c in calls:
+                if c.key not in done:
+                    self.table.remeasure(c, repeats=repeats)
+                    done.add(c.key)
         self.table.save()
-        return self.predict(model, inputs)
+        total = sum(self.table.kernel_ms(c) for c in calls)
+        keys = tuple(c.key for c in calls)
+        return Prediction(self.a * total + self.b, total, len(calls), 0, keys)
+
+    def sum_ms(self, keys) -> float:
+        """The table's sum over ``keys`` (a ``Prediction.keys``) as it stands now."""
+        return sum(self.table.kernels[k]["ms"] for k in keys)
 
     def predict(self, model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> Prediction:
         p = self.kernel_sum(model, inputs)

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from archopt.sampling import check_seed
+
 
 @dataclass
 class SamplingParams:
@@ -56,10 +58,7 @@ class SamplingParams:
             not isinstance(t, int) or isinstance(t, bool) for t in ids
         ):
             raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
-        if self.seed is not None and (
-            not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
-        ):
-            raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
+        check_seed(self.seed)
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"

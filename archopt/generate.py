@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from archopt.cuda_graph_step import CUDAGraphStep
 from archopt.decode_step import (
     MAX_BATCH,
     CompiledStep,
@@ -40,8 +41,10 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 # What ``compile=`` takes, besides True/False, a torch.compile backend name and a CompiledStep:
 # "auto": the step compiled ahead of time when it is on disk (else eager, and, for a model
 # loaded by load_llm, built in the background for later processes); "aot": that step, built now
-# if needed; "off": eager; "inductor" / "inductor-cpp": torch.compile in this process.
-COMPILE_MODES = ("auto", "aot", "off", "inductor", "inductor-cpp")
+# if needed; "off": eager; "inductor" / "inductor-cpp": torch.compile in this process;
+# "cuda-graph": on a GPU, the eager step recorded once as a CUDA graph and replayed (what "auto"
+# picks there: recording costs about one step, so it pays from the second token).
+COMPILE_MODES = ("auto", "aot", "off", "inductor", "inductor-cpp", "cuda-graph")
 # A first compile (about 60-90 s on 2 cores) pays for itself within one process only after
 # thousands of tokens (it saves ~15 ms of each ~25 ms eager step on SmolLM2-135M): "auto"
 # compiles in the foreground from this many new tokens (times the batch) on.
@@ -120,7 +123,14 @@ def plan_decode(
         return DecodePlan(cache)
     if compile != "auto":
         _static_cache(cache, f"compile={compile!r}")  # before any compiling
-    on_cpu = model.embed.weight.device.type == "cpu"
+    where = model.embed.weight.device
+    on_cpu = where.type == "cpu"
+    if compile == "auto" and where.type == "cuda" and cache in ("auto", "static"):
+        compile = "cuda-graph"
+    if compile == "cuda-graph":
+        if where.type != "cuda":
+            raise ValueError(f"compile='cuda-graph' runs on a CUDA GPU, got a model on {where}")
+        return DecodePlan("static", CUDAGraphStep(model), "cuda graph (recorded at the 1st step)")
     if compile == "auto":
         if cache not in ("auto", "static") or not on_cpu:
             return DecodePlan("dense" if cache == "auto" else cache)
@@ -139,7 +149,6 @@ def plan_decode(
         compile = "aot"
     if compile == "aot":
         if not on_cpu:
-            where = model.embed.weight.device
             raise ValueError(f"compile='aot' runs on the CPU, got a model on {where}")
         start = time.perf_counter()
         had = cached_step(model)
@@ -261,7 +270,7 @@ def stream(
     plan = plan_decode(
         model, cache=cache, compile=compile, new_tokens=b * max_new_tokens, progress=progress
     )
-    if plan.step is not None and b > MAX_BATCH:
+    if isinstance(plan.step, CompiledStep) and b > MAX_BATCH:
         plan = DecodePlan("dense")  # past the compiled step's batch range
     reserve = t + max_new_tokens
     if plan.static_shapes:  # a torch.compile'd step's cache size is a compiled shape: round it

@@ -116,10 +116,16 @@ def optimize_for_inference(
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     if compile == "onnxruntime" and dtype != torch.float32:
         raise ValueError(f"compile='onnxruntime' runs float32 only, got dtype={dtype}")
+    if compile == "onnxruntime" and example_input.device.type != "cpu":
+        where = example_input.device
+        raise ValueError(f"compile='onnxruntime' runs on the CPU, got an example_input on {where}")
     if compile == "auto":
         example = example_input
         if example is None and hasattr(model, "example_inputs"):
             (example,) = model.example_inputs()
+            weight = next(model.parameters(), None)
+            if weight is not None:  # the model's own example, where the model is
+                example = example.to(weight.device)
         if example is None or example.ndim != 4:  # the backends are built for image models
             compile = None
         else:
@@ -177,9 +183,11 @@ class ShapeDispatch(nn.Module):
         return self.fast(x) if tuple(x.shape) == self.shape else self.general(x)
 
 
-def _backends(dtype: torch.dtype) -> list[str]:
+def _backends(dtype: torch.dtype, device: torch.device | str = "cpu") -> list[str]:
+    """The backends :func:`choose_backend` tries: ONNX Runtime's session here is a CPU one, so
+    it runs only for float32 inputs on the CPU."""
     names = ["eager", "jit"]
-    if dtype == torch.float32:
+    if dtype == torch.float32 and torch.device(device).type == "cpu":
         try:
             import onnxruntime  # noqa: F401
 
@@ -197,13 +205,23 @@ def _build(name: str, model, example_input, fold_bn: bool, dtype, channels_last=
     )  # fmt: skip
 
 
+def _tf32(device: torch.device) -> bool:
+    """Whether float32 convolutions or matrix products on ``device`` may round to TF32."""
+    if device.type != "cuda":
+        return False
+    return torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32
+
+
 def _choice_file(model, example_input, fold_bn: bool, dtype):
     from archopt.io import fingerprint, writable_cache_dir
 
     folder = writable_cache_dir("optimize")
     if folder is None:
         return None
-    key = fingerprint(model, tuple(example_input.shape), str(dtype), fold_bn, _backends(dtype))
+    device = example_input.device
+    names = _backends(dtype, device)
+    extra = [torch.cuda.get_device_name(device), _tf32(device)] if device.type == "cuda" else []
+    key = fingerprint(model, tuple(example_input.shape), str(dtype), fold_bn, names, *extra)
     return folder / f"{type(model).__name__.lower()}-{key}.json"
 
 
@@ -229,6 +247,8 @@ def choose_backend(
     from archopt.io import atomic_write_text
 
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
+    if dtype == torch.float32 and _tf32(example_input.device):
+        tolerance = 5e-3  # TF32 products (10-bit mantissa) on a GPU that allows them
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -246,14 +266,17 @@ def choose_backend(
         try:
             saved = json.loads(record.read_text())
             name, times = saved["backend"], {k: float(v) for k, v in saved["times_ms"].items()}
-            if name in _backends(dtype):
+            if name in _backends(dtype, example_input.device):
                 layout = bool(saved.get("channels_last")) if name == "eager" else None
                 candidate = _build(name, model, example_input, fold_bn, dtype, layout)
                 if checked(candidate):
                     return name, candidate, times
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # unreadable or stale: measure again and rewrite it
-    candidates = {n: _build(n, model, example_input, fold_bn, dtype) for n in _backends(dtype)}
+    candidates = {
+        n: _build(n, model, example_input, fold_bn, dtype)
+        for n in _backends(dtype, example_input.device)
+    }
     times: dict[str, float] = {}
     for name, candidate in candidates.items():
         if checked(candidate):

@@ -142,6 +142,8 @@ def test_compiled_runs_of_different_lengths_share_a_graph(model):
         ({"top_p": float("nan")}, "top_p must be in"),
         ({"stop": "sometimes"}, "stop must be token ids, 'eos' or None"),
         ({"compile": 2.5}, "compile must be True, False, one of"),
+        ({"compile": "cuda-graph"}, "compile='cuda-graph' runs on a CUDA GPU, got a model on cpu"),
+        ({"compile": "cuda-graph", "cache": "dense"}, "needs cache='static'"),
     ],
 )
 def test_generate_checks_its_arguments(model, kwargs, message):
@@ -160,3 +162,16 @@ def test_perplexity_scores_one_sequence(model):
     with pytest.raises(ValueError, match="chunk must be an integer >= 1, got 0"):
         perplexity(model, ids[0], chunk=0)
     assert perplexity(model, ids[0]) == perplexity(model, ids[:1])
+
+
+def test_gpu_decode_benchmark_dry_run(capsys):
+    """The GPU decoding benchmark's plumbing on the CPU: every contender timed, every one with
+    the dense cache's tokens."""
+    from archopt.bench.decode_gpu import main
+
+    assert main(["--dry-run", "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("| dtype | contender") :].splitlines()
+    rows = [line for line in table if line.startswith("| fp32")]
+    assert len(rows) == 5  # dense, no cache, static, default, HF
+    assert all(row.rstrip(" |").endswith("same") for row in rows), rows

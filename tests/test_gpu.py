@@ -91,3 +91,46 @@ def test_smollm2_on_cuda_gives_the_cpus_greedy_tokens(cache):
     cuda = load_llm("smollm2-135m", weights="fp32", device="cuda")
     got = generate(cuda, ids.cuda(), 32, cache=cache, compile="off", stop=None)
     assert torch.equal(got.cpu(), want)
+
+
+def test_optimize_for_inference_on_cuda_defaults():
+    """The default call on a CUDA model, with and without an example: a CUDA backend (never
+    ONNX Runtime's CPU session), outputs on the GPU and equal to the model's within TF32's
+    rounding; onnxruntime asked for by name is a clear error."""
+    model = randomize_bn(archopt.create_model("mobilenet_v1_050")).eval().cuda()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        ref = model(x)
+        for fast in (
+            archopt.optimize_for_inference(model, x),
+            archopt.optimize_for_inference(model),
+        ):
+            out = fast(x)
+            assert out.device.type == "cuda"
+            torch.testing.assert_close(out, ref, rtol=0, atol=5e-3 * ref.abs().max().item())
+    with pytest.raises(ValueError, match="runs on the CPU"):
+        archopt.optimize_for_inference(model, x, compile="onnxruntime")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_default_generate_on_cuda_is_a_graph_with_the_eager_tokens(dtype):
+    """generate's default on a GPU records the static-cache step as a CUDA graph: the same
+    tokens as the eager static step (the same kernels, replayed), on ragged prompts in a batch,
+    and in fp32 the dense cache's tokens too; a second call records its own graph."""
+    from archopt.generate import generate, plan_decode
+
+    torch.manual_seed(0)
+    model = archopt.create_model("llama-tiny").eval().to(device="cuda", dtype=dtype)
+    assert plan_decode(model).how.startswith("cuda graph")
+    ids = torch.randint(0, model.config.vocab_size, (3, 11), device="cuda")
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[1, :4] = mask[2, :7] = False  # left padding: 11, 7 and 4 prompt tokens
+    with torch.inference_mode():
+        run = dict(attention_mask=mask, stop=None)
+        graph = generate(model, ids, 40, **run)
+        again = generate(model, ids, 40, **run)
+        static = generate(model, ids, 40, cache="static", compile="off", **run)
+        dense = generate(model, ids, 40, cache="dense", compile="off", **run)
+    assert torch.equal(graph, static) and torch.equal(again, graph)
+    if dtype == torch.float32:
+        assert torch.equal(graph, dense)

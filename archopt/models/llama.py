@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archopt.models._registry import PackagedFile, register_model, with_overrides
+from archopt.ops.capture import in_graph
 from archopt.ops.kv_cache import KVCache, position_mask
 from archopt.ops.norms import RMSNorm
 from archopt.ops.rope import RotaryEmbedding, apply_rope
@@ -245,7 +246,7 @@ class Llama(nn.Module):
         if t == 0:
             raise ValueError("input_ids is empty: expected at least one token")
         vocab = self.config.vocab_size
-        compiling = torch.compiler.is_compiling()  # no data-dependent checks inside a graph
+        compiling = in_graph()  # no data-dependent checks inside a graph
         if not compiling and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             bad = input_ids[(input_ids < 0) | (input_ids >= vocab)][0].item()
             raise ValueError(f"token ids must be in [0, {vocab}), got {bad}")

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import torch
 
+from archopt.ops.capture import in_graph
+
 
 class KVCache:
     """Slot storage and the position-derived mask; subclasses choose the slots."""
@@ -220,7 +222,7 @@ class StaticCache(KVCache):
             b = positions.shape[0]
             if b != self.batch:
                 raise ValueError(f"cache was made for batch {self.batch}, got positions for {b}")
-            if not torch.compiler.is_compiling() and self.length + t > self.capacity:
+            if not in_graph() and self.length + t > self.capacity:
                 super()._begin(positions)  # raises the capacity error
             self._slots = self.cursor + torch.arange(t, device=self.device)
             self.positions.index_copy_(1, self._slots, positions)

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from archopt.ops.capture import in_graph
+
 ROPE_TYPES = ("default", "linear", "llama3", "freq_factors")
 
 
@@ -104,7 +106,7 @@ class RotaryEmbedding(nn.Module):
         The sin's first half is negated, as ``apply_rope`` expects.
         """
         positions = positions.clamp(min=0)
-        if not torch.compiler.is_compiling():  # compiled steps: call reserve() beforehand
+        if not in_graph():  # compiled and captured steps: call reserve() beforehand
             self.reserve(int(positions.max()) + 1 if positions.numel() else 0)
         cos = self.cos_table[positions].to(dtype).unsqueeze(2)
         sin = self.sin_table[positions].to(dtype).unsqueeze(2)

@@ -236,6 +236,10 @@ def run_row(row: Row, args, clock: Clock, device: str, clocks: dict) -> None:
                 row.results[name] = Result(note="skipped (flex budget)")
                 continue
             clocks["flex_shapes"].add((row.n, row.backward))
+            if device == "cuda":  # a compile that outlasts FlexAttention's budget is cut off
+                left = min(args.flex_budget_s - clocks["flex"], clocks["deadline"] - now)
+                signal.signal(signal.SIGALRM, _flex_timeout)
+                signal.alarm(max(1, int(left)))
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -250,6 +254,7 @@ def run_row(row: Row, args, clock: Clock, device: str, clocks: dict) -> None:
             row.results[name] = Result(note=f"error: {type(e).__name__}: {message}")
         finally:
             if name == "flex":
+                signal.alarm(0)
                 clocks["flex"] += time.perf_counter() - now
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -290,6 +295,15 @@ def table(rows: list[Row], args, peak: float) -> str:
             mib, notes,
         ])  # fmt: skip
     return markdown_table(head, lines)
+
+
+class _FlexTimeout(Exception):  # caught per contender: FlexAttention's cell says so
+    def __init__(self) -> None:
+        super().__init__("over its time budget (compiling), cut off")
+
+
+def _flex_timeout(signum, frame):
+    raise _FlexTimeout
 
 
 class _Stopped(BaseException):  # not caught by the per-contender `except Exception`

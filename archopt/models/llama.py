@@ -160,7 +160,8 @@ class Attention(nn.Module):
             y = _small_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, Hkv, g*T, d)
-        y = y.view(b, hq, t, d).transpose(1, 2).reshape(b, t, self.q_size)  # (B, T, Hq*d)
+        # (B, T, Hq*d); reshape, not view: CUDA's SDPA kernels may return other strides
+        y = y.reshape(b, hq, t, d).transpose(1, 2).reshape(b, t, self.q_size)
         return self.out(y)
 
 

@@ -128,11 +128,11 @@ def attend_planned(plan: tuple, q, keys, values):
     qg = q.reshape(b, h, hq // h * t, d)  # grouped-query heads as extra query rows
     if kind == "rows":
         out = [attend_row(qg[r : r + 1], keys, values, *p) for r, p in enumerate(where[0])]
-        return torch.cat(out).view(b, hq, t, d)
+        return torch.cat(out).reshape(b, hq, t, d)
     *where, mask = where
     if kind == "span":
         return attend_span(q, keys, values, *where, mask)
-    return attend_gathered(qg, keys, values, where[0], mask).view(b, hq, t, d)
+    return attend_gathered(qg, keys, values, where[0], mask).reshape(b, hq, t, d)
 
 
 def attend_row(q, keys, values, lo, hi, mask):
@@ -164,7 +164,7 @@ def attend_span(q, keys, values, lo, hi, mask):
     else:
         y = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask)
     # (Hkv, B*g*T, d) -> (B, Hq, T, d)
-    return y.view(h, b, g * t, d).transpose(0, 1).reshape(b, hq, t, d)
+    return y.reshape(h, b, g * t, d).transpose(0, 1).reshape(b, hq, t, d)
 
 
 def gathered(keys, values, slots):

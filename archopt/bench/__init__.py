@@ -5,7 +5,8 @@
 - ``attention``: local attention on the CPU vs FlexAttention, dense SDPA and Hugging Face;
   ``attention_gpu``: the Triton backend on one GPU vs FlexAttention and SDPA.
 - ``generate`` (the command line) over ``decode`` (no cache vs KV caches vs HF ``generate``)
-  and ``decode_sweep`` (weights x caches as a Pareto study; long runs).
+  and ``decode_sweep`` (weights x caches as a Pareto study; long runs); ``decode_gpu``
+  (``archopt bench decode-gpu``): the same on one GPU, with generate's CUDA-graph default.
 - ``whole_process`` (``archopt bench cli``): whole processes of ``archopt generate`` against
   llama.cpp's, cold and warm.
 - ``vision``: the image models vs timm and onnxruntime; ``quant_linear``: one decode row

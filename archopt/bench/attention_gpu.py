@@ -186,7 +186,9 @@ def flex_contender(row: Row, q, k, v, glob, compiled: bool):
         band = (diff.abs() <= reach) & (diff % dil == 0)
         return band | glob[b, qi] | glob[b, ki]
 
-    block_mask = create_block_mask(mask_mod, 1, None, row.n, row.n, q.device, _compile=compiled)
+    # built eagerly (once, untimed): compiling create_block_mask's own kernels took over 2
+    # minutes on an H200 with torch 2.11 (a sort kernel's lowering), longer than the run
+    block_mask = create_block_mask(mask_mod, 1, None, row.n, row.n, q.device)
     attend = _compiled_flex() if compiled else flex_attention
     return lambda: attend(q, k, v, block_mask=block_mask)
 

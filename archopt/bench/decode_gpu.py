@@ -17,8 +17,9 @@ the timings do not depend on the values), batch 1, a prompt of ``--prompt`` rand
 Every contender's tokens are compared with the dense cache's ("same" or the first position
 that differs). Median of ``--rounds`` after one warm-up call.
 
-    python -m archopt.bench.decode_gpu [--dtype bf16] [--budget-s 120]
-    python -m archopt.bench.decode_gpu --dry-run   # CPU, a tiny model: the plumbing only
+    archopt bench decode-gpu [--dtype bf16] [--budget-s 120]
+    archopt bench decode-gpu --dry-run   # CPU, a tiny model: the plumbing only
+    (or python -m archopt.bench.decode_gpu with the same flags)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv=None):
-    prog, about = "python -m archopt.bench.decode_gpu", __doc__.split("\n\n")[0]
+    prog, about = "archopt bench decode-gpu", __doc__.split("\n\n")[0]
     p = ArgumentParser(prog=prog, description=about)
     p.add_argument("--model", default="smollm2-135m", help="a registered language model")
     p.add_argument("--dtype", choices=sorted(DTYPES), nargs="+", default=["bf16", "fp32"])

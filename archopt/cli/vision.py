@@ -99,6 +99,7 @@ BENCH_SUITES = {
     "attention": "attention",
     "attention-gpu": "attention_gpu",
     "generate": "generate",
+    "decode-gpu": "decode_gpu",
     "cli": "whole_process",
     "vision": "vision",
     "quant-linear": "quant_linear",

@@ -122,6 +122,8 @@ BAD_ARGUMENTS = [
     (["bench", "attention", "--lengths", "64", "--plot", "{file}/a.png"], "--plot must be a path"),
     (["bench", "attention", "--lengths", "64", "--json", "{dir}"], "--json must be a file path"),
     (["bench", "attention-gpu", "--heads", "0"], "--heads: must be in [1, 4096], got 0"),
+    (["bench", "decode-gpu", "--rounds", "0"], "--rounds: must be in [1, 100], got 0"),
+    (["bench", "decode-gpu", "--budget-s", "nan"], "--budget-s: must be a finite number"),
     (["bench", "generate", "--new-tokens", "0"], "--new-tokens: must be in [1, 1048576], got 0"),
     (["bench", "generate", "--plot", "{file}/g.png"], "--plot must be a path under folders"),
     (["bench", "cli", "--runs", "0"], "argument --runs: must be >= 1, got 0"),

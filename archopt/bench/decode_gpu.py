@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from archopt.report import ArgumentParser, int_in, markdown_table
+from archopt.report import ArgumentParser, float_in, int_in, markdown_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -45,7 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int_in(2, 1 << 16), default=128)
     p.add_argument("--none-tokens", type=int_in(2, 1 << 16), default=64, help="no-cache loop")
     p.add_argument("--rounds", type=int_in(1, 100), default=3)
-    p.add_argument("--budget-s", type=float, default=120.0, help="start no contender after")
+    p.add_argument(
+        "--budget-s",
+        type=float_in(0, open_low=True),
+        default=120.0,
+        help="start no contender after",
+    )
     p.add_argument("--no-hf-static", action="store_true", help="skip HF's static-cache run")
     p.add_argument("--dry-run", action="store_true", help="CPU, llama-tiny, 1 round")
     args = p.parse_args(argv)

@@ -28,6 +28,7 @@ from torch import nn
 from archopt.errors import CheckpointError
 from archopt.io import atomic_write, atomic_write_text, writable_cache_dir
 from archopt.models.llama import Llama, LlamaConfig
+from archopt.ops.int4_q8 import Int4Q8Linear
 from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear, cpu_kernel_problem
 
 FORMAT = "archopt.prepared/1"
@@ -81,6 +82,18 @@ def _rebuild_int8(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
     return Int8Linear.from_quantized(t["qweight"], t["scale"])
 
 
+def _rebuild_int4_q8(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
+    p, sc = t["packed"], t["scales"]
+    if p.dtype != torch.uint8 or p.dim() != 4 or tuple(p.shape[2:]) != (4, 64):
+        got = f"{p.dtype} {list(p.shape)}"
+        raise ValueError(f"an Int4Q8Linear: packed must be uint8 (T, G, 4, 64), got {got}")
+    want = (*p.shape[:2], 2, 16)
+    if sc.dtype != torch.float16 or tuple(sc.shape) != want:
+        got = f"{sc.dtype} {list(sc.shape)}"
+        raise ValueError(f"an Int4Q8Linear: scales must be fp16 {list(want)}, got {got}")
+    return Int4Q8Linear(p, sc)
+
+
 _LAYERS = {
     "PackedInt4Linear": (
         PackedInt4Linear,
@@ -89,6 +102,7 @@ _LAYERS = {
     ),
     "Int4Linear": (Int4Linear, _rebuild_int4, lambda m: {}),
     "Int8Linear": (Int8Linear, _rebuild_int8, lambda m: {}),
+    "Int4Q8Linear": (Int4Q8Linear, _rebuild_int4_q8, lambda m: {}),
 }
 
 

@@ -1,6 +1,8 @@
 """archopt's own CPU kernels (C++ in ``archopt/csrc``), built once per machine and kept.
 
-The decode step's attention, read straight from the cache (``decode_attention.cpp``):
+``int4_linear.cpp``: ``torch.ops.archopt.int4_q8_linear``, 4-bit weights times int8
+activations (``archopt.ops.int4_q8``). The decode step's attention, read straight from the cache
+(``decode_attention.cpp``):
 ``torch.ops.archopt.paged_decode_attention`` over a paged pool, where the torch expression
 (``DecodeView``) copies every row's slots before two small products, and
 ``static_decode_attention`` over a static cache, where the torch expression scores every slot
@@ -33,7 +35,8 @@ import torch
 
 from archopt.io import atomic_write_text, cpu_id, cpu_tag, writable_cache_dir
 
-SOURCES = (Path(__file__).resolve().parent.parent / "csrc" / "decode_attention.cpp",)
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = (_CSRC / "decode_attention.cpp", _CSRC / "int4_linear.cpp")
 SUBDIR = "kernels"
 RECORD_FILE = "kernels.json"
 LIBRARY_FILE = "archopt_kernels.so"
@@ -176,10 +179,19 @@ def _build(folder: Path) -> None:
 
 def _register_fakes() -> None:
     """Shapes for tracing (torch.export), without running the kernels."""
-    for name in ("archopt::paged_decode_attention", "archopt::static_decode_attention"):
+    fakes = {
+        "archopt::paged_decode_attention": _like_q,
+        "archopt::static_decode_attention": _like_q,
+        "archopt::int4_q8_linear": _linear_out,
+    }
+    for name, fake in fakes.items():
         if torch._library.simple_registry.singleton.find(name).fake_impl.kernel is None:
-            torch.library.register_fake(name, _like_q)
+            torch.library.register_fake(name, fake)
 
 
 def _like_q(q, *args):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _linear_out(x, packed, scales, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))

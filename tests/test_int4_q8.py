@@ -1,0 +1,128 @@
+"""Q4 weights times int8 activations (archopt.ops.int4_q8): the C++ kernel against its torch
+reference, the packing against the weights it came from, and the GGUF format that uses it."""
+
+import pytest
+import torch
+
+from archopt.ops import cpu_kernels
+from archopt.ops.int4_q8 import Int4Q8Linear, quantize_activations, use_int8_activations
+from archopt.ops.quant import Int4Linear
+
+if not cpu_kernels.load(build=True):
+    pytest.skip(f"archopt's CPU kernels: {cpu_kernels.why_unavailable()}", allow_module_level=True)
+
+
+def q4(out_f: int, in_f: int, seed: int = 0) -> Int4Linear:
+    """An Int4Linear with GGUF-like fp16 scales, a constant block and a zero row among them."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g)
+    w[0, :32] = 0.25  # a constant block: scale 0
+    w[-1] = 0.0  # a zero row
+    m = Int4Linear(w)
+    m.scale, m.minimum = m.scale.half().float(), m.minimum.half().float()
+    return m
+
+
+@pytest.mark.parametrize("out_f,in_f", [(16, 32), (48, 96), (80, 160), (32, 1536)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_kernel_matches_its_reference(out_f, in_f, rows):
+    m = Int4Q8Linear.from_int4(q4(out_f, in_f))
+    x = torch.randn(rows, in_f)
+    x[0, 32:64] = 0.0  # an all-zero block: scale 0, no division by it
+    ref = m.reference(x)
+    out = m(x)
+    assert out.shape == (rows, out_f) and out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-6 * ref.abs().max().item() + 1e-6)
+    # and the reference is the dequantized weight times the dequantized activations
+    qx, sx, _ = quantize_activations(x)
+    xd = (qx.float().view(rows, -1, 32) * sx[..., None]).view(rows, in_f)
+    exact = xd.double() @ m.dequantized().double().T
+    torch.testing.assert_close(ref.double(), exact, rtol=0, atol=1e-5 * exact.abs().max().item())
+
+
+def test_packing_keeps_every_weight():
+    src = q4(96, 160)
+    m = Int4Q8Linear.from_int4(src)
+    assert torch.equal(m.dequantized(), src.dequantized())
+    q, d, lo = m.values()
+    p = src.qweight.view(96, 5, 16)
+    assert torch.equal(q, torch.cat([p & 15, p >> 4], -1).view(96, 160))  # Q4_1's order undone
+    assert torch.equal(d, src.scale) and torch.equal(lo, src.minimum)
+
+
+def test_a_row_is_the_same_alone_and_in_any_batch():
+    m = Int4Q8Linear.from_int4(q4(64, 192))
+    x = torch.randn(7, 192)
+    batched = m(x)
+    for i in range(7):
+        assert torch.equal(m(x[i : i + 1]), batched[i : i + 1])
+    assert torch.equal(m(x[2:6]), batched[2:6])
+    assert torch.equal(m(x.view(7, 1, 192)).view(7, 64), batched)  # any leading shape
+
+
+def test_other_dtypes_and_nonfinite_rows():
+    m = Int4Q8Linear.from_int4(q4(32, 64))
+    xb = torch.randn(3, 64, dtype=torch.bfloat16)
+    out = m(xb)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, m.reference(xb), rtol=0, atol=1e-2 * out.abs().max().item())
+    x = torch.randn(4, 64)
+    bad = x.clone()
+    bad[1, 3], bad[2, 40] = float("nan"), float("inf")
+    y, y_bad = m(x), m(bad)
+    assert y_bad[1].isnan().all() and y_bad[2].isnan().all()  # NaN out, never a finite guess
+    assert torch.equal(y_bad[[0, 3]], y[[0, 3]])  # the other rows untouched
+
+
+def test_bad_weights_and_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="multiple of 16, got 40"):
+        Int4Q8Linear.from_int4(q4(40, 64))
+    with pytest.raises(ValueError, match="blocks must be of 32 inputs"):
+        Int4Q8Linear.from_int4(Int4Linear(torch.randn(16, 128), group_size=64))
+    with pytest.raises(ValueError, match="exact in fp16"):
+        Int4Q8Linear.from_int4(Int4Linear(torch.randn(16, 64)))  # fp32 scales
+    m = Int4Q8Linear.from_int4(q4(16, 64))
+    with pytest.raises(ValueError, match="expected 64 input features, got 32"):
+        m(torch.randn(2, 32))
+    with pytest.raises(RuntimeError, match="packed must be uint8"):  # the kernel checks too
+        torch.ops.archopt.int4_q8_linear(torch.randn(1, 64), m.packed.view(-1), m.scales, 16)
+
+
+def test_model_swap_counts_and_leaves_other_layers():
+    model = torch.nn.Sequential(q4(32, 64), torch.nn.ReLU(), q4(24, 64), torch.nn.Linear(4, 4))
+    assert use_int8_activations(model) == {"replaced": 1, "kept": 1}
+    assert isinstance(model[0], Int4Q8Linear) and isinstance(model[2], Int4Linear)
+
+
+def test_gguf_act8_loads_caches_and_tracks_the_gguf_format(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    pytest.importorskip("safetensors")
+    from archopt.loading.llm import load_llm
+    from tests.test_gguf import Q, _hf_llama, _tiny_tokenizer, _write_hf_llama
+
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
+    hf = _hf_llama(True)
+    hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]))
+    hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
+    path = _write_hf_llama(tmp_path / "q4.gguf", hf, Q.Q4_1, tokenizer=_tiny_tokenizer())
+    first = load_llm(path, weights="gguf-act8")
+    assert any(isinstance(m, Int4Q8Linear) for m in first.modules())
+    second = load_llm(path, weights="gguf-act8")
+    assert second.config.extra["loaded_from"] == "cache"
+    plain = load_llm(path, weights="gguf", kernel=False)  # the same blocks, fp32 products
+    ids = torch.randint(0, first.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        a, b, c = first(ids), second(ids), plain(ids)
+    assert torch.equal(a, b)
+    # int8 activations: close to the exact products on the same weights, not equal
+    torch.testing.assert_close(a, c, rtol=0, atol=0.05 * c.abs().max().item())
+
+
+def test_a_damaged_prepared_layer_is_refused():
+    from archopt.loading.prepared import _rebuild_int4_q8
+
+    m = Int4Q8Linear.from_int4(q4(16, 64))
+    with pytest.raises(ValueError, match="packed must be uint8"):
+        _rebuild_int4_q8({"packed": m.packed.view(-1), "scales": m.scales}, {})
+    with pytest.raises(ValueError, match="scales must be fp16"):
+        _rebuild_int4_q8({"packed": m.packed, "scales": m.scales.float()}, {})

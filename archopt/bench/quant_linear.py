@@ -4,7 +4,9 @@ For SmolLM2-135M's shapes, one input row against many distinct weights (about 15
 more than the caches hold, as in a real decode step) through: fp32 ``F.linear``; our exact
 ``Int8Linear`` / ``Int4Linear`` (their fused dequantize-multiply-sum); torch's
 ``_weight_int8pack_mm`` with fp32 and with bf16 activations (eager); and ``PackedInt4Linear``
-(torch's CPU int4 kernel, int4 as one plane, int8 as two). All but the int8pack rows run as one
+(torch's CPU int4 kernel, int4 as one plane, int8 as two); and ``Int4Q8Linear`` (the int4
+weights times int8 activations, archopt's kernel, when it builds here). ``--rows 4``: a batch
+of four rows, as four decoding streams. All but the int8pack rows run as one
 inductor graph per contender, each product feeding the next. Contenders are interleaved round
 by round. Prints microseconds per weight and the weight bytes read per
 second. Run:
@@ -21,6 +23,7 @@ from torch import nn
 
 from archopt.bench.common import machine_line
 from archopt.measure import interleaved
+from archopt.ops.act8 import Int4Q8Linear, Int8Q8Linear
 from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear
 from archopt.report import ArgumentParser, float_in, int_in, markdown_table
 
@@ -63,11 +66,17 @@ def _int8pack(weights: list[torch.Tensor], dtype: torch.dtype):
     return run
 
 
-def contenders_for(n_out: int, n_in: int, budget: float) -> tuple[dict, int, dict]:
+def int4_q8_available() -> bool:
+    from archopt.ops import cpu_kernels
+
+    return cpu_kernels.load(build=True)
+
+
+def contenders_for(n_out: int, n_in: int, budget: float, rows: int = 1) -> tuple[dict, int, dict]:
     count = max(2, int(budget // (n_out * n_in)))  # about `budget` bytes of int8 weights
     torch.manual_seed(0)
     weights = [torch.randn(n_out, n_in) * 0.05 for _ in range(count)]
-    x = torch.randn(1, n_in)
+    x = torch.randn(rows, n_in)
     int8 = [Int8Linear(w) for w in weights]
     int4 = [Int4Linear(w, group_size=32) for w in weights]
     fns = {
@@ -83,6 +92,16 @@ def contenders_for(n_out: int, n_in: int, budget: float) -> tuple[dict, int, dic
             _Each([PackedInt4Linear.from_int4(m) for m in int4]), dynamic=False
         ),
     }
+    if int4_q8_available():  # GGUF-like fp16 scales, then archopt's int8-activation kernel
+        for m in int4:
+            m.scale, m.minimum = m.scale.half().float(), m.minimum.half().float()
+        q4 = _Each([Int4Q8Linear.from_int4(m) for m in int4])
+        fns["Int4Q8Linear int4 x int8 activations"] = torch.compile(q4, dynamic=False)
+        q8_0 = [Int8Linear(w, group_size=32) for w in weights]  # GGUF's Q8_0 blocks
+        for m in q8_0:
+            m.scale = m.scale.half().float()
+        q8 = _Each([Int8Q8Linear.from_int8(m) for m in q8_0])
+        fns["Int8Q8Linear Q8_0 x int8 activations"] = torch.compile(q8, dynamic=False)
     byte_per_weight = {  # bytes each contender reads per weight, scales included
         "fp32 F.linear": 4,
         "Int8Linear, inductor": 1 + 4 / n_in,
@@ -91,6 +110,8 @@ def contenders_for(n_out: int, n_in: int, budget: float) -> tuple[dict, int, dic
         "_weight_int8pack_mm, bf16 x": 1 + 2 / n_in,
         "PackedInt4Linear int8 (2 planes)": 1 + 2 * 4 / _group(n_in),
         "PackedInt4Linear int4": 0.5 + 4 / 32,
+        "Int4Q8Linear int4 x int8 activations": 0.5 + 4 / 32,
+        "Int8Q8Linear Q8_0 x int8 activations": 1 + 2 / 32,
     }
     calls = {k: (lambda f=f: f(x)) for k, f in fns.items()}
     return calls, count, byte_per_weight
@@ -110,19 +131,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
         default=150,
         help="int8 megabytes of distinct weights",
     )
+    p.add_argument("--rows", type=int_in(1, 64), default=1, help="input rows (a batch)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rows = []
     with torch.inference_mode():
         for n_out, n_in in SHAPES:
-            calls, count, bpw = contenders_for(n_out, n_in, args.mb * 1e6)
+            calls, count, bpw = contenders_for(n_out, n_in, args.mb * 1e6, args.rows)
             times = interleaved(calls, rounds=args.rounds, per_round=2, warmup=2, progress=False)
             for name, t in times.items():
                 us = t["median_ms"] * 1e3 / count
                 gbs = n_out * n_in * bpw[name] / us / 1e3
                 rows.append({"shape": f"{n_out}x{n_in}", "name": name, "us": us, "gbs": gbs})
-    print(f"# {machine_line(args.threads)}; one row, median us per weight (GB/s of its bytes)")
+    what = "one row" if args.rows == 1 else f"{args.rows} rows"
+    print(f"# {machine_line(args.threads)}; {what}, median us per weight (GB/s of its bytes)")
     names = list(dict.fromkeys(r["name"] for r in rows))
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     table = []

@@ -37,6 +37,7 @@ from archopt.bench.serve_load import (
     run_streams,
 )
 from archopt.io import atomic_write_text, check_writable
+from archopt.loading.llm import WEIGHT_CHOICES
 from archopt.report import ArgumentParser, int_in, save_figure
 
 
@@ -171,6 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--serve-flags", nargs="*", default=["", "--compile off"],
                     help="archopt serve configurations to run besides the default one, each "
                     "its extra flags in one string (e.g. '--attention span')")  # fmt: skip
+    ap.add_argument(
+        "--weights", choices=WEIGHT_CHOICES, default="auto",
+        help="archopt's weight format, for generate and every archopt serve (auto: the GGUF's "
+        "blocks; gguf-act8: the same blocks times int8 activations, as llama.cpp computes)",
+    )  # fmt: skip
     ap.add_argument("--llama-server", help="path of a llama.cpp llama-server binary")
     ap.add_argument("--no-llama-cpp-python", action="store_true")
     ap.add_argument("--json", help="write the report here")
@@ -192,7 +198,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "single_stream": {}, "prefix": {}}  # fmt: skip
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
 
-    model = load_llm(args.model)
+    model = load_llm(args.model, weights=args.weights)
+    report["weights"] = args.weights
     ids = model.tokenizer.encode(PROMPTS[0])
     eos = model.config.eos_ids[0]
     say("single-stream generate (eager, dense cache) ...")
@@ -230,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             name,
             [sys.executable, "-m", "archopt.cli", "serve", "--model", str(gguf), "--port",
              str(port), "--threads", str(args.threads), "--max-batch", str(max(args.streams)),
-             *shlex.split(extra)],
+             "--weights", args.weights, *shlex.split(extra)],
             port, health="/health", env=env,
         )  # fmt: skip
         servers.append((name, lambda n, srv=ours: srv, "ignore_eos"))

@@ -28,7 +28,7 @@ class WeightFormat:
     keep_gguf_blocks: bool  # the file's own blocks, not re-quantized
     exact: bool  # every product in fp32 on the checkpoint's own values
     help: str
-    int8_activations: bool = False  # Q4 blocks times int8 activations (archopt.ops.int4_q8)
+    int8_activations: bool = False  # GGUF blocks times int8 activations (archopt.ops.act8)
 
 
 WEIGHT_FORMATS: dict[str, WeightFormat] = {
@@ -45,8 +45,8 @@ WEIGHT_FORMATS: dict[str, WeightFormat] = {
         WeightFormat("gguf", torch.float32, None, True, False,
                      "the GGUF file's own Q4_0/Q4_1/Q8_0 blocks (torch's CPU int4 kernel)"),
         WeightFormat("gguf-act8", torch.float32, None, True, False,
-                     "the GGUF file's own blocks, its Q4 ones times int8 activations as "
-                     "llama.cpp does (archopt's AVX512-VNNI kernel)", int8_activations=True),
+                     "the GGUF file's own blocks times int8 activations, as llama.cpp "
+                     "computes them (archopt's AVX512-VNNI kernels)", int8_activations=True),
     )
 }  # fmt: skip
 WEIGHT_CHOICES = ("auto", *WEIGHT_FORMATS)
@@ -179,7 +179,7 @@ def _load_checkpoint(path: Path, fmt: WeightFormat, tokenizer: bool, kernel) -> 
             kernel=False if fmt.int8_activations else kernel,
         )
         if fmt.int8_activations:  # the Q4 blocks first, as they are; the rest as in 'gguf'
-            from archopt.ops.int4_q8 import use_int8_activations
+            from archopt.ops.act8 import use_int8_activations
             from archopt.ops.quant import pack_for_cpu
 
             use_int8_activations(model)

@@ -28,7 +28,7 @@ from torch import nn
 from archopt.errors import CheckpointError
 from archopt.io import atomic_write, atomic_write_text, writable_cache_dir
 from archopt.models.llama import Llama, LlamaConfig
-from archopt.ops.int4_q8 import Int4Q8Linear
+from archopt.ops.act8 import Int4Q8Linear, Int8Q8Linear
 from archopt.ops.quant import Int4Linear, Int8Linear, PackedInt4Linear, cpu_kernel_problem
 
 FORMAT = "archopt.prepared/1"
@@ -82,16 +82,24 @@ def _rebuild_int8(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
     return Int8Linear.from_quantized(t["qweight"], t["scale"])
 
 
-def _rebuild_int4_q8(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
-    p, sc = t["packed"], t["scales"]
-    if p.dtype != torch.uint8 or p.dim() != 4 or tuple(p.shape[2:]) != (4, 64):
-        got = f"{p.dtype} {list(p.shape)}"
-        raise ValueError(f"an Int4Q8Linear: packed must be uint8 (T, G, 4, 64), got {got}")
-    want = (*p.shape[:2], 2, 16)
-    if sc.dtype != torch.float16 or tuple(sc.shape) != want:
-        got = f"{sc.dtype} {list(sc.shape)}"
-        raise ValueError(f"an Int4Q8Linear: scales must be fp16 {list(want)}, got {got}")
-    return Int4Q8Linear(p, sc)
+def _rebuild_act8(cls, vectors: int, per_block: int):
+    """The rebuild of an int8-activation layer (archopt.ops.act8), its layout checked: the
+    kernels check sizes too, but a clear error here sends a broken entry to be rebuilt."""
+
+    def rebuild(t: dict[str, torch.Tensor], args: dict) -> nn.Module:
+        p, sc = t["packed"], t["scales"]
+        if p.dtype != torch.uint8 or p.dim() != 4 or tuple(p.shape[2:]) != (vectors, 64):
+            got = f"{p.dtype} {list(p.shape)}"
+            raise ValueError(
+                f"a {cls.__name__}: packed must be uint8 (T, G, {vectors}, 64), got {got}"
+            )
+        want = (*p.shape[:2], per_block, 16) if per_block > 1 else (*p.shape[:2], 16)
+        if sc.dtype != torch.float16 or tuple(sc.shape) != want:
+            got = f"{sc.dtype} {list(sc.shape)}"
+            raise ValueError(f"a {cls.__name__}: scales must be fp16 {list(want)}, got {got}")
+        return cls(p, sc)
+
+    return rebuild
 
 
 _LAYERS = {
@@ -102,7 +110,8 @@ _LAYERS = {
     ),
     "Int4Linear": (Int4Linear, _rebuild_int4, lambda m: {}),
     "Int8Linear": (Int8Linear, _rebuild_int8, lambda m: {}),
-    "Int4Q8Linear": (Int4Q8Linear, _rebuild_int4_q8, lambda m: {}),
+    "Int4Q8Linear": (Int4Q8Linear, _rebuild_act8(Int4Q8Linear, 4, 2), lambda m: {}),
+    "Int8Q8Linear": (Int8Q8Linear, _rebuild_act8(Int8Q8Linear, 8, 1), lambda m: {}),
 }
 
 

@@ -1,8 +1,8 @@
 """archopt's own CPU kernels (C++ in ``archopt/csrc``), built once per machine and kept.
 
-``int4_linear.cpp``: ``torch.ops.archopt.int4_q8_linear``, 4-bit weights times int8
-activations (``archopt.ops.int4_q8``). The decode step's attention, read straight from the cache
-(``decode_attention.cpp``):
+``act8_linear.cpp``: ``torch.ops.archopt.int4_q8_linear`` and ``int8_q8_linear``, GGUF's
+4- and 8-bit blocks times int8 activations (``archopt.ops.act8``). The decode step's
+attention, read straight from the cache (``decode_attention.cpp``):
 ``torch.ops.archopt.paged_decode_attention`` over a paged pool, where the torch expression
 (``DecodeView``) copies every row's slots before two small products, and
 ``static_decode_attention`` over a static cache, where the torch expression scores every slot
@@ -36,7 +36,7 @@ import torch
 from archopt.io import atomic_write_text, cpu_id, cpu_tag, writable_cache_dir
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (_CSRC / "decode_attention.cpp", _CSRC / "int4_linear.cpp")
+SOURCES = (_CSRC / "decode_attention.cpp", _CSRC / "act8_linear.cpp")
 SUBDIR = "kernels"
 RECORD_FILE = "kernels.json"
 LIBRARY_FILE = "archopt_kernels.so"
@@ -183,6 +183,7 @@ def _register_fakes() -> None:
         "archopt::paged_decode_attention": _like_q,
         "archopt::static_decode_attention": _like_q,
         "archopt::int4_q8_linear": _linear_out,
+        "archopt::int8_q8_linear": _linear_out,
     }
     for name, fake in fakes.items():
         if torch._library.simple_registry.singleton.find(name).fake_impl.kernel is None:

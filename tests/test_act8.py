@@ -1,12 +1,17 @@
-"""Q4 weights times int8 activations (archopt.ops.int4_q8): the C++ kernel against its torch
-reference, the packing against the weights it came from, and the GGUF format that uses it."""
+"""GGUF blocks times int8 activations (archopt.ops.act8): the C++ kernels against their torch
+references, the packing against the weights it came from, and the GGUF format that uses them."""
 
 import pytest
 import torch
 
 from archopt.ops import cpu_kernels
-from archopt.ops.int4_q8 import Int4Q8Linear, quantize_activations, use_int8_activations
-from archopt.ops.quant import Int4Linear
+from archopt.ops.act8 import (
+    Int4Q8Linear,
+    Int8Q8Linear,
+    quantize_activations,
+    use_int8_activations,
+)
+from archopt.ops.quant import Int4Linear, Int8Linear
 
 if not cpu_kernels.load(build=True):
     pytest.skip(f"archopt's CPU kernels: {cpu_kernels.why_unavailable()}", allow_module_level=True)
@@ -23,10 +28,26 @@ def q4(out_f: int, in_f: int, seed: int = 0) -> Int4Linear:
     return m
 
 
+def q8(out_f: int, in_f: int, seed: int = 0) -> Int8Linear:
+    """An Int8Linear in Q8_0's blocks of 32 with fp16 scales, a zero row among them."""
+    w = torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(seed))
+    w[-1] = 0.0
+    m = Int8Linear(w, group_size=32)
+    m.scale = m.scale.half().float()
+    return m
+
+
+def act8(kind: str, out_f: int, in_f: int):
+    if kind == "q4":
+        return Int4Q8Linear.from_int4(q4(out_f, in_f))
+    return Int8Q8Linear.from_int8(q8(out_f, in_f))
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
 @pytest.mark.parametrize("out_f,in_f", [(16, 32), (48, 96), (80, 160), (32, 1536)])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
-def test_kernel_matches_its_reference(out_f, in_f, rows):
-    m = Int4Q8Linear.from_int4(q4(out_f, in_f))
+def test_kernel_matches_its_reference(kind, out_f, in_f, rows):
+    m = act8(kind, out_f, in_f)
     x = torch.randn(rows, in_f)
     x[0, 32:64] = 0.0  # an all-zero block: scale 0, no division by it
     ref = m.reference(x)
@@ -48,10 +69,17 @@ def test_packing_keeps_every_weight():
     p = src.qweight.view(96, 5, 16)
     assert torch.equal(q, torch.cat([p & 15, p >> 4], -1).view(96, 160))  # Q4_1's order undone
     assert torch.equal(d, src.scale) and torch.equal(lo, src.minimum)
+    src8 = q8(48, 96)
+    src8.qweight[0, :4] = torch.tensor([-127, 127, 0, -1], dtype=torch.int8)  # the extremes
+    m8 = Int8Q8Linear.from_int8(src8)
+    q8_values, d8 = m8.values()
+    assert torch.equal(q8_values, src8.qweight) and torch.equal(d8, src8.scale)
+    assert torch.equal(m8.dequantized(), src8.dequantized())
 
 
-def test_a_row_is_the_same_alone_and_in_any_batch():
-    m = Int4Q8Linear.from_int4(q4(64, 192))
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_a_row_is_the_same_alone_and_in_any_batch(kind):
+    m = act8(kind, 64, 192)
     x = torch.randn(7, 192)
     batched = m(x)
     for i in range(7):
@@ -60,8 +88,9 @@ def test_a_row_is_the_same_alone_and_in_any_batch():
     assert torch.equal(m(x.view(7, 1, 192)).view(7, 64), batched)  # any leading shape
 
 
-def test_other_dtypes_and_nonfinite_rows():
-    m = Int4Q8Linear.from_int4(q4(32, 64))
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_other_dtypes_and_nonfinite_rows(kind):
+    m = act8(kind, 32, 64)
     xb = torch.randn(3, 64, dtype=torch.bfloat16)
     out = m(xb)
     assert out.dtype == torch.bfloat16
@@ -81,6 +110,10 @@ def test_bad_weights_and_inputs_are_clear_errors():
         Int4Q8Linear.from_int4(Int4Linear(torch.randn(16, 128), group_size=64))
     with pytest.raises(ValueError, match="exact in fp16"):
         Int4Q8Linear.from_int4(Int4Linear(torch.randn(16, 64)))  # fp32 scales
+    with pytest.raises(ValueError, match="exact in fp16"):
+        Int8Q8Linear.from_int8(Int8Linear(torch.randn(16, 64), group_size=32))
+    with pytest.raises(ValueError, match=r"blocks must be of 32 inputs \(GGUF.s\), got 64"):
+        Int8Q8Linear.from_int8(Int8Linear(torch.randn(16, 64)))  # one scale per channel
     m = Int4Q8Linear.from_int4(q4(16, 64))
     with pytest.raises(ValueError, match="expected 64 input features, got 32"):
         m(torch.randn(2, 32))
@@ -89,12 +122,14 @@ def test_bad_weights_and_inputs_are_clear_errors():
 
 
 def test_model_swap_counts_and_leaves_other_layers():
-    model = torch.nn.Sequential(q4(32, 64), torch.nn.ReLU(), q4(24, 64), torch.nn.Linear(4, 4))
-    assert use_int8_activations(model) == {"replaced": 1, "kept": 1}
-    assert isinstance(model[0], Int4Q8Linear) and isinstance(model[2], Int4Linear)
+    model = torch.nn.Sequential(q4(32, 64), q4(24, 64), q8(16, 64), torch.nn.Linear(4, 4))
+    assert use_int8_activations(model) == {"replaced": 2, "kept": 1}
+    assert isinstance(model[0], Int4Q8Linear) and isinstance(model[1], Int4Linear)
+    assert isinstance(model[2], Int8Q8Linear) and isinstance(model[3], torch.nn.Linear)
 
 
-def test_gguf_act8_loads_caches_and_tracks_the_gguf_format(tmp_path, monkeypatch):
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q8_0"])
+def test_gguf_act8_loads_caches_and_tracks_the_gguf_format(tmp_path, monkeypatch, qtype):
     pytest.importorskip("gguf")
     pytest.importorskip("safetensors")
     from archopt.loading.llm import load_llm
@@ -104,9 +139,10 @@ def test_gguf_act8_loads_caches_and_tracks_the_gguf_format(tmp_path, monkeypatch
     hf = _hf_llama(True)
     hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]))
     hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
-    path = _write_hf_llama(tmp_path / "q4.gguf", hf, Q.Q4_1, tokenizer=_tiny_tokenizer())
+    path = _write_hf_llama(tmp_path / "m.gguf", hf, getattr(Q, qtype), tokenizer=_tiny_tokenizer())
     first = load_llm(path, weights="gguf-act8")
-    assert any(isinstance(m, Int4Q8Linear) for m in first.modules())
+    layer = Int4Q8Linear if qtype == "Q4_1" else Int8Q8Linear
+    assert sum(isinstance(m, layer) for m in first.modules()) >= 7  # every projection
     second = load_llm(path, weights="gguf-act8")
     assert second.config.extra["loaded_from"] == "cache"
     plain = load_llm(path, weights="gguf", kernel=False)  # the same blocks, fp32 products
@@ -119,10 +155,12 @@ def test_gguf_act8_loads_caches_and_tracks_the_gguf_format(tmp_path, monkeypatch
 
 
 def test_a_damaged_prepared_layer_is_refused():
-    from archopt.loading.prepared import _rebuild_int4_q8
+    from archopt.loading.prepared import _LAYERS
 
-    m = Int4Q8Linear.from_int4(q4(16, 64))
-    with pytest.raises(ValueError, match="packed must be uint8"):
-        _rebuild_int4_q8({"packed": m.packed.view(-1), "scales": m.scales}, {})
-    with pytest.raises(ValueError, match="scales must be fp16"):
-        _rebuild_int4_q8({"packed": m.packed, "scales": m.scales.float()}, {})
+    for kind, m in (("Int4Q8Linear", act8("q4", 16, 64)), ("Int8Q8Linear", act8("q8", 16, 64))):
+        rebuild = _LAYERS[kind][1]
+        assert torch.equal(rebuild({"packed": m.packed, "scales": m.scales}, {}).packed, m.packed)
+        with pytest.raises(ValueError, match="packed must be uint8"):
+            rebuild({"packed": m.packed.view(-1), "scales": m.scales}, {})
+        with pytest.raises(ValueError, match="scales must be fp16"):
+            rebuild({"packed": m.packed, "scales": m.scales.float()}, {})

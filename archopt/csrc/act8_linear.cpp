@@ -1,0 +1,266 @@
+// Linear layers with int8 activations, llama.cpp's arithmetic for GGUF's blocks of 32: each row
+// of x is quantized per block of 32 inputs (x ~ sx qx, qx in -127..127, sx = max|x| / 127), the
+// block products are exact integer sums, and the scales are applied in fp32.
+//
+//   int4_q8_linear, Q4_0 / Q4_1 weights w = d q + m (q in 0..15):
+//     y[r, n] = sum_g  d[n,g] sx[r,g] (sum_j q[n,g,j] qx[r,g,j])  +  m[n,g] sx[r,g] (sum_j qx[r,g,j])
+//   int8_q8_linear, Q8_0 weights w = d q (q in -127..127):
+//     y[r, n] = sum_g  d[n,g] sx[r,g] (sum_j q[n,g,j] qx[r,g,j])
+//
+// Each block's terms are added in fp32 with fused multiply-adds, block after block, so a row's
+// result does not depend on the other rows of the batch. AVX512-VNNI's vpdpbusd multiplies 64
+// unsigned weight bytes by 64 signed activation bytes per instruction; the packed layouts feed it
+// 16 output rows x 4 inputs at a time:
+//
+//   int4: packed uint8 (N/16, G, 4, 64): in vector v of block g of tile t, byte 4 i + k holds
+//         q[16 t + i, 32 g + 4 v + k] in its low nibble and q[16 t + i, 32 g + 16 + 4 v + k] in
+//         its high one; scales fp16 (N/16, G, 2, 16): d, then m, of the tile's 16 rows.
+//   int8: packed uint8 (N/16, G, 8, 64): byte 4 i + k of vector v holds q[16 t + i, 32 g + 4 v + k]
+//         + 128 (unsigned, as vpdpbusd wants; the 128 sum(qx) it adds is taken off exactly);
+//         scales fp16 (N/16, G, 16).
+//
+// A weight block is read once for up to 4 rows of x. The portable loop (no AVX512-VNNI) does
+// the same arithmetic in the same order. archopt/ops/act8.py holds the references, the
+// packing and the modules that call these.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstring>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define ARCHOPT_VNNI 1
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+// One row's blocks quantized: qx (K) int8; per block (G): sx, sx * sum(qx) and sum(qx).
+void quantize_row(const float* x, int64_t K, int8_t* qx, float* sx, float* sxs, int32_t* qsum) {
+  for (int64_t g = 0; g < K / kBlock; g++) {
+    const float* b = x + g * kBlock;
+    float amax = 0.f;
+    bool finite = true;
+    for (int j = 0; j < kBlock; j++) {
+      finite &= std::isfinite(b[j]);
+      amax = std::max(amax, std::fabs(b[j]));
+    }
+    int8_t* q = qx + g * kBlock;
+    if (!finite) {  // NaN or Inf in: NaN out, never a finite guess
+      std::memset(q, 0, kBlock);
+      sx[g] = sxs[g] = std::nanf("");
+      qsum[g] = 0;
+      continue;
+    }
+    const float inv = amax > 0.f ? 127.f / amax : 0.f;
+    int sum = 0;
+    for (int j = 0; j < kBlock; j++) {
+      const int v = static_cast<int>(std::nearbyint(b[j] * inv));  // to nearest, ties to even
+      q[j] = static_cast<int8_t>(v);
+      sum += v;
+    }
+    sx[g] = amax / 127.f;
+    sxs[g] = sx[g] * static_cast<float>(sum);
+    qsum[g] = sum;
+  }
+}
+
+inline float half_to_float(uint16_t h) {
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+// The quantized rows of x, as the tile functions read them.
+struct Rows {
+  const int8_t* qx;
+  const float* sx;
+  const float* sxs;
+  const int32_t* qsum;
+  int64_t K, G;
+};
+
+// MB rows of x (from row r) against the 16 output rows of tile t: Q4 weights.
+template <int MB>
+void tile_q4(const uint8_t* packed, const uint16_t* scales, const Rows& x, int64_t r, float* y,
+             int64_t t, int64_t N) {
+  const int64_t G = x.G, K = x.K;
+  const int8_t* qx = x.qx + r * K;
+  const float* sx = x.sx + r * G;
+  const float* sxs = x.sxs + r * G;
+  const uint8_t* w = packed + t * G * 256;
+  const uint16_t* s = scales + t * G * 32;
+#ifdef ARCHOPT_VNNI
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 out[MB];
+  for (int i = 0; i < MB; i++) out[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    __m512i acc[MB];
+    for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_si512();
+    for (int v = 0; v < 4; v++) {
+      const __m512i p = _mm512_loadu_si512(w + g * 256 + 64 * v);
+      const __m512i lo = _mm512_and_si512(p, low);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
+      for (int i = 0; i < MB; i++) {
+        const int8_t* xr = qx + i * K + g * kBlock + 4 * v;
+        int32_t a, b;
+        std::memcpy(&a, xr, 4);
+        std::memcpy(&b, xr + 16, 4);
+        acc[i] = _mm512_dpbusd_epi32(acc[i], lo, _mm512_set1_epi32(a));
+        acc[i] = _mm512_dpbusd_epi32(acc[i], hi, _mm512_set1_epi32(b));
+      }
+    }
+    const auto* sg = reinterpret_cast<const __m256i*>(s + g * 32);
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(sg));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(sg + 1));
+    for (int i = 0; i < MB; i++) {
+      const __m512 dsx = _mm512_mul_ps(d, _mm512_set1_ps(sx[i * G + g]));
+      out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i]), dsx, out[i]);
+      out[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(sxs[i * G + g]), out[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) _mm512_storeu_ps(y + (r + i) * N + t * 16, out[i]);
+#else
+  for (int i = 0; i < MB; i++) {
+    float out[16] = {0};
+    for (int64_t g = 0; g < G; g++) {
+      int32_t acc[16] = {0};
+      for (int v = 0; v < 4; v++)
+        for (int lane = 0; lane < 16; lane++)
+          for (int k = 0; k < 4; k++) {
+            const uint8_t p = w[g * 256 + 64 * v + 4 * lane + k];
+            acc[lane] += (p & 15) * qx[i * K + g * kBlock + 4 * v + k];
+            acc[lane] += (p >> 4) * qx[i * K + g * kBlock + 16 + 4 * v + k];
+          }
+      for (int lane = 0; lane < 16; lane++) {
+        const float d = half_to_float(s[g * 32 + lane]), m = half_to_float(s[g * 32 + 16 + lane]);
+        out[lane] = std::fma(static_cast<float>(acc[lane]), d * sx[i * G + g], out[lane]);
+        out[lane] = std::fma(m, sxs[i * G + g], out[lane]);
+      }
+    }
+    std::memcpy(y + (r + i) * N + t * 16, out, sizeof(out));
+  }
+#endif
+}
+
+// The same for Q8 weights stored as q + 128.
+template <int MB>
+void tile_q8(const uint8_t* packed, const uint16_t* scales, const Rows& x, int64_t r, float* y,
+             int64_t t, int64_t N) {
+  const int64_t G = x.G, K = x.K;
+  const int8_t* qx = x.qx + r * K;
+  const float* sx = x.sx + r * G;
+  const int32_t* qsum = x.qsum + r * G;
+  const uint8_t* w = packed + t * G * 512;
+  const uint16_t* s = scales + t * G * 16;
+#ifdef ARCHOPT_VNNI
+  __m512 out[MB];
+  for (int i = 0; i < MB; i++) out[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; g++) {
+    __m512i acc[MB];
+    for (int i = 0; i < MB; i++) acc[i] = _mm512_setzero_si512();
+    for (int v = 0; v < 8; v++) {
+      const __m512i p = _mm512_loadu_si512(w + g * 512 + 64 * v);
+      for (int i = 0; i < MB; i++) {
+        int32_t a;
+        std::memcpy(&a, qx + i * K + g * kBlock + 4 * v, 4);
+        acc[i] = _mm512_dpbusd_epi32(acc[i], p, _mm512_set1_epi32(a));
+      }
+    }
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g * 16)));
+    for (int i = 0; i < MB; i++) {
+      const __m512i dot = _mm512_sub_epi32(acc[i], _mm512_set1_epi32(128 * qsum[i * G + g]));
+      const __m512 dsx = _mm512_mul_ps(d, _mm512_set1_ps(sx[i * G + g]));
+      out[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), dsx, out[i]);
+    }
+  }
+  for (int i = 0; i < MB; i++) _mm512_storeu_ps(y + (r + i) * N + t * 16, out[i]);
+#else
+  for (int i = 0; i < MB; i++) {
+    float out[16] = {0};
+    for (int64_t g = 0; g < G; g++) {
+      int32_t acc[16] = {0};
+      for (int v = 0; v < 8; v++)
+        for (int lane = 0; lane < 16; lane++)
+          for (int k = 0; k < 4; k++)
+            acc[lane] += w[g * 512 + 64 * v + 4 * lane + k] * qx[i * K + g * kBlock + 4 * v + k];
+      for (int lane = 0; lane < 16; lane++) {
+        const float d = half_to_float(s[g * 16 + lane]);
+        const int32_t dot = acc[lane] - 128 * qsum[i * G + g];
+        out[lane] = std::fma(static_cast<float>(dot), d * sx[i * G + g], out[lane]);
+      }
+    }
+    std::memcpy(y + (r + i) * N + t * 16, out, sizeof(out));
+  }
+#endif
+}
+
+// y (M, N) fp32: every row of x quantized here, then each tile of 16 output rows by T4 (four
+// rows of x at a time) and T1 (the rest).
+template <void (*T4)(const uint8_t*, const uint16_t*, const Rows&, int64_t, float*, int64_t, int64_t),
+          void (*T1)(const uint8_t*, const uint16_t*, const Rows&, int64_t, float*, int64_t, int64_t)>
+torch::Tensor run(const char* name, const torch::Tensor& x, const torch::Tensor& packed,
+                  const torch::Tensor& scales, int64_t N, int64_t vectors, int64_t per_block) {
+  TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
+              name, " runs on the CPU");
+  const int64_t K = x.size(-1), G = K / kBlock;
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 4 &&
+                  packed.size(2) == vectors && packed.size(3) == 64,
+              name, ": packed must be uint8 (N/16, K/32, ", vectors, ", 64), got ", packed.sizes());
+  TORCH_CHECK(K % kBlock == 0 && N % 16 == 0 && packed.size(0) == N / 16 && packed.size(1) == G,
+              name, ": x has ", K, " features and the weight is (", packed.size(0) * 16, ", ",
+              packed.size(1) * kBlock, "), expected (", N, ", ", K, ")");
+  TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.numel() == N * G * per_block,
+              name, ": scales must be fp16 with ", N * G * per_block, " values, got ",
+              scales.scalar_type(), " ", scales.sizes());
+  const auto rows = x.reshape({-1, K}).to(torch::kFloat).contiguous();
+  const int64_t M = rows.size(0);
+  auto qx = torch::empty({M, K}, torch::kInt8);
+  auto sx = torch::empty({M, G}, torch::kFloat);
+  auto sxs = torch::empty({M, G}, torch::kFloat);
+  auto qsum = torch::empty({M, G}, torch::kInt);
+  for (int64_t r = 0; r < M; r++)
+    quantize_row(rows.data_ptr<float>() + r * K, K, qx.data_ptr<int8_t>() + r * K,
+                 sx.data_ptr<float>() + r * G, sxs.data_ptr<float>() + r * G,
+                 qsum.data_ptr<int32_t>() + r * G);
+  const Rows q{qx.data_ptr<int8_t>(), sx.data_ptr<float>(), sxs.data_ptr<float>(),
+               qsum.data_ptr<int32_t>(), K, G};
+  auto y = torch::empty({M, N}, torch::kFloat);
+  const auto pc = packed.contiguous();
+  const auto sc = scales.contiguous();
+  const uint8_t* w = pc.data_ptr<uint8_t>();
+  const uint16_t* s = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N / 16, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; t++) {
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4) T4(w, s, q, r, yp, t, N);
+      for (; r < M; r++) T1(w, s, q, r, yp, t, N);
+    }
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor int4_q8_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                             const torch::Tensor& scales, int64_t out_features) {
+  return run<tile_q4<4>, tile_q4<1>>("int4_q8_linear", x, packed, scales, out_features, 4, 2);
+}
+
+torch::Tensor int8_q8_linear(const torch::Tensor& x, const torch::Tensor& packed,
+                             const torch::Tensor& scales, int64_t out_features) {
+  return run<tile_q8<4>, tile_q8<1>>("int8_q8_linear", x, packed, scales, out_features, 8, 1);
+}
+
+TORCH_LIBRARY_FRAGMENT(archopt, m) {
+  m.def("int4_q8_linear(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor");
+  m.def("int8_q8_linear(Tensor x, Tensor packed, Tensor scales, int out_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(archopt, CPU, m) {
+  m.impl("int4_q8_linear", int4_q8_linear);
+  m.impl("int8_q8_linear", int8_q8_linear);
+}

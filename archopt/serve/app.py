@@ -184,6 +184,9 @@ def create_app(
                     yield sse(None, None, role=True)
                 while True:
                     delta, done = await queue.get()
+                    while not done and not queue.empty():  # the engine ran ahead of this
+                        more, done = queue.get_nowait()  # stream: one chunk for what is here
+                        delta += more
                     if delta:
                         yield sse(delta, None)
                     if done:

@@ -308,9 +308,12 @@ def build_in_background(model: nn.Module, kind: str = "static") -> Path | None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
     extra = model.config.extra
+    # weights="auto" is chosen again there, after the kernels are built: the format the next
+    # run will load (gguf-act8 where they make it the faster), whose step it then needs
+    weights = "auto" if extra.get("weights_auto") else extra["weights"]
     cmd = [
         sys.executable, "-m", "archopt.decode_step", "build", extra["source"],
-        "--weights", extra["weights"], "--threads", str(torch.get_num_threads()),
+        "--weights", weights, "--threads", str(torch.get_num_threads()),
         "--expect", folder.name, "--kind", kind,
     ]  # fmt: skip
     with open(folder / BUILD_LOG, "ab") as out:
@@ -343,14 +346,28 @@ def _main(argv: list[str] | None = None) -> int:
     if hasattr(os, "nice"):
         os.nice(10)  # in the background: the user's own work comes first
     torch.set_num_threads(args.threads)
+    if args.weights == "auto":  # the kernels first: with them, auto may choose gguf-act8
+        from archopt.ops import act8, cpu_kernels
+
+        if act8.cpu_has_vnni():
+            cpu_kernels.load(build=True)
     model = load_llm(args.source, weights=args.weights)
     folder = step_folder(model, args.kind)
     if folder is None:
         print("archopt: the cache folder is not writable", file=sys.stderr)
         return 1
-    if args.expect and folder.name != args.expect:
-        print(f"archopt: key {folder.name}, the parent's {args.expect}", file=sys.stderr)
-        return 1
+    parents = folder.parent / args.expect if args.expect else None
+    if parents is not None and folder.name != args.expect:
+        if args.weights != "auto":
+            print(f"archopt: key {folder.name}, the parent's {args.expect}", file=sys.stderr)
+            return 1
+        # auto chose another format than the parent's: build that one, say so to later runs
+        chosen = model.config.extra.get("weights")
+        print(f"archopt: weights=auto is {chosen} now: building its step", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            (parents / LOCK_FILE).unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / LOCK_FILE, str(os.getpid()))
     try:
         if cached_step(model, args.kind) is None:
             seconds = build_step(model, folder, kind=args.kind)

@@ -256,3 +256,36 @@ def test_paged_step_has_its_own_key_and_loads_from_the_cache(model, paged_step):
     assert ds.step_key(model, kind="paged") != ds.step_key(model)
     assert isinstance(ds.cached_step(model, "paged"), ds.CompiledPagedStep)
     assert isinstance(ds.cached_step(model), ds.CompiledStep)  # the static one is its own
+
+
+def test_a_background_build_for_auto_builds_the_format_the_next_run_loads(tmp_path, monkeypatch):
+    """A first run loaded weights="auto" as 'gguf' (the kernels were not built yet); its
+    background build, asked for "auto", builds the kernels, then finds auto means gguf-act8
+    and builds that model's step, which the next run's load finds."""
+    pytest.importorskip("gguf")
+    from archopt.loading.llm import load_llm
+    from archopt.ops import act8, cpu_kernels
+    from tests.test_gguf import Q, _hf_llama, _tiny_tokenizer, _write_hf_llama
+
+    if not act8.cpu_has_vnni():
+        pytest.skip("auto chooses int8 activations only on a CPU with AVX512-VNNI")
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "nice", lambda n: 0)  # in-process here: leave pytest's priority
+    hf = _hf_llama(True)
+    # a vocabulary of 16k rows: every layer, the tied head too, takes the kernels' tiles
+    hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]), pad_to_multiple_of=16)
+    hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
+    path = _write_hf_llama(tmp_path / "m.gguf", hf, Q.Q4_1, tokenizer=_tiny_tokenizer())
+    first = load_llm(path, weights="gguf")  # what the first run had
+    parents = ds.step_folder(first)
+    parents.mkdir(parents=True)
+    (parents / ds.LOCK_FILE).write_text("1")
+    argv = ["build", str(path), "--weights", "auto", "--threads", "1", "--expect", parents.name]
+    assert ds._main(argv) == 0
+    assert cpu_kernels.loaded() and not (parents / ds.LOCK_FILE).exists()
+    nxt = load_llm(path)  # the next run
+    assert nxt.config.extra["weights"] == "gguf-act8" and nxt.config.extra["weights_auto"]
+    assert ds.cached_step(nxt) is not None
+    ids = torch.tensor([[1, 5, 9, 4]])
+    fast = generate(nxt, ids, 6, stop=None)  # the step from the cache
+    assert torch.equal(fast, generate(nxt, ids, 6, stop=None, cache="static", compile="off"))

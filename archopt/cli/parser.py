@@ -114,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights",
         default="auto",
         choices=WEIGHT_CHOICES,
-        help="auto: a GGUF file's own blocks, else fp32; int8/int4: quantized here (int4-head8: "
-        "with an int8 output projection); gguf: the file's own blocks",
+        help="auto: a GGUF file's own blocks (times int8 activations, gguf-act8, once archopt's "
+        "kernels are built on an AVX512-VNNI CPU), else fp32; int8/int4: quantized here "
+        "(int4-head8: with an int8 output projection); gguf: the file's own blocks",
     )
     sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")

@@ -105,8 +105,16 @@ def resolve_llm(source: str | Path) -> Path:
 
 
 def default_weights(path: Path) -> str:
-    """What ``weights="auto"`` means for ``path``: a GGUF file's own blocks, else fp32."""
-    return "gguf" if path.suffix == ".gguf" else "fp32"
+    """What ``weights="auto"`` means for ``path``: fp32 for a checkpoint folder; for a GGUF file
+    its own blocks, times int8 activations (``gguf-act8``, the faster) once archopt's CPU
+    kernels are built on a CPU with AVX512-VNNI, else on torch's int4 kernel (``gguf``). A
+    first run builds the kernels, and the other format's model and step, in the background
+    (``archopt.decode_step``), so that the next run starts on them."""
+    if path.suffix != ".gguf":
+        return "fp32"
+    from archopt.ops import act8
+
+    return "gguf-act8" if act8.ready() else "gguf"
 
 
 def convert_weights(model: Llama, weights: str) -> Llama:
@@ -147,7 +155,8 @@ def load_llm(
     check_weights(weights)  # before anything is read
     check_kernel_arg(kernel)
     path = resolve_llm(source)
-    if weights == "auto":
+    chosen = weights == "auto"
+    if chosen:
         weights = default_weights(path)
     fmt = WEIGHT_FORMATS[weights]
     if fmt.keep_gguf_blocks and path.suffix != ".gguf":
@@ -162,6 +171,7 @@ def load_llm(
         if folder is not None:
             _save_prepared(model, folder)
         model.config.extra["loaded_from"] = "checkpoint"
+    model.config.extra["weights_auto"] = chosen  # a background build may choose again
     if device is not None:
         model = model.to(device)
     return model.eval()

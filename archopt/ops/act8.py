@@ -53,6 +53,23 @@ def kernels_here():
     return torch.ops.archopt
 
 
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has AVX512-VNNI (the kernels' fast loop; elsewhere they run a portable
+    loop, correct but slower than torch's int4 kernel)."""
+    from archopt.io import cpu_id
+
+    return " avx512_vnni" in f" {cpu_id()} "
+
+
+def ready() -> bool:
+    """Whether int8 activations are the fast choice here and now, without building anything:
+    the CPU has AVX512-VNNI and archopt's CPU kernels are built (they load). What
+    ``weights="auto"`` asks before choosing them for a GGUF file."""
+    from archopt.ops import cpu_kernels
+
+    return cpu_has_vnni() and cpu_kernels.load(build=False)
+
+
 def _fp16_exact(*tensors: torch.Tensor) -> None:
     if not all(torch.equal(t.half().float(), t) for t in tensors):
         raise ValueError(

@@ -308,9 +308,12 @@ def build_in_background(model: nn.Module, kind: str = "static") -> Path | None:
         return None
     folder.mkdir(parents=True, exist_ok=True)
     extra = model.config.extra
-    # weights="auto" is chosen again there, after the kernels are built: the format the next
-    # run will load (gguf-act8 where they make it the faster), whose step it then needs
-    weights = "auto" if extra.get("weights_auto") else extra["weights"]
+    # For generate's step (its process ends with the run), weights="auto" is chosen again
+    # there, after the kernels are built: the format the next run will load (gguf-act8 where
+    # they make it the faster), whose step it then needs. A server's paged step is for the
+    # model it is serving now, which switches to it when it lands.
+    again = extra.get("weights_auto") and kind == "static"
+    weights = "auto" if again else extra["weights"]
     cmd = [
         sys.executable, "-m", "archopt.decode_step", "build", extra["source"],
         "--weights", weights, "--threads", str(torch.get_num_threads()),
@@ -364,10 +367,10 @@ def _main(argv: list[str] | None = None) -> int:
         # auto chose another format than the parent's: build that one, say so to later runs
         chosen = model.config.extra.get("weights")
         print(f"archopt: weights=auto is {chosen} now: building its step", file=sys.stderr)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / LOCK_FILE, str(os.getpid()))  # before the parent's goes
         with contextlib.suppress(OSError):
             (parents / LOCK_FILE).unlink()
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / LOCK_FILE, str(os.getpid()))
     try:
         if cached_step(model, args.kind) is None:
             seconds = build_step(model, folder, kind=args.kind)

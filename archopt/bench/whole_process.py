@@ -54,7 +54,8 @@ def _ours(args, new_tokens: int, *extra: str) -> list[str]:
 
 
 def _wait_for_background_build(args, env: dict, limit_s: float) -> float | None:
-    """Seconds until the compiled step of the cold run's model is on disk (None: not in time)."""
+    """Seconds until the compiled step of the model a warm run loads is on disk (None: not in
+    time, or no build running)."""
     probe = (
         "import json, torch; from archopt.loading.llm import load_llm; "
         "from archopt.decode_step import step_folder, RECORD_FILE, building; "
@@ -63,11 +64,13 @@ def _wait_for_background_build(args, env: dict, limit_s: float) -> float | None:
         "print(json.dumps({'done': (f / RECORD_FILE).exists(), 'building': building(f)}))"
     )
     start = time.perf_counter()
+    idle = 0  # polls in a row that saw no build: the build may be between two formats' folders
     while time.perf_counter() - start < limit_s:
         state = run_json([sys.executable, "-c", probe], env=env)
         if state.get("done"):
             return time.perf_counter() - start
-        if not state.get("building"):
+        idle = 0 if state.get("building") else idle + 1
+        if idle >= 3:
             return None
         time.sleep(5)
     return None

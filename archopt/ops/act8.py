@@ -95,6 +95,15 @@ class _Act8Linear(nn.Module):
         self.out_features = packed.shape[0] * TILE
         self.in_features = packed.shape[1] * BLOCK
 
+    @classmethod
+    def _check(cls, m, *scales: torch.Tensor) -> tuple[int, int]:
+        """``m``'s (out_features, blocks), once its shape and scales are checked."""
+        problem = shape_problem(m.out_features, m.in_features, m.in_features // m.groups)
+        if problem is not None:
+            raise ValueError(f"{cls.__name__}: {problem}")
+        _fp16_exact(*scales)
+        return m.out_features, m.groups
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected {self.in_features} input features, got {x.shape[-1]}")
@@ -124,11 +133,7 @@ class Int4Q8Linear(_Act8Linear):
 
     @classmethod
     def from_int4(cls, m: Int4Linear) -> Int4Q8Linear:
-        n, k, g = m.out_features, m.in_features, m.groups
-        problem = shape_problem(n, k, k // g)
-        if problem is not None:
-            raise ValueError(f"Int4Q8Linear: {problem}")
-        _fp16_exact(m.scale, m.minimum)
+        n, g = cls._check(m, m.scale, m.minimum)
         p = m.qweight.view(n, g, BLOCK // 2)
         q = torch.cat([p & 15, p >> 4], -1)  # (n, g, 32): the block's values in order
         q = q.view(n // TILE, TILE, g, 8, 4).permute(0, 2, 3, 1, 4)  # (tile, g, step, row, k)
@@ -167,11 +172,7 @@ class Int8Q8Linear(_Act8Linear):
 
     @classmethod
     def from_int8(cls, m: Int8Linear) -> Int8Q8Linear:
-        n, k, g = m.out_features, m.in_features, m.groups
-        problem = shape_problem(n, k, k // g)
-        if problem is not None:
-            raise ValueError(f"Int8Q8Linear: {problem}")
-        _fp16_exact(m.scale)
+        n, g = cls._check(m, m.scale)
         q = (m.qweight.to(torch.int16) + 128).to(torch.uint8)  # 1..255: vpdpbusd's unsigned side
         q = q.view(n // TILE, TILE, g, 8, 4).permute(0, 2, 3, 1, 4)  # (tile, g, step, row, k)
         packed = q.reshape(n // TILE, g, 8, 64)

@@ -25,6 +25,7 @@ FLOORS = [
         "sampling",
         "perplexity",
         "decode_step",
+        "cuda_graph_step",
         "step_graphs",
         "measure",
         "optimize",

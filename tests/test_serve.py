@@ -520,3 +520,57 @@ def test_incremental_detokenization_on_smollm2s_tokenizer():
     _full_and_incremental(tok, ids)
     rand = torch.randint(0, 49152, (300,), generator=gen).tolist()  # special tokens included
     _full_and_incremental(tok, rand)
+
+
+def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatch):
+    """While the event loop is held up (here: its first content chunk takes 0.3 s), the engine
+    runs ahead; the stream then sends what arrived in one chunk, not one per token, and the
+    text is the same. (SmolLM2: a tokenizer whose tokens are text one by one.)"""
+    httpx = pytest.importorskip("httpx")
+    uvicorn = pytest.importorskip("uvicorn")
+    import archopt.serve.app as app_module
+    from archopt.loading.llm import load_llm, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model = load_llm("smollm2-135m")
+    app = app_module.create_app(lambda: model, model_name="m", compile="off")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while not srv.started or httpx.get(base + "/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.05)
+        body = {"model": "m", "prompt": "Lionel Messi is a", "max_tokens": 24, "temperature": 0,
+                "ignore_eos": True, "stream": True}  # fmt: skip
+
+        def pieces() -> list[str]:
+            r = httpx.post(base + "/v1/completions", json=body, timeout=60)
+            lines = [x for x in r.text.split("\n\n") if x and x != "data: [DONE]"]
+            events = [json.loads(x[6:]) for x in lines]
+            return [e["choices"][0]["text"] for e in events if e["choices"][0]["text"]]
+
+        keeping_up = pieces()
+        original, slow = app_module.chunk, []
+
+        def held_up(head, delta, finish, **kw):
+            if delta and not slow:
+                slow.append(time.sleep(0.3))  # blocks the event loop, as a busy one would be
+            return original(head, delta, finish, **kw)
+
+        monkeypatch.setattr(app_module, "chunk", held_up)
+        behind = pieces()
+        assert len(keeping_up) >= 12  # text token by token when the loop keeps up
+        assert "".join(behind) == "".join(keeping_up)
+        assert len(behind) < len(keeping_up)
+    finally:
+        srv.should_exit = True
+        thread.join(10)

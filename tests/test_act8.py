@@ -152,6 +152,12 @@ def test_gguf_act8_loads_caches_and_tracks_the_gguf_format(tmp_path, monkeypatch
     assert torch.equal(a, b)
     # int8 activations: close to the exact products on the same weights, not equal
     torch.testing.assert_close(a, c, rtol=0, atol=0.05 * c.abs().max().item())
+    # the CPU kernels' format is never chosen for, nor put on, another device
+    from archopt.loading.llm import default_weights
+
+    assert default_weights(path, cpu=False) == "gguf"
+    with pytest.raises(ValueError, match="runs archopt's CPU kernels, got device='cuda'"):
+        load_llm(path, weights="gguf-act8", device="cuda")
 
 
 def test_a_damaged_prepared_layer_is_refused():

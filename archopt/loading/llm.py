@@ -104,14 +104,17 @@ def resolve_llm(source: str | Path) -> Path:
     )
 
 
-def default_weights(path: Path) -> str:
+def default_weights(path: Path, *, cpu: bool = True) -> str:
     """What ``weights="auto"`` means for ``path``: fp32 for a checkpoint folder; for a GGUF file
     its own blocks, times int8 activations (``gguf-act8``, the faster) once archopt's CPU
     kernels are built on a CPU with AVX512-VNNI, else on torch's int4 kernel (``gguf``). A
     first run builds the kernels, and the other format's model and step, in the background
-    (``archopt.decode_step``), so that the next run starts on them."""
+    (``archopt.decode_step``), so that the next run starts on them. ``cpu=False`` (a model
+    for another device): never the CPU kernels' format."""
     if path.suffix != ".gguf":
         return "fp32"
+    if not cpu:
+        return "gguf"
     from archopt.ops import act8
 
     return "gguf-act8" if act8.ready() else "gguf"
@@ -155,13 +158,18 @@ def load_llm(
     check_weights(weights)  # before anything is read
     check_kernel_arg(kernel)
     path = resolve_llm(source)
+    on_cpu = device is None or torch.device(device).type == "cpu"
     chosen = weights == "auto"
     if chosen:
-        weights = default_weights(path)
+        weights = default_weights(path, cpu=on_cpu)
     fmt = WEIGHT_FORMATS[weights]
     if fmt.keep_gguf_blocks and path.suffix != ".gguf":
         raise ValueError(f"weights='gguf' needs a .gguf file, got {path}")
-    on_cpu = device is None or torch.device(device).type == "cpu"
+    if fmt.int8_activations and not on_cpu:
+        raise ValueError(
+            f"weights={weights!r} runs archopt's CPU kernels, got device={str(device)!r} "
+            "(weights='gguf' keeps the file's blocks on any device)"
+        )
     folder = _prepared_folder(path, weights, kernel) if cache and on_cpu else None
     model = _load_prepared(folder, path, tokenizer) if folder is not None else None
     if model is None:
@@ -188,7 +196,7 @@ def _load_checkpoint(path: Path, fmt: WeightFormat, tokenizer: bool, kernel) -> 
             keep_quantized=fmt.keep_gguf_blocks,
             kernel=False if fmt.int8_activations else kernel,
         )
-        if fmt.int8_activations:  # the Q4 blocks first, as they are; the rest as in 'gguf'
+        if fmt.int8_activations:  # the blocks kept as they are, then re-laid for the kernels
             from archopt.ops.act8 import use_int8_activations
             from archopt.ops.quant import pack_for_cpu
 

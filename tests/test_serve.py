@@ -5,6 +5,7 @@ in-process on a free loopback port and spoken to with the official ``openai`` cl
 HTTP for the error cases. Every test checks that no block is left referenced.
 """
 
+import contextlib
 import json
 import socket
 import threading
@@ -147,7 +148,7 @@ def test_bounded_queue_and_bad_prompts(tiny):
 @pytest.fixture(scope="module")
 def server(tiny):
     pytest.importorskip("starlette")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     pytest.importorskip("httpx")
     from archopt.serve.app import create_app
 
@@ -158,6 +159,15 @@ def server(tiny):
         return tiny
 
     app = create_app(load, model_name="tiny", api_key="sk-test", max_batch=4, block_size=4)
+    with running(app) as base:
+        yield {"base": base, "gate": gate, "app": app}
+
+
+@contextlib.contextmanager
+def running(app):
+    """``app`` served by uvicorn in a thread on a free loopback port; its base URL."""
+    import uvicorn
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -167,9 +177,11 @@ def server(tiny):
     deadline = time.time() + 30
     while not srv.started and time.time() < deadline:
         time.sleep(0.02)
-    yield {"base": f"http://127.0.0.1:{port}", "gate": gate, "app": app}
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
 
 
 def test_serve_says_at_once_when_its_address_cannot_be_had():
@@ -527,7 +539,7 @@ def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatc
     runs ahead; the stream then sends what arrived in one chunk, not one per token, and the
     text is the same. (SmolLM2: a tokenizer whose tokens are text one by one.)"""
     httpx = pytest.importorskip("httpx")
-    uvicorn = pytest.importorskip("uvicorn")
+    pytest.importorskip("uvicorn")
     import archopt.serve.app as app_module
     from archopt.loading.llm import load_llm, smollm2_path
 
@@ -537,16 +549,9 @@ def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatc
         pytest.skip(str(e))
     model = load_llm("smollm2-135m")
     app = app_module.create_app(lambda: model, model_name="m", compile="off")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
+    with running(app) as base:
         deadline = time.time() + 60
-        while not srv.started or httpx.get(base + "/health").status_code != 200:
+        while httpx.get(base + "/health").status_code != 200:
             assert time.time() < deadline
             time.sleep(0.05)
         body = {"model": "m", "prompt": "Lionel Messi is a", "max_tokens": 24, "temperature": 0,
@@ -571,6 +576,3 @@ def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatc
         assert len(keeping_up) >= 12  # text token by token when the loop keeps up
         assert "".join(behind) == "".join(keeping_up)
         assert len(behind) < len(keeping_up)
-    finally:
-        srv.should_exit = True
-        thread.join(10)

@@ -250,11 +250,17 @@ def test_train_json_then_resume_and_refusals(capsys, tmp_path):
             "training diverged in epoch 1",
         ),
         (["pareto", "--models", "mobilenet_v1_025,nope"], "unknown model 'nope'"),
+        (["pareto", "--models", "mobilenet_v1_025,,"], "an empty name between commas"),
     ],
 )
 def test_train_and_pareto_errors_are_one_clear_line(capsys, tmp_path, argv, msg):
     code, _, err = run(capsys, *argv, "--out", str(tmp_path / "o"))
     assert code == 2 and err.startswith("archopt: error: ") and msg in err
+
+
+def test_tour_out_that_cannot_be_made_is_one_clear_line(capsys):
+    code, _, err = run(capsys, "tour", "--quick", "--out", "/proc/no/such")
+    assert code == 2 and err.startswith("archopt: error: --out must be a folder that can be")
 
 
 def test_pareto_writes_table_and_plots(capsys, tmp_path):

@@ -154,13 +154,20 @@ def cmd_train(args) -> None:
 
 
 def cmd_pareto(args) -> None:
+    from archopt.errors import ArchoptError
     from archopt.io import check_writable
     from archopt.train.study import format_study, pareto_study
 
     check_writable(args.out, "--out", folder=True)
+    models = [m.strip() for m in args.models.split(",")]
+    if not all(models):
+        raise ArchoptError(
+            f"--models must be names separated by single commas, got {args.models!r} "
+            "(an empty name between commas)"
+        )
     try:
         report = pareto_study(
-            args.models.split(","),
+            models,
             data=args.data,
             epochs=args.epochs,
             x=args.x,

@@ -62,7 +62,8 @@ def run_tour(
     minute and a half); the figures are rougher and some claims may not show at that size.
     ``sections``: names from ``SECTIONS`` to run alone, in report order.
     """
-    from archopt.io import atomic_write_text
+    from archopt.errors import ArchoptError
+    from archopt.io import atomic_write_text, check_writable
     from archopt.measure import cpu_name
 
     names = list(SECTIONS) if sections is None else [s.strip() for s in sections if s.strip()]
@@ -71,8 +72,11 @@ def run_tour(
         raise ValueError(
             f"sections must be names from {', '.join(SECTIONS)}, got {', '.join(unknown) or 'none'}"
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(out_dir, "--out", folder=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ArchoptError(f"--out must be a folder that can be created, got {out}: {e.strerror}")
     # A failed run must not leave an older report looking like this one's result.
     for stale in OUTPUTS:
         (out / stale).unlink(missing_ok=True)

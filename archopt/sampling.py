@@ -7,6 +7,13 @@ from __future__ import annotations
 import torch
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit (the first one on ties, NaN counting as the
+    largest), as ``argmax`` gives it: ``max``'s indices are the same and, on the CPU, 3x
+    faster than ``argmax`` over a vocabulary (130 vs 42 us for 4 rows of 49152)."""
+    return logits.max(dim=-1).indices
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -17,7 +24,7 @@ def sample(
 ) -> torch.Tensor:
     """Next tokens (B,) from logits (B, vocab): greedy at temperature 0, else top-k/top-p."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]

@@ -6,7 +6,7 @@ import torch
 
 from archopt.generate import generate, stream
 from archopt.ops.cache_spec import make_cache
-from archopt.sampling import sample
+from archopt.sampling import greedy, sample
 
 from .tiny_llama import rand_ids, sharp_tiny_llama
 
@@ -42,6 +42,16 @@ def test_sampling(model):
     a = generate(model, ids, 12, temperature=1.5, seed=7)
     assert torch.equal(generate(model, ids, 12, temperature=1.5, seed=7), a)
     assert not torch.equal(a, greedy)  # 12 draws at temperature 1.5 on a 512-token vocab
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (4, 49152), (3, 1)])
+def test_greedy_is_argmax_with_ties_nan_and_inf(shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    logits = torch.randint(0, 3, shape, generator=gen).float()  # many ties
+    if shape[0] > 2:
+        logits[1, shape[1] // 2] = float("nan")
+        logits[2] = float("-inf")
+    assert torch.equal(greedy(logits), logits.argmax(dim=-1))
 
 
 def test_sample_respects_top_k_and_top_p():

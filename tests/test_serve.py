@@ -576,3 +576,29 @@ def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatc
         assert len(keeping_up) >= 12  # text token by token when the loop keeps up
         assert "".join(behind) == "".join(keeping_up)
         assert len(behind) < len(keeping_up)
+
+
+def test_the_benchmarks_load_client_reads_streams_and_errors(tiny):
+    """``archopt bench serve``'s client (plain asyncio, chunked server-sent events): each
+    stream's tokens and text as the server sent them whole, and an error status as an error."""
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from archopt.bench.serve_load import completion_bodies, run_streams
+    from archopt.serve.app import create_app
+
+    app = create_app(tiny, model_name="tiny", max_batch=4, block_size=4, compile="off")
+    with running(app) as base:
+        deadline = time.time() + 30
+        while httpx.get(base + "/health").status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.02)
+        bodies = completion_bodies(3, 9, eos_id=0, how="ignore_eos")
+        r = run_streams(base, bodies, "/v1/completions")
+        assert r["streams"] == 3 and r["tokens"] == 27 and r["tokens_per_s"] > 0
+        for body, text in zip(bodies, r["texts"]):
+            plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+            whole = httpx.post(base + "/v1/completions", json={**plain, "model": "tiny"}).json()
+            assert text == whole["choices"][0]["text"] and text
+        with pytest.raises(RuntimeError, match="HTTP 400: .*max_tokens must be"):
+            run_streams(base, [{**bodies[0], "max_tokens": 0}], "/v1/completions")
+        wait_no_leaks({"app": app})

@@ -30,7 +30,7 @@ import torch
 
 from archopt import decode_step
 from archopt.ops.paged_kv import PagedKVCache
-from archopt.sampling import sample
+from archopt.sampling import greedy, sample
 from archopt.serve.detokenize import IncrementalText
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 
@@ -276,7 +276,7 @@ class Engine:
         return logits[:, -1].float()
 
     def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor) -> int:
-        tokens = logits.argmax(dim=-1).tolist()  # greedy rows; others sample on their own
+        tokens = greedy(logits).tolist()  # greedy rows; others sample on their own
         for i, req in enumerate(reqs):
             p = req.params
             if p.temperature > 0:

@@ -599,6 +599,6 @@ def test_the_benchmarks_load_client_reads_streams_and_errors(tiny):
             plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
             whole = httpx.post(base + "/v1/completions", json={**plain, "model": "tiny"}).json()
             assert text == whole["choices"][0]["text"] and text
-        with pytest.raises(RuntimeError, match="HTTP 400: .*max_tokens must be"):
+        with pytest.raises(RuntimeError, match=r"HTTP 400: .*max_tokens must be"):
             run_streams(base, [{**bodies[0], "max_tokens": 0}], "/v1/completions")
         wait_no_leaks({"app": app})

@@ -76,7 +76,8 @@ def run_tour(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ArchoptError(f"--out must be a folder that can be created, got {out}: {e.strerror}")
+        why = f"got {out}: {e.strerror}"
+        raise ArchoptError(f"--out must be a folder that can be created, {why}") from None
     # A failed run must not leave an older report looking like this one's result.
     for stale in OUTPUTS:
         (out / stale).unlink(missing_ok=True)

@@ -50,6 +50,7 @@ def test_kernel_matches_its_reference(kind, out_f, in_f, rows):
     m = act8(kind, out_f, in_f)
     x = torch.randn(rows, in_f)
     x[0, 32:64] = 0.0  # an all-zero block: scale 0, no division by it
+    x[-1, :4] = torch.tensor([127.0, 2.5, -3.5, 0.5])  # scale 1: ties, rounded to even
     ref = m.reference(x)
     out = m(x)
     assert out.shape == (rows, out_f) and out.dtype == x.dtype

@@ -144,8 +144,12 @@ def test_before_each_runs_untimed_before_every_timed_call():
     import time
 
     order = []
-    lat = measure_latency(lambda: order.append("call"), warmup=1, repeats=4,
-                          before_each=lambda: order.append("before") or time.sleep(0.02))  # fmt: skip
+
+    def before():
+        order.append("before")
+        time.sleep(0.02)
+
+    lat = measure_latency(lambda: order.append("call"), warmup=1, repeats=4, before_each=before)
     assert order == ["call"] + ["before", "call"] * 4
     assert lat.min_ms < 10  # the 20 ms before each call is not in its time
 

@@ -602,3 +602,19 @@ def test_the_benchmarks_load_client_reads_streams_and_errors(tiny):
         with pytest.raises(RuntimeError, match=r"HTTP 400: .*max_tokens must be"):
             run_streams(base, [{**bodies[0], "max_tokens": 0}], "/v1/completions")
         wait_no_leaks({"app": app})
+
+
+def test_a_server_that_dies_while_starting_is_named_with_its_signal():
+    """``archopt bench serve`` runs anchors as subprocesses; one that crashes (an illegal
+    instruction in a binary built for another CPU) is an error naming the signal."""
+    pytest.importorskip("httpx")
+    import sys
+
+    from archopt.bench.serve_load import Server, free_port
+
+    crash = "import os, signal; print('starting'); os.kill(os.getpid(), signal.SIGILL)"
+    srv = Server("anchor", [sys.executable, "-c", crash], free_port(), health="/health")
+    with pytest.raises(RuntimeError, match=r"anchor was killed by SIGILL while starting: starting"):
+        srv.up(timeout=30)
+    srv.down()
+    assert srv.proc is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import socket
 import statistics
 import subprocess
@@ -60,7 +61,11 @@ class Server:
             if self.proc.poll() is not None:
                 self.log.seek(0)
                 err = self.log.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}): {err}")
+                code = self.proc.returncode
+                how = f"exited ({code})"
+                if code < 0:
+                    how = f"was killed by {signal.Signals(-code).name}"
+                raise RuntimeError(f"{self.name} {how} while starting: {err}")
             try:
                 if httpx.get(self.base + self.health, timeout=2).status_code == 200:
                     self.start_s = time.perf_counter() - t0

@@ -618,3 +618,33 @@ def test_a_server_that_dies_while_starting_is_named_with_its_signal():
         srv.up(timeout=30)
     srv.down()
     assert srv.proc is None
+
+
+def test_the_mailbox_delivers_every_output_in_order_in_fewer_wake_ups():
+    import asyncio
+
+    from archopt.serve.app import Mailbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakeups = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: wakeups.append(1) or real(*a)
+        box, queues = Mailbox(loop), [asyncio.Queue(), asyncio.Queue()]
+
+        def engine():  # bursts, as a step emits one output per stream
+            for i in range(300):
+                for q in queues:
+                    box.put(q, i)
+                if i % 50 == 0:
+                    time.sleep(0.005)
+
+        thread = threading.Thread(target=engine)
+        thread.start()
+        got = [[await q.get() for _ in range(300)] for q in queues]
+        thread.join()
+        return got, len(wakeups)
+
+    got, wakeups = asyncio.run(main())
+    assert got == [list(range(300))] * 2
+    assert 1 <= wakeups < 600  # never one per output across a burst

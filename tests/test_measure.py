@@ -140,20 +140,6 @@ def test_latency_fields_and_validation():
         measure_latency(nn.Identity(), torch.ones(1), repeats=0)
 
 
-def test_before_each_runs_untimed_before_every_timed_call():
-    import time
-
-    order = []
-
-    def before():
-        order.append("before")
-        time.sleep(0.02)
-
-    lat = measure_latency(lambda: order.append("call"), warmup=1, repeats=4, before_each=before)
-    assert order == ["call"] + ["before", "call"] * 4
-    assert lat.min_ms < 10  # the 20 ms before each call is not in its time
-
-
 def test_peak_memory_tensors_is_exact():
     def work():
         a = torch.ones(1000, 1000)  # 4 MB

@@ -125,11 +125,9 @@ def measure_latency(
     repeats: int = 30,
     min_time_s: float = 0.0,
     threads: int | None = None,
-    before_each: Callable[[], object] | None = None,
 ) -> Latency:
     """Time ``fn_or_model(*inputs)``: ``warmup`` untimed calls, then at least ``repeats`` timed
-    calls (more until ``min_time_s`` has passed). Modules run under ``inference_mode``.
-    ``before_each``: called untimed before every timed call (to set the caches' state)."""
+    calls (more until ``min_time_s`` has passed). Modules run under ``inference_mode``."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if warmup < 0:
@@ -145,9 +143,6 @@ def measure_latency(
         sync()
         start_all = time.perf_counter()
         while len(times) < repeats or time.perf_counter() - start_all < min_time_s:
-            if before_each is not None:
-                before_each()
-                sync()
             t0 = time.perf_counter()
             call()
             sync()

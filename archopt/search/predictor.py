@@ -197,11 +197,8 @@ class LatencyTable:
         return self._add_round(call, repeats)["ms"]
 
     def _add_round(self, call: KernelCall, repeats: int) -> dict:
-        import os
-        sweep = l2_sweep(self.threads) if os.environ.get("ARCHOPT_SWEEP") == "1" else None
         lat = measure_latency(
-            call.module, call.args, warmup=3, repeats=repeats, threads=self.threads,
-            before_each=sweep,
+            call.module, call.args, warmup=3, repeats=repeats, threads=self.threads
         )
         old = self.kernels.get(call.key)
         rounds = [*(old.get("rounds", [old["ms"]]) if old else []), lat.min_ms]
@@ -216,18 +213,6 @@ class LatencyTable:
         self.kernels[call.key] = entry
         self.measured_now += 1
         return entry
-
-
-def l2_sweep(threads: int):
-    """A function that reads a buffer of twice each core's L2 cache on ``threads`` threads."""
-    import os
-    try:
-        l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE")
-    except (ValueError, OSError):
-        l2 = 0
-    l2 = l2 if l2 > 0 else 2**21
-    buf = torch.ones(2 * l2 * threads // 4)
-    return lambda: buf.sum()
 
 
 @dataclass

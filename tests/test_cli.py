@@ -142,6 +142,7 @@ BAD_ARGUMENTS = [
     (["bench", "decode-kernels", "--json", "{dir}"], "--json must be a file path"),
     (["generate", "--temperature", "nan"], "--temperature: must be a finite number in [0, 100]"),
     (["generate", "--top-p", "0"], "--top-p: must be a finite number in (0, 1], got 0"),
+    (["generate", "--prompt", ""], "--prompt must hold some text to continue, got an empty one"),
     (["cache", "purge"], "argument action: invalid choice: 'purge'"),
     (["serve", "--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
     (["serve", "--max-batch", "0"], "argument --max-batch: must be in [1, 4096], got 0"),

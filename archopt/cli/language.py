@@ -41,6 +41,8 @@ def cmd_generate(args) -> None:
         )
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.prompt and not args.chat:  # a chat template gives even "" tokens
+        raise ValueError("--prompt must hold some text to continue, got an empty one")
     if args.threads:
         torch.set_num_threads(args.threads)
     import_s = process_age_s()  # the interpreter's start and the imports, torch's included

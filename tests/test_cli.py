@@ -143,6 +143,8 @@ BAD_ARGUMENTS = [
     (["generate", "--temperature", "nan"], "--temperature: must be a finite number in [0, 100]"),
     (["generate", "--top-p", "0"], "--top-p: must be a finite number in (0, 1], got 0"),
     (["generate", "--prompt", ""], "--prompt must hold some text to continue, got an empty one"),
+    (["generate", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["generate", "--device", "cuda:x"], "--device must be cpu, cuda or cuda:N, got 'cuda:x'"),
     (["cache", "purge"], "argument action: invalid choice: 'purge'"),
     (["serve", "--port", "70000"], "argument --port: must be in [0, 65535], got 70000"),
     (["serve", "--max-batch", "0"], "argument --max-batch: must be in [1, 4096], got 0"),
@@ -304,7 +306,14 @@ def test_generate_json_on_the_real_model(capsys):
     )
     out = json.loads(out)
     assert code == 0 and out["new_tokens"] > 1 and out["decode_tokens_per_s"] > 0
-    assert out["text"].strip() and out["prompt_tokens"] == 7
+    assert out["text"].strip() and out["prompt_tokens"] == 7 and out["device"] == "cpu"
+
+
+def test_generate_on_a_cuda_device_this_machine_lacks_is_one_clear_line(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    code, _, err = run(capsys, "generate", "--device", "cuda")
+    assert code == 2 and "--device cuda: this machine has no CUDA device" in err
 
 
 def test_generate_with_the_gguf_blocks_kept(capsys, tmp_path):

@@ -25,6 +25,26 @@ def process_age_s() -> float | None:
     return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
 
 
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch device this machine has, or a ValueError saying why not."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no CUDA device torch can use")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to "
+                f"cuda:{count - 1}"
+            )
+    return device
+
+
 def cmd_generate(args) -> None:
     import time
 
@@ -43,11 +63,12 @@ def cmd_generate(args) -> None:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if not args.prompt and not args.chat:  # a chat template gives even "" tokens
         raise ValueError("--prompt must hold some text to continue, got an empty one")
+    device = check_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     import_s = process_age_s()  # the interpreter's start and the imports, torch's included
     start = time.perf_counter()
-    model = load_llm(args.model, weights=args.weights)
+    model = load_llm(args.model, weights=args.weights, device=device)
     load_s = time.perf_counter() - start
     plan = plan_decode(
         model, cache=args.cache, compile=args.compile, new_tokens=args.max_new_tokens,
@@ -88,6 +109,7 @@ def cmd_generate(args) -> None:
         "first_token_s": stats.get("first_token_s"),
         "decode_tokens_per_s": (stats["new_tokens"] - 1) / decode_s if decode_s > 0 else None,
         "threads": torch.get_num_threads(),
+        "device": str(device),
         "text": "".join(pieces),
     }
     if args.json:
@@ -98,7 +120,8 @@ def cmd_generate(args) -> None:
         f"\n\n[{n} tokens; load {load_s:.2f} s ({report['loaded_from']}), decode "
         f"{plan.how}, first token {report['first_token_s'] or 0:.2f} s, "
         + (f"{rate:.1f} tokens/s" if rate else "one token")
-        + f"; {report['weights']} weights, {report['cache']} cache, {report['threads']} threads]",
+        + f"; {report['weights']} weights, {report['cache']} cache, {report['threads']} threads"
+        + (f", {device}]" if device.type != "cpu" else "]"),
         file=sys.stderr,
     )
 

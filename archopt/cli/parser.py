@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "kernels are built on an AVX512-VNNI CPU), else fp32; int8/int4: quantized here "
         "(int4-head8: with an int8 output projection); gguf: the file's own blocks",
     )
+    sp.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default), cuda or cuda:N; on a GPU the decode step is a CUDA graph, "
+        "recorded at the first step",
+    )
     sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_generate)

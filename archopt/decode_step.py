@@ -279,17 +279,38 @@ def can_build_in_background(model: nn.Module) -> bool:
 
 def building(folder: Path) -> bool:
     """Whether a live process is building into ``folder`` now."""
+    return builder(folder) is not None
+
+
+def builder(folder: Path) -> int | None:
+    """The process id of the live process building into ``folder`` now, else None."""
     lock = folder / LOCK_FILE
     try:
         pid = int(lock.read_text().strip() or 0)
         age = time.time() - lock.stat().st_mtime
     except (OSError, ValueError):
+        return None
+    if age > STALE_LOCK_S or not alive(pid):
+        return None
+    return pid
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a build outlives the lock of the step it built first).
+    A build this process started and that has ended is reaped here: as a zombie it would
+    still answer a signal."""
+    if pid <= 0:
         return False
-    if age > STALE_LOCK_S:
+    try:
+        if hasattr(os, "WNOHANG") and os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:  # not our child: the kernel says whether it runs
+        pass
+    except OSError:
         return False
     try:
         os.kill(pid, 0)
-    except (OSError, ValueError):
+    except OSError:
         return False
     return True
 
@@ -319,6 +340,8 @@ def build_in_background(model: nn.Module, kind: str = "static") -> Path | None:
         "--weights", weights, "--threads", str(torch.get_num_threads()),
         "--expect", folder.name, "--kind", kind,
     ]  # fmt: skip
+    if extra.get("weights_auto") and not again:  # then what auto will load next time
+        cmd.append("--then-auto")
     with open(folder / BUILD_LOG, "ab") as out:
         proc = subprocess.Popen(
             cmd,
@@ -345,6 +368,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--expect", help="the key the parent computed (a check)")
     p.add_argument("--kind", choices=sorted(KINDS), default="static")
+    then = "then build the kernels and the step weights='auto' loads with them"
+    p.add_argument("--then-auto", action="store_true", help=then)
     args = p.parse_args(argv)
     if hasattr(os, "nice"):
         os.nice(10)  # in the background: the user's own work comes first
@@ -371,15 +396,42 @@ def _main(argv: list[str] | None = None) -> int:
         atomic_write_text(folder / LOCK_FILE, str(os.getpid()))  # before the parent's goes
         with contextlib.suppress(OSError):
             (parents / LOCK_FILE).unlink()
+    _build_and_unlock(model, folder, args.kind)
+    if args.then_auto:
+        _build_for_auto(args.source, args.kind)
+    return 0
+
+
+def _build_and_unlock(model: nn.Module, folder: Path, kind: str) -> None:
+    """Build ``model``'s step into ``folder`` (locked by this process) unless it is there."""
     try:
-        if cached_step(model, args.kind) is None:
-            seconds = build_step(model, folder, kind=args.kind)
-            load_step(model, folder, args.kind)  # check that it loads before anyone relies on it
+        if cached_step(model, kind) is None:
+            seconds = build_step(model, folder, kind=kind)
+            load_step(model, folder, kind)  # check that it loads before anyone relies on it
             print(f"archopt: built {folder} in {seconds:.0f} s", file=sys.stderr)
     finally:
         with contextlib.suppress(OSError):
             (folder / LOCK_FILE).unlink()
-    return 0
+
+
+def _build_for_auto(source: str, kind: str) -> None:
+    """After a server's own step: build the kernels, then the step of the format
+    ``weights="auto"`` loads with them (gguf-act8 for a GGUF on an AVX512-VNNI CPU), so that
+    the next server starts on the fastest format, not the one this first run could have."""
+    from archopt.loading.llm import load_llm
+    from archopt.ops import act8, cpu_kernels
+
+    if act8.cpu_has_vnni():
+        cpu_kernels.load(build=True)
+    model = load_llm(source, weights="auto")
+    folder = step_folder(model, kind)
+    if folder is None or building(folder) or cached_step(model, kind) is not None:
+        return
+    print(f"archopt: weights=auto is {model.config.extra.get('weights')} now: building its "
+          "step for the next start", file=sys.stderr)  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / LOCK_FILE, str(os.getpid()))
+    _build_and_unlock(model, folder, kind)
 
 
 if __name__ == "__main__":

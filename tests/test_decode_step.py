@@ -289,3 +289,51 @@ def test_a_background_build_for_auto_builds_the_format_the_next_run_loads(tmp_pa
     ids = torch.tensor([[1, 5, 9, 4]])
     fast = generate(nxt, ids, 6, stop=None)  # the step from the cache
     assert torch.equal(fast, generate(nxt, ids, 6, stop=None, cache="static", compile="off"))
+
+
+def test_a_servers_build_then_builds_what_auto_loads_next(tmp_path, monkeypatch):
+    """A first server loaded weights="auto" as 'gguf' (the kernels were not built yet) and
+    builds its paged step in the background; the same process then builds the kernels and
+    the paged step of the format the next server's auto loads (gguf-act8). Before, a machine
+    that only ever served stayed on 'gguf'. (Compiling is stubbed: the order is the test.)"""
+    pytest.importorskip("gguf")
+    from types import SimpleNamespace
+
+    from archopt.loading.llm import load_llm
+    from archopt.ops import act8, cpu_kernels
+    from tests.test_gguf import Q, _hf_llama, _tiny_tokenizer, _write_hf_llama
+
+    if not act8.cpu_has_vnni():
+        pytest.skip("auto chooses int8 activations only on a CPU with AVX512-VNNI")
+    assert cpu_kernels.load(build=True)  # in the usual cache: this test is not about them
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "nice", lambda n: 0)
+    hf = _hf_llama(True)
+    hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]), pad_to_multiple_of=16)
+    hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
+    path = _write_hf_llama(tmp_path / "m.gguf", hf, Q.Q4_1, tokenizer=_tiny_tokenizer())
+    first = load_llm(path, weights="gguf")
+    first.config.extra["weights_auto"] = True  # what auto gave before the kernels existed
+
+    cmds = []
+    popen = lambda cmd, **kw: cmds.append(cmd) or SimpleNamespace(pid=os.getpid())  # noqa: E731
+    monkeypatch.setattr(ds.subprocess, "Popen", popen)
+    monkeypatch.setattr(ds, "can_build_in_background", lambda m: True)
+    monkeypatch.setenv("ARCHOPT_BACKGROUND_COMPILE", "1")  # the suite turns it off
+    folder = ds.build_in_background(first, "paged")
+    cmd = cmds[0]
+    assert cmd[cmd.index("--weights") + 1] == "gguf" and "--then-auto" in cmd
+
+    built = []
+
+    def build_step(model, where, kind):
+        built.append((model.config.extra["weights"], where.name, kind))
+        assert (where / ds.LOCK_FILE).exists()  # others see it is being built
+        return 0.0
+
+    monkeypatch.setattr(ds, "build_step", build_step)
+    monkeypatch.setattr(ds, "load_step", lambda *a, **k: None)
+    assert ds._main(cmd[3:]) == 0
+    assert [(w, k) for w, _, k in built] == [("gguf", "paged"), ("gguf-act8", "paged")]
+    assert built[0][1] == folder.name and built[1][1] != folder.name
+    assert not list((tmp_path / "cache").rglob(ds.LOCK_FILE))  # every lock let go

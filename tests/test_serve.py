@@ -452,8 +452,9 @@ def test_compiled_decode_gives_each_request_its_tokens_alone(tiny, tiny_step):
 
 
 def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_step, monkeypatch):
-    import os
     import shutil
+    import subprocess
+    import sys
 
     from archopt import decode_step as ds
     from archopt.serve import engine as engine_module
@@ -466,10 +467,11 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
     folder = ds.step_folder(tiny, "paged")
     built = folder.with_name(folder.name + "-built")
     folder.rename(built)
+    builder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 
     def start_build(model, kind="static"):
         folder.mkdir()
-        (folder / ds.LOCK_FILE).write_text(str(os.getpid()))
+        (folder / ds.LOCK_FILE).write_text(str(builder.pid))
         return folder
 
     monkeypatch.setattr(ds, "can_build_in_background", lambda model: True)
@@ -487,9 +489,16 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
         engine.generate([[4, 5, 6]], GREEDY)
         assert engine.compiled is not None
         assert engine.compile_how == "aot (built in the background)"
-        assert torch.get_num_threads() == threads
+        # its process goes on (building what auto loads next time): still one thread
+        assert torch.get_num_threads() == 1
+        builder.kill()  # not waited for: the engine reaps it (a zombie answers signals)
+        time.sleep(0.2)
+        engine.generate([[7, 8, 9]], GREEDY)
+        assert torch.get_num_threads() == threads  # and all of them once it has ended
         assert_no_leaks(engine)
     finally:
+        builder.kill()
+        builder.wait()
         torch.set_num_threads(threads)
 
 

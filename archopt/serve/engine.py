@@ -12,7 +12,11 @@ Decode batches run through a compiled step when one is at hand (``compile``, def
 ``"auto"``): the paged step of ``archopt.decode_step``, one AOTInductor library for every
 batch size, context and pool size, kept in the cache folder, so only the first process on a
 machine builds it (in the background, at low priority, while this one runs eager; the engine
-switches to it when the build finishes). Prompt chunks run the eager model.
+switches to it when the build finishes). A model loaded with ``weights="auto"`` before
+archopt's CPU kernels were built is served in the format it got, and the same background
+process then builds the kernels and the step of the format the next start's ``auto`` loads
+(``gguf-act8`` for a GGUF on an AVX512-VNNI CPU); the engine keeps to one thread until that
+process ends. Prompt chunks run the eager model.
 
 Threads: ``start()`` runs the step loop in a background thread; ``submit`` and ``abort`` may
 be called from any thread (the HTTP server's event loop). ``generate`` runs requests to the
@@ -117,6 +121,7 @@ class Engine:
         self.error: str | None = None
         self.compiled = None  # the compiled paged step, when there is one
         self._building: object = None  # the folder a background build writes, polled
+        self._builder: int | None = None  # that build's process, until it exits
         self._next_poll = 0.0
         self.threads = torch.get_num_threads()  # what steps run with (but see step())
         self.compile_how = self._plan_compile(compile, progress)
@@ -145,15 +150,19 @@ class Engine:
             self._building = decode_step.build_in_background(self.model, "paged")
         if self._building is None:
             return "eager"
+        self._builder = decode_step.builder(self._building)
         return "eager until the compiled step is built (in the background)"
 
     def _poll_build(self) -> None:
-        """Take the compiled step once the background build has finished."""
+        """Take the compiled step once the background build has built it, and note when the
+        build's process ends (it may go on to build what a later start loads)."""
         now = time.perf_counter()
         if now < self._next_poll:
             return
         self._next_poll = now + POLL_BUILD_S
-        if decode_step.building(self._building):
+        if self._builder is not None and not decode_step.alive(self._builder):
+            self._builder = None
+        if self._building is None or decode_step.building(self._building):
             return
         self._building = None
         torch.set_num_threads(self.threads)  # the step's key names the thread count
@@ -216,11 +225,12 @@ class Engine:
         for req in plan.failed:
             self._finish(req, "error")
         sampled = 0
-        if self._building is not None:
+        if self._building is not None or self._builder is not None:
             self._poll_build()
         # While a build runs beside us, one thread: with every core busy, OpenMP threads wait
         # on each other at every barrier (measured: 32 tokens took 31 s at 2 threads, not 0.3).
-        threads = 1 if self._building is not None else self.threads
+        busy = self._building is not None or self._builder is not None
+        threads = 1 if busy else self.threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if plan.decode:

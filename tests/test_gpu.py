@@ -134,3 +134,21 @@ def test_default_generate_on_cuda_is_a_graph_with_the_eager_tokens(dtype):
     assert torch.equal(graph, static) and torch.equal(again, graph)
     if dtype == torch.float32:
         assert torch.equal(graph, dense)
+
+
+def test_generate_command_on_cuda_decodes_through_the_graph(tmp_path, capsys):
+    """`archopt generate --device cuda` (a GGUF written here: SmolLM2's does not travel to a
+    GPU machine): the model on the GPU, its decode the CUDA graph, every token generated."""
+    import json
+
+    from archopt.cli import main
+
+    from .model_files import tiny_gguf, write
+
+    path = write(tmp_path / "tiny.gguf", tiny_gguf())
+    argv = ["generate", "--model", str(path), "--weights", "fp32", "--max-new-tokens", "8",
+            "--ignore-eos", "--prompt", "hello", "--json"]  # fmt: skip
+    assert main([*argv, "--device", "cuda"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["device"] == "cuda" and r["decode"].startswith("cuda graph")
+    assert r["new_tokens"] == 8 and r["decode_tokens_per_s"] > 0

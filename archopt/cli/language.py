@@ -68,7 +68,8 @@ def cmd_generate(args) -> None:
         torch.set_num_threads(args.threads)
     import_s = process_age_s()  # the interpreter's start and the imports, torch's included
     start = time.perf_counter()
-    model = load_llm(args.model, weights=args.weights, device=device)
+    on_cpu = device.type == "cpu"  # the CPU path loads as it always has: no .to() at all
+    model = load_llm(args.model, weights=args.weights, device=None if on_cpu else device)
     load_s = time.perf_counter() - start
     plan = plan_decode(
         model, cache=args.cache, compile=args.compile, new_tokens=args.max_new_tokens,
@@ -121,7 +122,7 @@ def cmd_generate(args) -> None:
         f"{plan.how}, first token {report['first_token_s'] or 0:.2f} s, "
         + (f"{rate:.1f} tokens/s" if rate else "one token")
         + f"; {report['weights']} weights, {report['cache']} cache, {report['threads']} threads"
-        + (f", {device}]" if device.type != "cpu" else "]"),
+        + ("]" if on_cpu else f", {device}]"),
         file=sys.stderr,
     )
 

@@ -392,8 +392,7 @@ def _main(argv: list[str] | None = None) -> int:
         # auto chose another format than the parent's: build that one, say so to later runs
         chosen = model.config.extra.get("weights")
         print(f"archopt: weights=auto is {chosen} now: building its step", file=sys.stderr)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / LOCK_FILE, str(os.getpid()))  # before the parent's goes
+        _lock(folder)  # before the parent's lock goes
         with contextlib.suppress(OSError):
             (parents / LOCK_FILE).unlink()
     _build_and_unlock(model, folder, args.kind)
@@ -429,9 +428,14 @@ def _build_for_auto(source: str, kind: str) -> None:
         return
     print(f"archopt: weights=auto is {model.config.extra.get('weights')} now: building its "
           "step for the next start", file=sys.stderr)  # fmt: skip
+    _lock(folder)
+    _build_and_unlock(model, folder, kind)
+
+
+def _lock(folder: Path) -> None:
+    """Say to other processes that this one builds into ``folder`` (``building``)."""
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / LOCK_FILE, str(os.getpid()))
-    _build_and_unlock(model, folder, kind)
 
 
 if __name__ == "__main__":

@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import torch
 
+from archopt.ops import cpu_kernels
+
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
     """The index of each row's largest logit (the first one on ties, NaN counting as the
-    largest), as ``argmax`` gives it: ``max``'s indices are the same and, on the CPU, 3x
-    faster than ``argmax`` over a vocabulary (130 vs 42 us for 4 rows of 49152)."""
+    largest), as ``argmax`` gives it. On the CPU, archopt's kernel when it is loaded (4 rows of
+    49152 fresh from a decode step: 120-140 us by torch's reduction); else ``max``'s indices,
+    the same and 3x faster than ``argmax`` over a vocabulary."""
+    cpu_fp32 = logits.dtype == torch.float32 and logits.device.type == "cpu"
+    if cpu_fp32 and logits.dim() == 2 and cpu_kernels.loaded():
+        return torch.ops.archopt.greedy(logits)
     return logits.max(dim=-1).indices
 
 

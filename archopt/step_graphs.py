@@ -121,8 +121,7 @@ class CompiledPagedStep:
         write, read = cache.decode_inputs(positions)
         if read.shape[1] < 2:  # the library's read span is at least 2: pad with the trash slot
             read = torch.cat([read, torch.full_like(read, cache.trash_slot)], dim=1)
-        keys = [cache.keys[i] for i in range(cache.num_layers)]  # contiguous views
-        values = [cache.values[i] for i in range(cache.num_layers)]
+        keys, values = cache.layer_pools()
         inputs = [tokens.contiguous(), positions.contiguous(), write, read.contiguous()]
         return self.runner.run([*inputs, cache.slot_pos, *keys, *values])[0]
 

@@ -1,6 +1,7 @@
 """archopt's C++ decode-attention kernels against their dense references: random shapes, ragged
 and padded slots, rows that see nothing, head sizes with and without the vectorized path; a
-row's result independent of its batch; clear errors on bad input."""
+row's result independent of its batch; clear errors on bad input. The greedy kernel against
+argmax: ties, NaN, infinities, signed zeros, vocabularies around the vector width."""
 
 import os
 
@@ -48,6 +49,7 @@ SHAPES = [  # (batch, query heads, kv heads, head size, read span, pool)
     (1, 9, 3, 64, 7, 40),  # vectorized path (d 64, group 3)
     (4, 9, 3, 64, 129, 300),
     (3, 8, 2, 128, 33, 70),  # vectorized path (d 128, group 4)
+    (2, 8, 2, 128, 150, 160),  # most slots seen: whole tiles of 16 scores and a tail
     (2, 7, 1, 64, 17, 50),  # group 7: the generic path
     (5, 6, 3, 48, 31, 90),  # d 48: the generic path
     (2, 4, 4, 16, 2, 3),
@@ -188,3 +190,39 @@ def test_a_broken_kept_library_is_removed_and_rebuilt(tmp_path, damage):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "do not load" in run.stderr and "removed" in run.stderr
     assert lib.stat().st_size > 10_000 and (dst / cpu_kernels.RECORD_FILE).is_file()
+
+
+@pytest.mark.parametrize("vocab", [1, 5, 15, 16, 17, 33, 1000, 49152, 49153])
+def test_greedy_kernel_is_argmax(vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    rows = [
+        torch.randn(vocab, generator=gen),
+        torch.randint(0, 3, (vocab,), generator=gen).float(),  # many ties: the first wins
+        torch.full((vocab,), float("-inf")),
+        torch.zeros(vocab),
+    ]
+    if vocab > 1:
+        late_nan = torch.randn(vocab, generator=gen)
+        late_nan[-1] = float("nan")  # NaN counts as the largest, even in the tail
+        two_nans = torch.randn(vocab, generator=gen)
+        two_nans[vocab // 2 :: max(vocab // 3, 1)] = float("nan")
+        inf = torch.randn(vocab, generator=gen)
+        inf[vocab // 3] = inf[-1] = float("inf")
+        signed_zeros = torch.full((vocab,), -1.0)
+        signed_zeros[vocab // 2] = -0.0
+        signed_zeros[-1] = 0.0  # equal to -0.0: the first one wins
+        rows += [late_nan, two_nans, inf, signed_zeros]
+    logits = torch.stack(rows)
+    got = torch.ops.archopt.greedy(logits)
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert torch.equal(torch.ops.archopt.greedy(logits[1:2]), got[1:2])  # alone or batched
+    assert torch.equal(torch.ops.archopt.greedy(logits.t().contiguous().t()), got)  # strided
+
+
+def test_greedy_kernel_rejects_what_it_cannot_read():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.archopt.greedy(torch.zeros(2, 8, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"float32 \(B, vocab\)"):
+        torch.ops.archopt.greedy(torch.zeros(8))
+    with pytest.raises(RuntimeError, match="1 to"):
+        torch.ops.archopt.greedy(torch.zeros(2, 0))

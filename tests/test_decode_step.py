@@ -250,6 +250,14 @@ def test_paged_step_rejects_a_prompt_chunk(model, paged_step):
     kv.bind([0])
     with pytest.raises(ValueError, match="one real token per row"):
         paged_step(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]), kv)
+    kv.add_sequence(1)
+    kv.bind([1, 0])
+    for bad in ([[0], [3]], [[0], [-1]]):  # row 1 not at its next position: nothing moves
+        with pytest.raises(ValueError, match="sequence 0 holds 0 tokens, got position"):
+            paged_step(torch.tensor([[1], [2]]), torch.tensor(bad), kv)
+        assert kv.sequence_length(1) == kv.sequence_length(0) == 0
+    with pytest.raises(ValueError, match="one row for each of the 2 bound sequences"):
+        paged_step(torch.tensor([[1]]), torch.tensor([[0]]), kv)
 
 
 def test_paged_step_has_its_own_key_and_loads_from_the_cache(model, paged_step):

@@ -151,6 +151,24 @@ def test_exhausted_pool_takes_nothing_and_says_so(tiny):
         tiny(torch.zeros(2, 5, dtype=torch.long), cache=kv)
 
 
+def test_a_decode_step_on_a_full_pool_leaves_every_row_as_it_was(tiny):
+    kv = paged(tiny, block_size=4, num_blocks=2, max_blocks=2)
+    for sid, n in ((0, 3), (1, 4)):
+        kv.add_sequence(sid)
+        assert kv.ensure(sid, n)
+        kv.seqs[sid].length = n  # as if n tokens were written
+    kv.bind([0, 1])  # row 0 fits in its block; row 1 needs a third block
+    before = kv.slot_pos.clone()
+    with pytest.raises(ValueError, match="paged cache is full"):
+        kv.decode_inputs(torch.tensor([[3], [4]]))
+    assert [kv.sequence_length(s) for s in (0, 1)] == [3, 4]
+    assert torch.equal(kv.slot_pos, before)
+    kv.bind([0])
+    write, read = kv.decode_inputs(torch.tensor([[3]]))  # the row that fits still decodes
+    assert write.tolist() == [kv.block_table(0)[0] * 4 + 3] and kv.sequence_length(0) == 4
+    assert read.tolist() == [[kv.block_table(0)[0] * 4 + i for i in range(4)]]
+
+
 def test_pool_grows_by_doubling_up_to_its_limit(tiny):
     kv = paged(tiny, block_size=2, num_blocks=2, max_blocks=5)
     kv.add_sequence(0)

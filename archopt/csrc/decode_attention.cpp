@@ -89,7 +89,77 @@ void attend_generic(const float* qh, const float* const* ks, const float* const*
 }
 
 #if defined(__AVX512F__)
-// Head size D and group G known: the query heads and the outputs stay in registers.
+// The 16 sums of a[0..15]'s lanes, as one vector (r[i] = a[i][0] + ... + a[i][15]): a tree of
+// shuffles and adds, ~3 instructions a vector where a horizontal sum each takes ~8.
+inline __m512 sum16(__m512* a) {
+  __m512 b[8], c[4], d[2];
+  for (int k = 0; k < 8; ++k)  // per 128-bit lane: x0+x2, y0+y2, x1+x3, y1+y3
+    b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]),
+                         _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: the quarter sums of a[4k..4k+3]
+    const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+    c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int k = 0; k < 2; ++k)  // 128-bit lanes: halves of c[2k], then of c[2k+1]
+    d[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// exp_nonpositive on 16 lanes: the same steps, in the same order, as one vector.
+inline __m512 exp16_nonpositive(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512i bits =
+      _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
+// softmax_rows, 16 lanes at a time (the tail masked): the scalar loop did not vectorize and
+// took a third of a decode task.
+void softmax_rows_avx512(float* w, int64_t g, int64_t n) {
+  const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
+  const int64_t full = n - n % 16;
+  for (int64_t j = 0; j < g; ++j) {
+    float* wj = w + j * n;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < full; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(wj + i));
+    if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, wj + full));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < full; i += 16) {
+      const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(wj + i), m));
+      _mm512_storeu_ps(wj + i, e);
+      total = _mm512_add_ps(total, e);
+    }
+    if (tail) {
+      const __m512 e = exp16_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, wj + full), m));
+      _mm512_mask_storeu_ps(wj + full, tail, e);
+      total = _mm512_mask_add_ps(total, tail, total, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    for (int64_t i = 0; i < full; i += 16)
+      _mm512_storeu_ps(wj + i, _mm512_mul_ps(_mm512_loadu_ps(wj + i), inv));
+    if (tail)
+      _mm512_mask_storeu_ps(wj + full, tail,
+                            _mm512_mul_ps(_mm512_maskz_loadu_ps(tail, wj + full), inv));
+  }
+}
+
+// Head size D and group G known: the query heads and the outputs stay in registers. Scores
+// go 16 slots at a time per query head (one sum16), the last < 16 one slot at a time.
 template <int D, int G>
 void attend_avx512(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
                    float scale, float* w, float* oh) {
@@ -97,7 +167,21 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
   __m512 q[G][V];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < V; ++c) q[j][c] = _mm512_loadu_ps(qh + j * D + c * 16);
-  for (int64_t i = 0; i < n; ++i) {
+  const __m512 sc = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < G; ++j) {
+      __m512 acc[16];
+      for (int s = 0; s < 16; ++s) {
+        const float* k = ks[i + s];
+        acc[s] = _mm512_mul_ps(q[j][0], _mm512_loadu_ps(k));
+        for (int c = 1; c < V; ++c)
+          acc[s] = _mm512_fmadd_ps(q[j][c], _mm512_loadu_ps(k + c * 16), acc[s]);
+      }
+      _mm512_storeu_ps(w + j * n + i, _mm512_mul_ps(sum16(acc), sc));
+    }
+  }
+  for (; i < n; ++i) {
     __m512 k[V];
     for (int c = 0; c < V; ++c) k[c] = _mm512_loadu_ps(ks[i] + c * 16);
     for (int j = 0; j < G; ++j) {
@@ -106,7 +190,7 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
       w[j * n + i] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
-  softmax_rows(w, G, n);
+  softmax_rows_avx512(w, G, n);
   __m512 o[G][V];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < V; ++c) o[j][c] = _mm512_setzero_ps();
@@ -178,24 +262,37 @@ void check_q(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& valu
               positions.sizes(), " must be (", q.size(0), ", 1)");
 }
 
-// The shared driver: one task per (row, kv head); ``slots(b, h, ks, vs)`` lists the visible
-// slots' key and value rows and returns how many there are.
-template <class Slots>
-at::Tensor decode_attention(const at::Tensor& q, int64_t hkv, int64_t max_slots, double scale,
-                            const Slots& slots) {
+// The shared driver: one task per (row, kv head). ``visible(b, offsets)`` lists where row b's
+// visible slots start in head 0 of keys and values (in elements) and returns how many there
+// are; head h's are ``head_stride`` further. A thread's tasks run row by row, so it lists a
+// row's slots once for all its heads.
+template <class Visible>
+at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* vp, int64_t hkv,
+                            int64_t head_stride, int64_t max_slots, double scale,
+                            const Visible& visible) {
   const at::Tensor qc = q.contiguous();
   at::Tensor out = at::empty_like(qc);
-  const int64_t B = q.size(0), Hq = q.size(1), d = q.size(3), g = Hq / hkv;
+  const int64_t Hq = q.size(1), d = q.size(3), g = Hq / hkv;
+  const int64_t B = q.size(0);
   const float* qp = qc.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const Attend fast = pick(d, g);
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> ks(max_slots), vs(max_slots);
+    std::vector<int64_t> offsets(max_slots);
     std::vector<float> w(g * max_slots);
+    int64_t row = -1, n = 0;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / hkv, h = t % hkv;
-      const int64_t n = slots(b, h, ks.data(), vs.data());
+      if (b != row) {
+        n = visible(b, offsets.data());
+        row = b;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        ks[i] = kp + h * head_stride + offsets[i];
+        vs[i] = vp + h * head_stride + offsets[i];
+      }
       const float* qh = qp + (b * Hq + h * g) * d;
       float* oh = op + (b * Hq + h * g) * d;
       if (n == 0) {  // nothing visible: zeros, not NaN
@@ -232,8 +329,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys,
   const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   std::atomic<int64_t> bad{-1};
-  at::Tensor out = decode_attention(q, hkv, S, scale, [&](int64_t b, int64_t h, const float** ks,
-                                                          const float** vs) {
+  at::Tensor out = decode_attention(q, kp, vp, hkv, P * d, S, scale, [&](int64_t b, int64_t* at) {
     int64_t n = 0;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t slot = rs[b * S + s];
@@ -242,10 +338,7 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys,
         continue;
       }
       const int64_t p = sp[slot];
-      if (p >= 0 && p <= pos[b]) {
-        ks[n] = kp + (h * P + slot) * d;
-        vs[n++] = vp + (h * P + slot) * d;
-      }
+      if (p >= 0 && p <= pos[b]) at[n++] = slot * d;
     }
     return n;
   });
@@ -270,16 +363,11 @@ at::Tensor static_decode_attention(const at::Tensor& q, const at::Tensor& keys,
   const float* vp = values.const_data_ptr<float>();
   const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  return decode_attention(q, hkv, S, scale, [&](int64_t b, int64_t h, const float** ks,
-                                                const float** vs) {
+  return decode_attention(q, kp, vp, hkv, S * d, S, scale, [&](int64_t b, int64_t* at) {
     int64_t n = 0;
-    const int64_t base = (b * hkv + h) * S;
     for (int64_t s = 0; s < S; ++s) {
       const int64_t p = sp[b * S + s];
-      if (p >= 0 && p <= pos[b]) {
-        ks[n] = kp + (base + s) * d;
-        vs[n++] = vp + (base + s) * d;
-      }
+      if (p >= 0 && p <= pos[b]) at[n++] = (b * hkv * S + s) * d;
     }
     return n;
   });

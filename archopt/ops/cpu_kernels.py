@@ -7,7 +7,8 @@ attention, read straight from the cache (``decode_attention.cpp``):
 (``DecodeView``) copies every row's slots before two small products, and
 ``static_decode_attention`` over a static cache, where the torch expression scores every slot
 of the capacity, empty or not. The compiled steps call them when they are here; they are
-custom ops, so ``torch.export`` and AOTInductor keep each as one call.
+custom ops, so ``torch.export`` and AOTInductor keep each as one call. ``greedy.cpp``:
+``torch.ops.archopt.greedy``, each row's argmax over the vocabulary (``archopt.sampling``).
 
 The library is compiled from source with the machine's compiler (``-march=native``, 10-15 s
 on 2 cores) by ``load(build=True)``, which the compiled step's build does, and kept in the cache
@@ -36,7 +37,7 @@ import torch
 from archopt.io import atomic_write_text, cpu_id, cpu_tag, writable_cache_dir
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = (_CSRC / "decode_attention.cpp", _CSRC / "act8_linear.cpp")
+SOURCES = tuple(_CSRC / f for f in ("decode_attention.cpp", "act8_linear.cpp", "greedy.cpp"))
 SUBDIR = "kernels"
 RECORD_FILE = "kernels.json"
 LIBRARY_FILE = "archopt_kernels.so"

@@ -65,9 +65,9 @@ def table_slots(
     visible) to the widest row, S a multiple of the block size."""
     width = max(max((len(tb) for tb in tables), default=0), 1)
     table = torch.tensor([tb + [-1] * (width - len(tb)) for tb in tables], dtype=torch.long)
-    slots = (table[:, :, None] * block_size + torch.arange(block_size)).reshape(len(tables), -1)
-    slots = torch.where(table.repeat_interleave(block_size, dim=1) >= 0, slots, trash)
-    return slots.to(device)
+    slots = table.unsqueeze(-1).mul(block_size).add(torch.arange(block_size))
+    slots = slots.view(len(tables), -1)  # a padding block's slots are all negative
+    return slots.masked_fill_(slots < 0, trash).to(device)
 
 
 def plan_attention(

@@ -255,15 +255,15 @@ class Engine:
     def _decode(self, reqs: list[Request]) -> torch.Tensor:
         """Logits (rows, vocab) of one token for each request, compiled when possible."""
         if self.compiled is None:
-            return self._forward([(r, [r.tokens[-1]]) for r in reqs])
+            return self._forward([(r, [r.last_token]) for r in reqs])
         device = self.model.embed.weight.device
-        ids = torch.tensor([[r.tokens[-1]] for r in reqs], device=device)
+        ids = torch.tensor([[r.last_token] for r in reqs], device=device)
         pos = torch.tensor([[r.computed] for r in reqs], device=device)
         self.cache.bind([r.seq_id for r in reqs])
         logits = self.compiled(ids, pos, self.cache)
         for req in reqs:
             req.computed += 1
-            self.cache.commit(req.seq_id, [req.tokens[-1]])
+            self.cache.commit(req.seq_id, [req.last_token])
         return logits.float()
 
     def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
@@ -309,9 +309,8 @@ class Engine:
         req.output.append(token)
         p = req.params
         finish = None
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_ids)
-        last = len(req.output) >= p.max_tokens or len(req.tokens) >= self.capacity
-        if token in stops:
+        last = len(req.output) >= p.max_tokens or req.length >= self.capacity
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             finish = "stop"
         elif self.tokenizer is not None:  # O(new tokens) per token, not the whole output
             req.detokenizer = req.detokenizer or IncrementalText(self.tokenizer)

@@ -105,6 +105,15 @@ class Request:
         return self.prompt + self.output
 
     @property
+    def last_token(self) -> int:
+        """The newest token (what a decode step feeds), without copying ``tokens``."""
+        return self.output[-1] if self.output else self.prompt[-1]
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    @property
     def pending(self) -> int:
         """Tokens not yet in the cache (1 when decoding: the last sampled token)."""
         return len(self.prompt) + len(self.output) - self.computed
@@ -147,7 +156,7 @@ class Scheduler:
 
     def _blocks_for(self, req: Request, cached: int) -> int:
         bs = self.cache.block_size
-        return -(-(len(req.tokens) + 1) // bs) - cached // bs
+        return -(-(req.length + 1) // bs) - cached // bs
 
     def _admit(self) -> None:
         self.waiting.sort(key=lambda r: r.key)

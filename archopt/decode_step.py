@@ -181,6 +181,8 @@ def build_step(
                 inductor_configs={
                     "aot_inductor.package_constants_in_so": False,
                     "aot_inductor.use_runtime_constant_folding": True,
+                    # archopt's kernels called directly, not through the dispatcher
+                    "aot_inductor.custom_ops_to_c_shims": cpu_kernels.c_shims() if kernels else {},
                 },
             )
     save_file({k: v.contiguous() for k, v in made.items()}, str(folder / CONSTANTS_FILE))

@@ -345,3 +345,37 @@ def test_a_servers_build_then_builds_what_auto_loads_next(tmp_path, monkeypatch)
     assert [(w, k) for w, _, k in built] == [("gguf", "paged"), ("gguf-act8", "paged")]
     assert built[0][1] == folder.name and built[1][1] != folder.name
     assert not list((tmp_path / "cache").rglob(ds.LOCK_FILE))  # every lock let go
+
+
+def test_a_paged_step_over_q8_blocks_calls_the_kernels_directly(tmp_path, monkeypatch):
+    """A gguf-act8 model with Q8_0 blocks: its compiled paged step calls archopt's kernels
+    through their C entry points (int8 x int8 linear layers, the paged attention), not the
+    dispatcher, and the serving engine decodes the same greedy tokens with it as eager."""
+    pytest.importorskip("gguf")
+    import zipfile
+
+    from archopt.loading.llm import load_llm
+    from archopt.ops import act8, cpu_kernels
+    from archopt.serve.engine import Engine, SamplingParams
+    from tests.test_gguf import Q, _hf_llama, _tiny_tokenizer, _write_hf_llama
+
+    if not act8.cpu_has_vnni():
+        pytest.skip("gguf-act8 runs on a CPU with AVX512-VNNI")
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path / "cache"))
+    assert cpu_kernels.load(build=True)
+    hf = _hf_llama(True)
+    hf.resize_token_embeddings(len(_tiny_tokenizer()["tokens"]), pad_to_multiple_of=16)
+    hf.config.vocab_size = hf.model.embed_tokens.weight.shape[0]
+    path = _write_hf_llama(tmp_path / "m.gguf", hf, Q.Q8_0, tokenizer=_tiny_tokenizer())
+    model = load_llm(path, weights="gguf-act8")
+    step = ds.compile_step(model, kind="paged")
+    with zipfile.ZipFile(next(step.folder.glob("*.pt2"))) as z:
+        wrapper = "".join(z.read(n).decode() for n in z.namelist() if n.endswith("wrapper.cpp"))
+    for op in ("int8_q8_linear", "paged_decode_attention"):
+        assert f"aoti_torch_cpu_{op}(" in wrapper
+    assert "proxy_executor_call_function" not in wrapper
+    prompts = [[1, 5, 9, 4], [7, 3], [2, 8, 8, 8, 6, 1, 2]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    fast = Engine(model, compile=step, max_batch=4).generate(prompts, params)
+    eager = Engine(model, compile="off", max_batch=4).generate(prompts, params)
+    assert [r.output for r in fast] == [r.output for r in eager]

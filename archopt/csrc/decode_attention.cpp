@@ -14,6 +14,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
 #if defined(__AVX512F__)
@@ -374,6 +375,39 @@ at::Tensor static_decode_attention(const at::Tensor& q, const at::Tensor& keys,
 }
 
 }  // namespace
+
+// C entry points for AOTInductor, as in act8_linear.cpp: one call a layer, without boxing.
+#define ARCHOPT_SHIM extern "C" __attribute__((visibility("default"))) AOTITorchError
+
+ARCHOPT_SHIM aoti_torch_cpu_paged_decode_attention(AtenTensorHandle q, AtenTensorHandle keys,
+                                                   AtenTensorHandle values,
+                                                   AtenTensorHandle read_slots,
+                                                   AtenTensorHandle slot_pos,
+                                                   AtenTensorHandle positions, double scale,
+                                                   AtenTensorHandle* ret) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret = torch::aot_inductor::new_tensor_handle(paged_decode_attention(
+        *tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(keys),
+        *tensor_handle_to_tensor_pointer(values), *tensor_handle_to_tensor_pointer(read_slots),
+        *tensor_handle_to_tensor_pointer(slot_pos), *tensor_handle_to_tensor_pointer(positions),
+        scale));
+  });
+}
+
+ARCHOPT_SHIM aoti_torch_cpu_static_decode_attention(AtenTensorHandle q, AtenTensorHandle keys,
+                                                    AtenTensorHandle values,
+                                                    AtenTensorHandle slot_pos,
+                                                    AtenTensorHandle positions, double scale,
+                                                    AtenTensorHandle* ret) {
+  using torch::aot_inductor::tensor_handle_to_tensor_pointer;
+  AOTI_TORCH_CONVERT_EXCEPTION_TO_ERROR_CODE({
+    *ret = torch::aot_inductor::new_tensor_handle(static_decode_attention(
+        *tensor_handle_to_tensor_pointer(q), *tensor_handle_to_tensor_pointer(keys),
+        *tensor_handle_to_tensor_pointer(values), *tensor_handle_to_tensor_pointer(slot_pos),
+        *tensor_handle_to_tensor_pointer(positions), scale));
+  });
+}
 
 TORCH_LIBRARY(archopt, m) {
   m.def(

@@ -106,7 +106,7 @@ def load(*, build: bool = False) -> bool:
                 return False
         try:
             _check_library(folder)  # dlopen of a damaged file can kill the process: look first
-            torch.ops.load_library(str(library))
+            _load_global(library)
             break
         except (OSError, ValueError) as e:  # ValueError: a record that is not JSON
             log.warning("archopt: the CPU kernels in %s do not load (%s); removed", folder, e)
@@ -176,6 +176,42 @@ def _build(folder: Path) -> None:
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     atomic_write_text(folder / RECORD_FILE, json.dumps(record, indent=1))
+
+
+# Each op's C entry point (defined beside it in archopt/csrc), declared for AOTInductor: a
+# compiled step built with ``c_shims()`` calls them directly, where it would otherwise box every
+# call's arguments through the dispatcher (its proxy executor). The library is loaded with its
+# symbols global so that the step's library finds them when it is loaded.
+C_SHIMS = {
+    "int4_q8_linear": "AOTITorchError aoti_torch_cpu_int4_q8_linear(AtenTensorHandle x, "
+    "AtenTensorHandle packed, AtenTensorHandle scales, int64_t out_features, "
+    "AtenTensorHandle* ret)",
+    "int8_q8_linear": "AOTITorchError aoti_torch_cpu_int8_q8_linear(AtenTensorHandle x, "
+    "AtenTensorHandle packed, AtenTensorHandle scales, int64_t out_features, "
+    "AtenTensorHandle* ret)",
+    "paged_decode_attention": "AOTITorchError aoti_torch_cpu_paged_decode_attention("
+    "AtenTensorHandle q, AtenTensorHandle keys, AtenTensorHandle values, AtenTensorHandle "
+    "read_slots, AtenTensorHandle slot_pos, AtenTensorHandle positions, double scale, "
+    "AtenTensorHandle* ret)",
+    "static_decode_attention": "AOTITorchError aoti_torch_cpu_static_decode_attention("
+    "AtenTensorHandle q, AtenTensorHandle keys, AtenTensorHandle values, AtenTensorHandle "
+    "slot_pos, AtenTensorHandle positions, double scale, AtenTensorHandle* ret)",
+}
+
+
+def c_shims() -> dict:
+    """AOTInductor's ``custom_ops_to_c_shims`` for the loaded kernels ({} when not loaded)."""
+    if _loaded is None:
+        return {}
+    return {getattr(torch.ops.archopt, op).default: [decl] for op, decl in C_SHIMS.items()}
+
+
+def _load_global(library: Path) -> None:
+    """Load ``library`` as torch does, then make its symbols global (the C entry points)."""
+    import ctypes
+
+    torch.ops.load_library(str(library))
+    ctypes.CDLL(str(library), mode=os.RTLD_GLOBAL | os.RTLD_NOW)
 
 
 def _register_fakes() -> None:

@@ -181,8 +181,7 @@ def build_step(
                 inductor_configs={
                     "aot_inductor.package_constants_in_so": False,
                     "aot_inductor.use_runtime_constant_folding": True,
-                    # archopt's kernels called directly, not through the dispatcher
-                    "aot_inductor.custom_ops_to_c_shims": cpu_kernels.c_shims() if kernels else {},
+                    **_shims(kernels),
                 },
             )
     save_file({k: v.contiguous() for k, v in made.items()}, str(folder / CONSTANTS_FILE))
@@ -205,6 +204,13 @@ def build_step(
     }
     atomic_write_text(folder / RECORD_FILE, json.dumps(record, indent=1))
     return seconds
+
+
+def _shims(kernels: bool) -> dict:
+    """The setting that has a step call archopt's kernels directly, not through the
+    dispatcher (``archopt.ops.cpu_kernels.c_shims``), when they are in its graph."""
+    shims = cpu_kernels.c_shims() if kernels else {}
+    return {"aot_inductor.custom_ops_to_c_shims": shims} if shims else {}
 
 
 def load_step(model: nn.Module, folder: Path, kind: str = "static") -> CompiledStep:

@@ -226,3 +226,23 @@ def test_greedy_kernel_rejects_what_it_cannot_read():
         torch.ops.archopt.greedy(torch.zeros(8))
     with pytest.raises(RuntimeError, match="1 to"):
         torch.ops.archopt.greedy(torch.zeros(2, 0))
+
+
+def test_each_c_entry_point_is_declared_as_its_op_is_defined():
+    """A compiled step calls the C entry points with the op's arguments in the op's order, as
+    ``C_SHIMS`` declares them: a declaration out of step with its op would pass wrong values,
+    so every op's schema and declaration are checked against each other here."""
+    import ctypes
+    import re
+
+    c_type = {"Tensor": "AtenTensorHandle", "int": "int64_t", "float": "double"}
+    for op, decl in cpu_kernels.C_SHIMS.items():
+        schema = getattr(torch.ops.archopt, op).default._schema
+        params = [p.strip() for p in re.search(r"\((.*)\)", decl).group(1).split(",")]
+        want = [f"{c_type[str(a.type)]} {a.name}" for a in schema.arguments]
+        assert params == [*want, "AtenTensorHandle* ret"], op
+        assert decl.startswith(f"AOTITorchError aoti_torch_cpu_{op}(")
+        assert getattr(ctypes.CDLL(None), f"aoti_torch_cpu_{op}")  # loaded with global symbols
+    assert set(cpu_kernels.c_shims()) == {
+        getattr(torch.ops.archopt, op).default for op in cpu_kernels.C_SHIMS
+    }

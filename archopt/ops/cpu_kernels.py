@@ -200,8 +200,11 @@ C_SHIMS = {
 
 
 def c_shims() -> dict:
-    """AOTInductor's ``custom_ops_to_c_shims`` for the loaded kernels ({} when not loaded)."""
-    if _loaded is None:
+    """AOTInductor's ``custom_ops_to_c_shims`` for the loaded kernels ({} when they are not
+    loaded, or when this torch's AOTInductor has no such setting)."""
+    from torch._inductor import config
+
+    if _loaded is None or not hasattr(config.aot_inductor, "custom_ops_to_c_shims"):
         return {}
     return {getattr(torch.ops.archopt, op).default: [decl] for op, decl in C_SHIMS.items()}
 

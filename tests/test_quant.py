@@ -149,6 +149,20 @@ def test_packed_values_read_back_exactly(out_features):
     assert torch.equal(packed.values().long(), q)
 
 
+@needs_int4_kernel
+@pytest.mark.parametrize("rows", [64, 128, 1024])
+def test_packing_in_chunks_of_rows_is_packing_whole(monkeypatch, rows):
+    from archopt.ops import quant
+
+    torch.manual_seed(rows)
+    q = torch.randint(0, 16, (64 * 5 + 16, 96), dtype=torch.uint8)  # a tail of 16 rows
+    whole = torch._convert_weight_to_int4pack_for_cpu(q.int(), 1)
+    monkeypatch.setattr(quant, "PACK_ROWS", rows)
+    assert torch.equal(quant._int4pack(q), whole)
+    ones = torch.ones(q.shape[0], 3)
+    assert torch.equal(quant.PackedInt4Linear._pack(q, ones, ones, 96).values(), q)
+
+
 def _bf16(t):
     return t.to(torch.bfloat16).float()
 

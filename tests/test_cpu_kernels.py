@@ -86,6 +86,33 @@ def test_paged_kernel_equals_the_dense_reference_and_the_torch_expression(
 
 
 @pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_key_a_row_sees_makes_that_row_nan_as_dense_attention_does(
+    b, hq, hkv, d, span, pool, bad
+):
+    """NaN (or +Inf, whose score is Inf) in a key a row attends: that row and kv head's
+    outputs are NaN, as in the dense reference, in SDPA and in the torch expression; a finite
+    average that skipped the key would be a silent wrong result. Other rows stay finite."""
+    gen = torch.Generator().manual_seed(11 + d)
+    q, keys, values, read, slot_pos, positions = paged_case(b, hq, hkv, d, span, pool, gen)
+    positions[:] = 100  # every slot with a position is seen
+    slot_pos[read[0]] = torch.arange(span)  # row 0 sees all its slots
+    others = read[1:].flatten()
+    spare = [s for s in read[0].tolist() if s not in set(others.tolist())]
+    if not spare:
+        pytest.skip("every slot of row 0 is shared with another row in this draw")
+    keys[0, spare[len(spare) // 2]] = bad  # kv head 0 only
+    got = torch.ops.archopt.paged_decode_attention(
+        q, keys, values, read, slot_pos, positions, d**-0.5
+    )
+    g = hq // hkv
+    assert got[0, :g].isnan().all()  # row 0, the query heads of kv head 0
+    assert got[0, g:].isfinite().all()
+    rows_seen = (slot_pos[read] >= 0).any(-1)
+    assert got[1:][rows_seen[1:]].isfinite().all()
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
 def test_paged_kernel_rows_do_not_depend_on_their_batch(b, hq, hkv, d, span, pool):
     gen = torch.Generator().manual_seed(7 + d)
     q, keys, values, read, slot_pos, positions = paged_case(b, hq, hkv, d, span, pool, gen)

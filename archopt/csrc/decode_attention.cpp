@@ -111,7 +111,7 @@ inline __m512 sum16(__m512* a) {
 
 // exp_nonpositive on 16 lanes: the same steps, in the same order, as one vector.
 inline __m512 exp16_nonpositive(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);  // max_ps returns its second operand on NaN
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
@@ -129,15 +129,17 @@ inline __m512 exp16_nonpositive(__m512 x) {
 }
 
 // softmax_rows, 16 lanes at a time (the tail masked): the scalar loop did not vectorize and
-// took a third of a decode task.
+// took a third of a decode task. A NaN score leaves the maximum alone (max_ps returns its
+// second operand on NaN) and comes out of exp16 as NaN, so its row's weights are all NaN, as
+// the scalar loop and SDPA give them, never a finite average that skipped it.
 void softmax_rows_avx512(float* w, int64_t g, int64_t n) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
   const int64_t full = n - n % 16;
   for (int64_t j = 0; j < g; ++j) {
     float* wj = w + j * n;
     __m512 mx = _mm512_set1_ps(-INFINITY);
-    for (int64_t i = 0; i < full; i += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(wj + i));
-    if (tail) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, wj + full));
+    for (int64_t i = 0; i < full; i += 16) mx = _mm512_max_ps(_mm512_loadu_ps(wj + i), mx);
+    if (tail) mx = _mm512_mask_max_ps(mx, tail, _mm512_maskz_loadu_ps(tail, wj + full), mx);
     const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 total = _mm512_setzero_ps();
     for (int64_t i = 0; i < full; i += 16) {

@@ -769,3 +769,32 @@ def test_truncated_copy_of_real_file(tmp_path, smollm2):
         dst.truncate(src.tell() // 2)
     with pytest.raises(ValueError, match=r"smollm2-cut\.gguf is not a valid GGUF file.*truncated"):
         load_llm(bad, weights="fp32")
+
+
+def _vocab_gguf(tokens: list[bytes]) -> bytes:
+    """A GGUF v3 header with one metadata entry, a string array (a vocabulary), no tensors."""
+    import struct
+
+    key = b"tokenizer.ggml.tokens"
+    out = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+    out += struct.pack("<IIQ", 9, 8, len(tokens))
+    return out + b"".join(struct.pack("<Q", len(t)) + t for t in tokens)
+
+
+def test_a_vocabulary_array_reads_whole_and_names_its_first_bad_string(tmp_path):
+    """String arrays are read in one loop (a vocabulary has ~100k); a string that runs past the
+    end of the file, or is not UTF-8, is named as the one-at-a-time reading names it."""
+    tokens = [f"tok{i}".encode() for i in range(1000)] + ["é ✓".encode(), b""]
+    path = tmp_path / "vocab.gguf"
+    path.write_bytes(_vocab_gguf(tokens))
+    assert read_gguf(path).metadata["tokenizer.ggml.tokens"] == [t.decode() for t in tokens]
+    data = _vocab_gguf(tokens)
+    where = "the value of 'tokenizer.ggml.tokens'"
+    for cut in (len(data) - 1, len(data) - 3 - 8 - 3, len(data) - 9):  # in a string, in a length
+        path.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=rf"ends at byte {cut} while reading {where}"):
+            read_gguf(path)
+    bad = [*tokens[:500], b"\xff\xfe", *tokens[500:]]
+    path.write_bytes(_vocab_gguf(bad))
+    with pytest.raises(ValueError, match=rf"{where} is not UTF-8"):
+        read_gguf(path)

@@ -70,6 +70,9 @@ class GGUFFile:
         return self.metadata.get("general.architecture")
 
 
+_U64 = struct.Struct("<Q")
+
+
 class _Parser:
     """Bounds-checked little-endian reads over the memory-mapped file."""
 
@@ -133,7 +136,32 @@ class _Parser:
             return np.frombuffer(self.buf, dtype, count, start).tolist()
         # Strings take at least their 8-byte length, arrays their 12-byte header.
         self.check_count(count, 8 if etype == 8 else 12, f"the length of the array {key!r}")
+        if etype == 8:
+            return self.strings(count, key)
         return [self.value(etype, key, depth + 1) for _ in range(count)]
+
+    def strings(self, count: int, key: str) -> list[str]:
+        """``count`` strings in a row (a vocabulary: ~100k), read in one tight loop; at the
+        first one that does not fit or decode, ``string`` reads it again to say why."""
+        buf, pos, size, out = self.buf, self.pos, self.size, []
+        length = _U64.unpack_from
+        try:
+            for _ in range(count):
+                if pos + 8 > size:
+                    break
+                end = pos + 8 + length(buf, pos)[0]
+                if end > size:
+                    break
+                out.append(buf[pos + 8 : end].decode("utf-8"))
+                pos = end
+            else:
+                self.pos = pos
+                return out
+        except UnicodeDecodeError:
+            pass
+        self.pos = pos
+        self.string(f"the value of {key!r}")  # raises, naming the fault
+        raise AssertionError("unreachable: the string above fits and decodes")
 
 
 def read_gguf(path: str | Path) -> GGUFFile:

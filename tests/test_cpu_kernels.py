@@ -257,19 +257,26 @@ def test_greedy_kernel_rejects_what_it_cannot_read():
 
 def test_each_c_entry_point_is_declared_as_its_op_is_defined():
     """A compiled step calls the C entry points with the op's arguments in the op's order, as
-    ``C_SHIMS`` declares them: a declaration out of step with its op would pass wrong values,
-    so every op's schema and declaration are checked against each other here."""
+    ``c_shim_declaration`` derives them from the op's schema: a declaration out of step with
+    the C++ definition would pass wrong values, so each is held here to the definition's text
+    (archopt/csrc), and every entry point must be in the process, loaded with global symbols."""
     import ctypes
-    import re
 
-    c_type = {"Tensor": "AtenTensorHandle", "int": "int64_t", "float": "double"}
-    for op, decl in cpu_kernels.C_SHIMS.items():
-        schema = getattr(torch.ops.archopt, op).default._schema
-        params = [p.strip() for p in re.search(r"\((.*)\)", decl).group(1).split(",")]
-        want = [f"{c_type[str(a.type)]} {a.name}" for a in schema.arguments]
-        assert params == [*want, "AtenTensorHandle* ret"], op
-        assert decl.startswith(f"AOTITorchError aoti_torch_cpu_{op}(")
+    linear = "AtenTensorHandle x, AtenTensorHandle packed, AtenTensorHandle scales, int64_t "
+    attention = "AtenTensorHandle q, AtenTensorHandle keys, AtenTensorHandle values, "
+    defined = {
+        "int4_q8_linear": linear + "out_features",
+        "int8_q8_linear": linear + "out_features",
+        "paged_decode_attention": attention + "AtenTensorHandle read_slots, AtenTensorHandle "
+        "slot_pos, AtenTensorHandle positions, double scale",
+        "static_decode_attention": attention + "AtenTensorHandle slot_pos, AtenTensorHandle "
+        "positions, double scale",
+    }
+    assert set(cpu_kernels.C_SHIM_OPS) == set(defined)
+    for op, params in defined.items():
+        want = f"AOTITorchError aoti_torch_cpu_{op}({params}, AtenTensorHandle* ret)"
+        assert cpu_kernels.c_shim_declaration(op) == want
         assert getattr(ctypes.CDLL(None), f"aoti_torch_cpu_{op}")  # loaded with global symbols
     assert set(cpu_kernels.c_shims()) == {
-        getattr(torch.ops.archopt, op).default for op in cpu_kernels.C_SHIMS
+        getattr(torch.ops.archopt, op).default for op in cpu_kernels.C_SHIM_OPS
     }

@@ -287,7 +287,7 @@ torch::Tensor int8_q8_linear(const torch::Tensor& x, const torch::Tensor& packed
 
 }  // namespace (the library's symbols are global: only the C entry points below leave it)
 
-// C entry points for AOTInductor (archopt.ops.cpu_kernels.C_SHIMS): a compiled step calls
+// C entry points for AOTInductor (archopt.ops.cpu_kernels.C_SHIM_OPS): a compiled step calls
 // these directly instead of boxing its arguments through the dispatcher (about 1 us a call
 // saved, 120 calls a decode step). Errors come back as AOTI_TORCH_FAILURE, message kept.
 #define ARCHOPT_SHIM extern "C" __attribute__((visibility("default"))) AOTITorchError

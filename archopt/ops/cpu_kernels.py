@@ -178,25 +178,21 @@ def _build(folder: Path) -> None:
     atomic_write_text(folder / RECORD_FILE, json.dumps(record, indent=1))
 
 
-# Each op's C entry point (defined beside it in archopt/csrc), declared for AOTInductor: a
-# compiled step built with ``c_shims()`` calls them directly, where it would otherwise box every
-# call's arguments through the dispatcher (its proxy executor). The library is loaded with its
-# symbols global so that the step's library finds them when it is loaded.
-C_SHIMS = {
-    "int4_q8_linear": "AOTITorchError aoti_torch_cpu_int4_q8_linear(AtenTensorHandle x, "
-    "AtenTensorHandle packed, AtenTensorHandle scales, int64_t out_features, "
-    "AtenTensorHandle* ret)",
-    "int8_q8_linear": "AOTITorchError aoti_torch_cpu_int8_q8_linear(AtenTensorHandle x, "
-    "AtenTensorHandle packed, AtenTensorHandle scales, int64_t out_features, "
-    "AtenTensorHandle* ret)",
-    "paged_decode_attention": "AOTITorchError aoti_torch_cpu_paged_decode_attention("
-    "AtenTensorHandle q, AtenTensorHandle keys, AtenTensorHandle values, AtenTensorHandle "
-    "read_slots, AtenTensorHandle slot_pos, AtenTensorHandle positions, double scale, "
-    "AtenTensorHandle* ret)",
-    "static_decode_attention": "AOTITorchError aoti_torch_cpu_static_decode_attention("
-    "AtenTensorHandle q, AtenTensorHandle keys, AtenTensorHandle values, AtenTensorHandle "
-    "slot_pos, AtenTensorHandle positions, double scale, AtenTensorHandle* ret)",
-}
+# The ops with a C entry point (``aoti_torch_cpu_<op>``, defined beside each op in
+# archopt/csrc, its arguments the op's own in order, then the result's handle): a compiled step
+# built with ``c_shims()`` calls them directly, where it would otherwise box every call's
+# arguments through the dispatcher (its proxy executor). The library is loaded with its symbols
+# global so that the step's library finds them when it is loaded.
+C_SHIM_OPS = ("int4_q8_linear", "int8_q8_linear", "paged_decode_attention",
+              "static_decode_attention")  # fmt: skip
+_C_TYPES = {"Tensor": "AtenTensorHandle", "int": "int64_t", "float": "double"}
+
+
+def c_shim_declaration(op: str) -> str:
+    """The C declaration of ``op``'s entry point, from its registered schema."""
+    schema = getattr(torch.ops.archopt, op).default._schema
+    params = [f"{_C_TYPES[str(a.type)]} {a.name}" for a in schema.arguments]
+    return f"AOTITorchError aoti_torch_cpu_{op}({', '.join([*params, 'AtenTensorHandle* ret'])})"
 
 
 def c_shims() -> dict:
@@ -206,7 +202,7 @@ def c_shims() -> dict:
 
     if _loaded is None or not hasattr(config.aot_inductor, "custom_ops_to_c_shims"):
         return {}
-    return {getattr(torch.ops.archopt, op).default: [decl] for op, decl in C_SHIMS.items()}
+    return {getattr(torch.ops.archopt, op).default: [c_shim_declaration(op)] for op in C_SHIM_OPS}
 
 
 def _load_global(library: Path) -> None:

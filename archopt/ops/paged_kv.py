@@ -339,14 +339,8 @@ class PagedKVCache:
                     f"sequence {sid} holds {seq.length} tokens: the next positions must "
                     f"continue from {seq.length}, got {real[0]}..{real[-1]}"
                 )
-            needs_blocks = (seq.length + len(real) - 1) // bs >= len(seq.blocks) or (
-                seq.length < len(seq.blocks) * bs and self._shared(seq.blocks[seq.length // bs])
-            )
-            if needs_blocks and not self.ensure(sid, len(real)):
-                raise ValueError(
-                    f"the paged cache is full ({self.num_blocks} blocks of {bs}): "
-                    "raise max_blocks, or free sequences"
-                )
+            if self._needs_blocks(seq, len(real)) and not self.ensure(sid, len(real)):
+                raise self._full()
             seq.length += len(real)
         tables = [self.seqs[s].blocks for s in self.rows]
         width = max(max((len(tb) for tb in tables), default=0), 1)
@@ -368,6 +362,20 @@ class PagedKVCache:
         slots, tables = self._advance(positions)
         args = (tables, positions, self.slot_pos, self.block_size, self._trash)
         self._step = (slots, plan_attention(self.attention, *args))
+
+    def _needs_blocks(self, seq: _Seq, n: int) -> bool:
+        """Whether ``n`` more tokens of ``seq`` need ``ensure``: a new block, or a private copy
+        of the shared block they start in."""
+        bs, held = self.block_size, len(seq.blocks)
+        if (seq.length + n - 1) // bs >= held:
+            return True
+        return seq.length < held * bs and self._shared(seq.blocks[seq.length // bs])
+
+    def _full(self) -> ValueError:
+        return ValueError(
+            f"the paged cache is full ({self.num_blocks} blocks of {self.block_size}): "
+            "raise max_blocks, or free sequences"
+        )
 
     def decode_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """For a compiled one-token step (``archopt.ops.paged_attention.DecodeView``) over the
@@ -393,18 +401,13 @@ class PagedKVCache:
                 )
         write: list[int] = []
         for sid, p in zip(self.rows, pos):
-            seq, block = self.seqs[sid], p // bs
-            if (block >= len(seq.blocks) or self._shared(seq.blocks[block])) and not self.ensure(
-                sid, 1
-            ):
+            seq = self.seqs[sid]
+            if self._needs_blocks(seq, 1) and not self.ensure(sid, 1):
                 for done in self.rows[: len(write)]:  # as before the call (blocks taken stay)
                     self.seqs[done].length -= 1
-                raise ValueError(
-                    f"the paged cache is full ({self.num_blocks} blocks of {bs}): "
-                    "raise max_blocks, or free sequences"
-                )
+                raise self._full()
             seq.length += 1
-            write.append(seq.blocks[block] * bs + p % bs)
+            write.append(seq.blocks[p // bs] * bs + p % bs)
         slots = torch.tensor(write, dtype=torch.long, device=self.device)
         self.slot_pos.index_put_((slots,), positions.view(-1).to(self.device))
         self.length += 1

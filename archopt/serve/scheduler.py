@@ -116,7 +116,7 @@ class Request:
     @property
     def pending(self) -> int:
         """Tokens not yet in the cache (1 when decoding: the last sampled token)."""
-        return len(self.prompt) + len(self.output) - self.computed
+        return self.length - self.computed
 
     @property
     def key(self) -> tuple[int, float]:

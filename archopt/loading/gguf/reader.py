@@ -145,20 +145,18 @@ class _Parser:
         first one that does not fit or decode, ``string`` reads it again to say why."""
         buf, pos, size, out = self.buf, self.pos, self.size, []
         length = _U64.unpack_from
-        try:
-            for _ in range(count):
-                if pos + 8 > size:
-                    break
-                end = pos + 8 + length(buf, pos)[0]
-                if end > size:
-                    break
+        for _ in range(count):
+            end = pos + 8 + length(buf, pos)[0] if pos + 8 <= size else size + 1
+            if end > size:
+                break
+            try:
                 out.append(buf[pos + 8 : end].decode("utf-8"))
-                pos = end
-            else:
-                self.pos = pos
-                return out
-        except UnicodeDecodeError:
-            pass
+            except UnicodeDecodeError:
+                break
+            pos = end
+        else:
+            self.pos = pos
+            return out
         self.pos = pos
         self.string(f"the value of {key!r}")  # raises, naming the fault
         raise AssertionError("unreachable: the string above fits and decodes")

@@ -7,9 +7,12 @@ loads them):
 - ``static``: the static cache's tensors as inputs, written in place (``generate``'s default
   path). The batch and the number of cache slots are dynamic.
 - ``paged``: a paged cache's pools (per layer, written in place), each row's write slot and
-  read slots (``archopt.ops.paged_attention.DecodeView``); the serving engine's decode batch.
-  The batch, the read span and the pool's size are dynamic, so one library serves every batch,
-  context and pool growth.
+  read slots (``archopt.ops.paged_attention.DecodeView``), and the rows whose logits are
+  wanted; the serving engine's step. The batch, the read span, the pool's size and the
+  number of logit rows are dynamic, so one library serves every batch, context and pool
+  growth. A row attends to the slots whose position is at most its own, all rows' tokens
+  written first, so consecutive rows of one sequence are a prompt chunk, causal: the engine
+  runs prompts through it too, a row a token, only their last rows through the head.
 
 Both attend with archopt's C++ decode-attention kernels where they build
 (``archopt.ops.cpu_kernels``: each row reads only the slots it sees, in place), else with the
@@ -77,21 +80,26 @@ class CompiledStep:
 
 
 class PagedGraph(nn.Module):
-    """logits (B, vocab) of the next token, a paged cache's pools as (mutated) inputs;
-    ``kernel``: the attention by archopt's C++ kernel (``DecodeView``)."""
+    """logits (R, vocab) of the next token after each of the rows ``logit_rows`` (R,), a
+    paged cache's pools as (mutated) inputs; ``kernel``: the attention by archopt's C++
+    kernel (``DecodeView``)."""
 
     def __init__(self, model: nn.Module, kernel: bool = False) -> None:
         super().__init__()
         self.model, self.kernel = model, kernel
 
-    def forward(self, tokens, positions, write_slots, read_slots, slot_pos, keys, values):
+    def forward(
+        self, tokens, positions, write_slots, read_slots, slot_pos, logit_rows, keys, values
+    ):
         view = DecodeView(write_slots, read_slots, slot_pos, keys, values, self.kernel)
-        return self.model(tokens, positions=positions, cache=view, last_only=True)[:, -1]
+        out = self.model(tokens, positions=positions, cache=view, last_only=True, rows=logit_rows)
+        return out[:, -1]
 
     @staticmethod
     def example(model: nn.Module) -> tuple[tuple, tuple]:
         cfg = model.config
-        b, span, pool = EXAMPLE_BATCH, EXAMPLE_SLOTS, 4 * EXAMPLE_SLOTS + 1
+        # Three rows, two logit rows: sizes that differ, so export keeps them apart.
+        b, span, pool = EXAMPLE_BATCH + 1, EXAMPLE_SLOTS, 4 * EXAMPLE_SLOTS + 1
         dtype, device = model.embed.weight.dtype, model.embed.weight.device
         shape = (cfg.num_kv_heads, pool, cfg.head_dim)
         keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers))
@@ -101,29 +109,38 @@ class PagedGraph(nn.Module):
         tokens = torch.zeros(b, 1, dtype=torch.long)
         read = torch.arange(b * span).view(b, span)
         slot_pos = torch.full((pool,), -1, dtype=torch.long)
-        inputs = (tokens, tokens.clone(), read[:, 0].clone(), read, slot_pos, keys, values)
+        logit_rows = torch.arange(EXAMPLE_BATCH)
+        inputs = (tokens, tokens.clone(), read[:, 0].clone(), read, slot_pos, logit_rows)
         batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         reads = torch.export.Dim("reads", min=2, max=cfg.max_position_embeddings + 1024)
         slots = torch.export.Dim("pool", min=2, max=2**40)
+        outs = torch.export.Dim("logit_rows", min=1, max=MAX_BATCH)
         per_layer = tuple({1: slots} for _ in range(cfg.num_layers))
-        dims = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: reads}, {0: slots})
-        return inputs, (*dims, per_layer, per_layer)
+        dims = ({0: batch}, {0: batch}, {0: batch}, {0: batch, 1: reads}, {0: slots}, {0: outs})
+        return (*inputs, keys, values), (*dims, per_layer, per_layer)
 
 
 class CompiledPagedStep:
-    """``step(tokens, positions, cache)``: next-token logits (B, vocab) for the rows ``cache``
-    (a ``PagedKVCache``) is bound to, one token each, written into the pool in place."""
+    """``step(tokens, positions, cache, logit_rows=None)``: next-token logits (R, vocab) after
+    the rows ``logit_rows`` (R,) (default: every row) of the rows ``cache`` (a
+    ``PagedKVCache``) is bound to, one token each (consecutive rows of one sequence: a prompt
+    chunk), written into the pool in place."""
 
     def __init__(self, runner: Any, folder) -> None:
         self.runner, self.folder = runner, folder
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_rows=None
+    ) -> torch.Tensor:
         write, read = cache.decode_inputs(positions)
         if read.shape[1] < 2:  # the library's read span is at least 2: pad with the trash slot
             read = torch.cat([read, torch.full_like(read, cache.trash_slot)], dim=1)
+        if logit_rows is None:
+            logit_rows = torch.arange(tokens.shape[0])
         keys, values = cache.layer_pools()
         inputs = [tokens.contiguous(), positions.contiguous(), write, read.contiguous()]
-        return self.runner.run([*inputs, cache.slot_pos, *keys, *values])[0]
+        inputs += [cache.slot_pos, logit_rows.contiguous()]
+        return self.runner.run([*inputs, *keys, *values])[0]
 
 
 @dataclass(frozen=True)
@@ -140,5 +157,5 @@ class StepKind:
 
 KINDS = {
     "static": StepKind("archopt.step/1", StaticGraph, CompiledStep, kernels=True),
-    "paged": StepKind("archopt.paged-step/1", PagedGraph, CompiledPagedStep, kernels=True),
+    "paged": StepKind("archopt.paged-step/2", PagedGraph, CompiledPagedStep, kernels=True),
 }

@@ -244,6 +244,39 @@ def test_paged_step_logits_equal_the_eager_paged_cache(model, paged_step, block_
     assert [got.block_table(r) for r in rows] == [ref.block_table(r) for r in rows]
 
 
+@pytest.mark.parametrize("block_size,chunks", [(4, [11, 1, 6]), (1, [3, 2]), (16, [17, 40])])
+def test_paged_step_reads_prompt_chunks_as_causal_rows(model, paged_step, block_size, chunks):
+    """A prompt fed a token a row, in chunks of odd lengths that cross blocks, beside another
+    sequence's decoding row: the eager model's logits of each sequence whole, at the rows asked
+    for only (the chunk's last, then the decoding one); then decoding goes on from the chunks'
+    keys and values."""
+    prompt = torch.randint(0, 512, (sum(chunks),)).tolist()
+    other = torch.randint(0, 512, (7 + len(chunks),)).tolist()
+    kv = _paged(model, block_size)
+    kv.add_sequence(0)
+    kv.add_sequence(1)
+    with torch.inference_mode():
+        kv.bind([1])
+        model(torch.tensor([other[:7]]), cache=kv)
+        kv.commit(1, other[:7])
+        start = 0
+        for k, n in enumerate(chunks):
+            kv.bind([1] + [0] * n)
+            tokens = torch.tensor([other[7 + k], *prompt[start : start + n]]).view(-1, 1)
+            pos = torch.tensor([7 + k, *range(start, start + n)]).view(-1, 1)
+            logits = paged_step(tokens, pos, kv, torch.tensor([n, 0]))
+            assert logits.shape == (2, model.config.vocab_size)
+            assert_close(logits[0], model(torch.tensor([prompt[: start + n]]))[0, -1])
+            assert_close(logits[1], model(torch.tensor([other[: 8 + k]]))[0, -1])
+            kv.commit(1, [other[7 + k]])
+            kv.commit(0, prompt[start : start + n])
+            start += n
+        kv.bind([0])
+        nxt = int(logits[0].argmax())
+        got = paged_step(torch.tensor([[nxt]]), torch.tensor([[len(prompt)]]), kv)
+        assert_close(got[0], model(torch.tensor([[*prompt, nxt]]))[0, -1])
+
+
 def test_paged_step_rejects_a_prompt_chunk(model, paged_step):
     kv = _paged(model, 4)
     kv.add_sequence(0)
@@ -256,7 +289,7 @@ def test_paged_step_rejects_a_prompt_chunk(model, paged_step):
         with pytest.raises(ValueError, match="sequence 0 holds 0 tokens, got position"):
             paged_step(torch.tensor([[1], [2]]), torch.tensor(bad), kv)
         assert kv.sequence_length(1) == kv.sequence_length(0) == 0
-    with pytest.raises(ValueError, match="one row for each of the 2 bound sequences"):
+    with pytest.raises(ValueError, match="one row for each of the 2 bound rows"):
         paged_step(torch.tensor([[1]]), torch.tensor([[0]]), kv)
 
 

@@ -235,11 +235,13 @@ class Llama(nn.Module):
         positions: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab) for ``input_ids`` (B, T), or (B, 1, vocab) if ``last_only``.
 
         ``positions`` (B, T): each token's position, -1 for padding (never attended). Default:
-        consecutive from the cache's length (0 without a cache).
+        consecutive from the cache's length (0 without a cache). ``rows`` (R,): the logits of
+        these batch rows only, (R, T or 1, vocab): the head is not run for the others.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {input_ids.shape}")
@@ -265,6 +267,8 @@ class Llama(nn.Module):
             x = layer(x, rope, positions, i, cache)
         if last_only:
             x = x[:, -1:]
+        if rows is not None:
+            x = x.index_select(0, rows)
         if self.lm_head is not None:  # untied, or a quantized copy of the tied embedding
             return self.lm_head(self.norm(x))
         return F.linear(self.norm(x), self.embed.weight)

@@ -378,27 +378,30 @@ class PagedKVCache:
         )
 
     def decode_inputs(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a compiled one-token step (``archopt.ops.paged_attention.DecodeView``) over the
-        bound rows at ``positions`` (B, 1), all real: take their blocks and return the slot
-        each token goes to (B,) and each row's slots to read (B, S), padded with the trash
-        slot. The pools (``keys``/``values``, maybe grown now) are read after this call.
+        """For a compiled step (``archopt.ops.paged_attention.DecodeView``) over the bound
+        rows at ``positions`` (B, 1), all real, one token a row; a sequence may be bound to
+        several rows, at consecutive positions (a prompt chunk). Take their blocks and return
+        the slot each token goes to (B,) and each row's slots to read (B, S), padded with the
+        trash slot. The pools (``keys``/``values``, maybe grown now) are read after this call.
 
-        ``_advance`` for one token a row, in Python ints: the step it feeds takes 4-6 ms, and
-        the tensor ops of the general path took 0.1-0.2 ms of it."""
+        ``_advance`` for one token a row, in Python ints: a decode step takes 4-6 ms, and the
+        tensor ops of the general path took 0.1-0.2 ms of it."""
         b, t = positions.shape
         if t != 1 or b != len(self.rows):
             raise ValueError(
-                f"a decode step takes one real token per row, one row for each of the "
-                f"{len(self.rows)} bound sequences, got positions of shape "
-                f"{tuple(positions.shape)}"
+                f"a compiled step takes one real token per row, one row for each of the "
+                f"{len(self.rows)} bound rows, got positions of shape {tuple(positions.shape)}"
             )
         bs, pos = self.block_size, positions.view(-1).tolist()
-        for sid, p in zip(self.rows, pos):  # every row checked before any is advanced
-            if p != self.seqs[sid].length:
+        after: dict[int, int] = {}  # every row checked before any is advanced
+        for sid, p in zip(self.rows, pos):
+            held = after.get(sid, self.seqs[sid].length)
+            if p != held:
                 raise ValueError(
-                    f"a decode step takes one real token per row, at the next position: "
-                    f"sequence {sid} holds {self.seqs[sid].length} tokens, got position {p}"
+                    f"a compiled step takes each sequence's tokens at its next positions: "
+                    f"sequence {sid} holds {held} tokens, got position {p}"
                 )
+            after[sid] = p + 1
         write: list[int] = []
         for sid, p in zip(self.rows, pos):
             seq = self.seqs[sid]

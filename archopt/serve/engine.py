@@ -1,9 +1,10 @@
 """The serving engine: a model, a paged KV cache and the scheduler, stepped in one thread.
 
-Each step runs at most two forwards through the model: one over the decoding requests (one
-token each, a (B, 1) batch: the weights are read once for B tokens, which is where batching
-wins, since decoding is memory-bound) and one over this step's prompt chunks (left-padded, each
-row attending its own cached prefix). Every request samples with its own settings and its own
+Each step runs the decoding requests (one token each: the weights are read once for B
+tokens, which is where batching wins, since decoding is memory-bound) and this step's prompt
+chunks. With the compiled step, both go through it in one call, a token a row (a chunk's rows
+causal within their sequence, only the rows that sample through the head); eager, as two
+forwards, the chunks left-padded, each row attending its own cached prefix. Every request samples with its own settings and its own
 random generator, so its tokens do not depend on who else is in the batch. Outputs go to each
 request's ``on_output`` callback as text deltas; stop tokens, stop strings and ``max_tokens``
 end a request, and its blocks go back to the pool (full ones into the prefix cache).
@@ -16,7 +17,7 @@ switches to it when the build finishes). A model loaded with ``weights="auto"`` 
 archopt's CPU kernels were built is served in the format it got, and the same background
 process then builds the kernels and the step of the format the next start's ``auto`` loads
 (``gguf-act8`` for a GGUF on an AVX512-VNNI CPU); the engine keeps to one thread until that
-process ends. Prompt chunks run the eager model.
+process ends.
 
 Threads: ``start()`` runs the step loop in a background thread; ``submit`` and ``abort`` may
 be called from any thread (the HTTP server's event loop). ``generate`` runs requests to the
@@ -37,6 +38,7 @@ from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy, sample
 from archopt.serve.detokenize import IncrementalText
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
+from archopt.step_graphs import MAX_BATCH
 
 __all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
 
@@ -233,17 +235,22 @@ class Engine:
         threads = 1 if busy else self.threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if plan.decode:
-            logits = self._decode(plan.decode)
-            sampled += self._sample_and_emit(plan.decode, logits)
-        if plan.prefill:
-            rows = [(r, r.tokens[r.computed : r.computed + n]) for r, n in plan.prefill]
-            logits = self._forward(rows)
-            done = [i for i, (r, _) in enumerate(plan.prefill) if r.pending == 0]
-            if done:
-                reqs = [plan.prefill[i][0] for i in done]
-                sampled += self._sample_and_emit(reqs, logits[done])
-            self.prompt_tokens += sum(n for _, n in plan.prefill)
+        if self.compiled is not None and (plan.decode or plan.prefill):
+            reqs, logits = self._compiled_rows(plan.decode, plan.prefill)
+            if reqs:
+                sampled += self._sample_and_emit(reqs, logits)
+        else:
+            if plan.decode:
+                rows = [(r, [r.last_token]) for r in plan.decode]
+                sampled += self._sample_and_emit(plan.decode, self._forward(rows))
+            if plan.prefill:
+                rows = [(r, r.tokens[r.computed : r.computed + n]) for r, n in plan.prefill]
+                logits = self._forward(rows)
+                done = [i for i, (r, _) in enumerate(plan.prefill) if r.pending == 0]
+                if done:
+                    reqs = [plan.prefill[i][0] for i in done]
+                    sampled += self._sample_and_emit(reqs, logits[done])
+        self.prompt_tokens += sum(n for _, n in plan.prefill)
         self.steps += 1
         self.generated_tokens += sampled
         now = time.perf_counter()
@@ -252,19 +259,55 @@ class Engine:
             self._recent.popleft()
         return sampled
 
-    def _decode(self, reqs: list[Request]) -> torch.Tensor:
-        """Logits (rows, vocab) of one token for each request, compiled when possible."""
-        if self.compiled is None:
-            return self._forward([(r, [r.last_token]) for r in reqs])
+    def _compiled_rows(
+        self, decode: list[Request], prefill: list[tuple[Request, int]]
+    ) -> tuple[list[Request], torch.Tensor]:
+        """The step through the compiled library, a token a row: each decoding request's
+        last token, then each prompt chunk as consecutive rows of its sequence (the library
+        is causal within a sequence), in calls of at most ``MAX_BATCH`` rows. Returns the
+        requests that sample now (the decoding ones, then those whose prompt this step
+        finishes) and their logits (R, vocab): only their rows go through the head.
+
+        Every row's sums are its own (the kernels' and the graph's), so a request's tokens do
+        not depend on who shares its step, nor on where a call's rows are cut."""
+        seqs, tokens, positions, wanted = [], [], [], []
+        for req in decode:
+            wanted.append((len(tokens), req))
+            seqs.append(req.seq_id)
+            tokens.append(req.last_token)
+            positions.append(req.computed)
+        chunks = []
+        for req, n in prefill:
+            chunk = req.tokens[req.computed : req.computed + n]
+            chunks.append((req, chunk))
+            seqs += [req.seq_id] * n
+            tokens += chunk
+            positions += range(req.computed, req.computed + n)
+            if req.pending == n:  # the prompt's last token: its logits give the first output
+                wanted.append((len(tokens) - 1, req))
         device = self.model.embed.weight.device
-        ids = torch.tensor([[r.last_token] for r in reqs], device=device)
-        pos = torch.tensor([[r.computed] for r in reqs], device=device)
-        self.cache.bind([r.seq_id for r in reqs])
-        logits = self.compiled(ids, pos, self.cache)
-        for req in reqs:
+        pieces = []
+        for lo in range(0, len(tokens), MAX_BATCH):
+            hi = min(lo + MAX_BATCH, len(tokens))
+            rows = [i - lo for i, _ in wanted if lo <= i < hi]
+            self.cache.bind(seqs[lo:hi])
+            logits = self.compiled(
+                torch.tensor(tokens[lo:hi], device=device).view(-1, 1),
+                torch.tensor(positions[lo:hi], device=device).view(-1, 1),
+                self.cache,
+                torch.tensor(rows or [0], device=device),
+            )
+            if rows:
+                pieces.append(logits)
+        for req in decode:
             req.computed += 1
             self.cache.commit(req.seq_id, [req.last_token])
-        return logits.float()
+        for req, chunk in chunks:
+            req.computed += len(chunk)
+            self.cache.commit(req.seq_id, chunk)
+        if not wanted:
+            return [], torch.empty(0)
+        return [req for _, req in wanted], torch.cat(pieces).float()
 
     def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """Logits (rows, vocab) at each row's last token; rows left-padded to one width."""

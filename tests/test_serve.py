@@ -451,6 +451,26 @@ def test_compiled_decode_gives_each_request_its_tokens_alone(tiny, tiny_step):
     assert_no_leaks(engine)
 
 
+def test_compiled_steps_read_prompts_and_recompute_preempted_requests_as_eager_ones(
+    tiny, tiny_step
+):
+    """Prompts in chunks of 8 through the compiled step (a token a row), beside decoding rows,
+    in a pool so small that requests are preempted and their prompt and output read again:
+    the tokens of the eager dense model alone."""
+    step, _ = tiny_step
+    prompts = [list(range(1, 30)), list(range(5, 12)), list(range(40, 57)), [9, 8, 7]]
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    want = [alone(tiny, p, 20) for p in prompts]
+    engine = Engine(
+        tiny, max_batch=4, block_size=4, num_blocks=14, max_blocks=14, prefill_chunk=8,
+        compile=step,
+    )  # fmt: skip
+    reqs = engine.generate(prompts, params)
+    assert engine.scheduler.preemptions > 0 and engine.metrics()["compiled_decode"] == 1
+    assert [r.output for r in reqs] == want
+    assert_no_leaks(engine)
+
+
 def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_step, monkeypatch):
     import shutil
     import subprocess

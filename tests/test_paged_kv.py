@@ -169,6 +169,31 @@ def test_a_decode_step_on_a_full_pool_leaves_every_row_as_it_was(tiny):
     assert read.tolist() == [[kv.block_table(0)[0] * 4 + i for i in range(4)]]
 
 
+def test_a_compiled_steps_prompt_rows_continue_their_sequence_or_move_nothing(tiny):
+    """A sequence bound to several rows (a prompt chunk, a token a row) takes consecutive
+    positions from its length; a gap, a repeat or a full pool mid-chunk leaves it as it was."""
+    kv = paged(tiny, block_size=4, num_blocks=2, max_blocks=2)
+    kv.add_sequence(0)
+    kv.add_sequence(1)
+    kv.bind([0, 0, 0, 1, 0])  # rows of sequence 0 around sequence 1's row
+    for bad, held in (([0, 1, 3, 0, 4], 2), ([0, 1, 1, 0, 2], 2), ([1, 2, 3, 0, 4], 0)):
+        with pytest.raises(ValueError, match=f"sequence 0 holds {held} tokens, got position"):
+            kv.decode_inputs(torch.tensor(bad).view(-1, 1))
+        assert kv.sequence_length(0) == kv.sequence_length(1) == 0
+    write, read = kv.decode_inputs(torch.tensor([0, 1, 2, 0, 3]).view(-1, 1))
+    b0, b1 = kv.block_table(0)[0], kv.block_table(1)[0]
+    assert write.tolist() == [b0 * 4, b0 * 4 + 1, b0 * 4 + 2, b1 * 4, b0 * 4 + 3]
+    assert read.tolist() == [[b0 * 4 + i for i in range(4)]] * 3 + [
+        [b1 * 4 + i for i in range(4)]
+    ] + [[b0 * 4 + i for i in range(4)]]
+    assert kv.slot_pos[write].tolist() == [0, 1, 2, 0, 3]
+    kv.bind([0, 0])  # sequence 0 needs a third block at its fifth token: none left
+    before = kv.slot_pos.clone()
+    with pytest.raises(ValueError, match="paged cache is full"):
+        kv.decode_inputs(torch.tensor([[4], [5]]))
+    assert kv.sequence_length(0) == 4 and torch.equal(kv.slot_pos, before)
+
+
 def test_pool_grows_by_doubling_up_to_its_limit(tiny):
     kv = paged(tiny, block_size=2, num_blocks=2, max_blocks=5)
     kv.add_sequence(0)

@@ -52,6 +52,16 @@ RECORD_FILE = "step.json"
 LOCK_FILE = "building.lock"
 STALE_LOCK_S = 1800.0
 BUILD_LOG = "build.log"
+# How a step is compiled (part of its key: a change rebuilds it). A step's own kernels (norms,
+# rotations, residual adds) work on a few rows of a few thousand values: each on one thread,
+# not an OpenMP region of its own, whose start and end cost more than the work. Measured on
+# SmolLM2-135M gguf-act8, 2 threads: tokens/s +15-25% at batch 1, +5-10% at batch 4
+# (benchmarks/RESULTS.md). Parallel regions stay in archopt's kernels and the matmuls.
+INDUCTOR_CONFIGS = {
+    "aot_inductor.package_constants_in_so": False,
+    "aot_inductor.use_runtime_constant_folding": True,
+    "cpp.min_chunk_size": 1 << 16,  # values per thread before a loop is split across threads
+}
 __all__ = [
     "MAX_BATCH", "CompiledPagedStep", "CompiledStep", "build_in_background", "build_step",
     "building", "cached_step", "can_build_in_background", "compile_step", "load_step",
@@ -77,7 +87,7 @@ def step_key(model: nn.Module, threads: int | None = None, kind: str = "static")
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         str(threads or torch.get_num_threads()),
-        json.dumps([cfg, structure, tensors], sort_keys=True, default=str),
+        json.dumps([INDUCTOR_CONFIGS, cfg, structure, tensors], sort_keys=True, default=str),
     ]
     digest = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
     prefix = type(model).__name__.lower() + ("" if kind == "static" else f"-{kind}")
@@ -178,11 +188,7 @@ def build_step(
             torch._inductor.aoti_compile_and_package(
                 exported,
                 package_path=str(folder / PACKAGE_FILE),
-                inductor_configs={
-                    "aot_inductor.package_constants_in_so": False,
-                    "aot_inductor.use_runtime_constant_folding": True,
-                    **_shims(kernels),
-                },
+                inductor_configs={**INDUCTOR_CONFIGS, **_shims(kernels)},
             )
     save_file({k: v.contiguous() for k, v in made.items()}, str(folder / CONSTANTS_FILE))
     seconds = time.perf_counter() - start

@@ -138,8 +138,13 @@ def test_a_broken_step_is_removed_and_rebuilt(model, step, damage, caplog, monke
         shutil.rmtree(backup)
 
 
-def test_the_key_follows_threads_and_structure(model):
+def test_the_key_follows_threads_structure_and_how_steps_are_compiled(model, monkeypatch):
     from archopt.ops.quant import quantize_weights
+
+    before = ds.step_key(model)
+    monkeypatch.setitem(ds.INDUCTOR_CONFIGS, "cpp.min_chunk_size", 512)  # a step built before
+    assert ds.step_key(model) != before
+    monkeypatch.undo()
 
     key = ds.step_key(model)
     threads = torch.get_num_threads()

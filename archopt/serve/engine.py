@@ -4,10 +4,11 @@ Each step runs the decoding requests (one token each: the weights are read once 
 tokens, which is where batching wins, since decoding is memory-bound) and this step's prompt
 chunks. With the compiled step, both go through it in one call, a token a row (a chunk's rows
 causal within their sequence, only the rows that sample through the head); eager, as two
-forwards, the chunks left-padded, each row attending its own cached prefix. Every request samples with its own settings and its own
-random generator, so its tokens do not depend on who else is in the batch. Outputs go to each
-request's ``on_output`` callback as text deltas; stop tokens, stop strings and ``max_tokens``
-end a request, and its blocks go back to the pool (full ones into the prefix cache).
+forwards, the chunks left-padded, each row attending its own cached prefix. Every request
+samples with its own settings and its own random generator, so its tokens do not depend on
+who else is in the batch. Outputs go to each request's ``on_output`` callback as text deltas;
+stop tokens, stop strings and ``max_tokens`` end a request, and its blocks go back to the pool
+(full ones into the prefix cache).
 
 Decode batches run through a compiled step when one is at hand (``compile``, default
 ``"auto"``): the paged step of ``archopt.decode_step``, one AOTInductor library for every

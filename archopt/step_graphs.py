@@ -122,9 +122,9 @@ class PagedGraph(nn.Module):
 
 class CompiledPagedStep:
     """``step(tokens, positions, cache, logit_rows=None)``: next-token logits (R, vocab) after
-    the rows ``logit_rows`` (R,) (default: every row) of the rows ``cache`` (a
-    ``PagedKVCache``) is bound to, one token each (consecutive rows of one sequence: a prompt
-    chunk), written into the pool in place."""
+    the rows ``logit_rows`` (R row numbers; default: every row) of the B <= ``MAX_BATCH`` rows
+    ``cache`` (a ``PagedKVCache``) is bound to, one token each (consecutive rows of one
+    sequence: a prompt chunk), written into the pool in place."""
 
     def __init__(self, runner: Any, folder) -> None:
         self.runner, self.folder = runner, folder
@@ -132,14 +132,23 @@ class CompiledPagedStep:
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_rows=None
     ) -> torch.Tensor:
+        b = tokens.shape[0]
+        rows = list(range(b)) if logit_rows is None else [int(r) for r in logit_rows]
+        # The library indexes with these unchecked: a bad one is an error here, not a bad read.
+        if not 1 <= b <= MAX_BATCH or not 1 <= len(rows) <= MAX_BATCH:
+            raise ValueError(
+                f"a compiled step takes 1 to {MAX_BATCH} rows and logit rows, got {b} rows and "
+                f"{len(rows)} logit rows"
+            )
+        if min(rows) < 0 or max(rows) >= b:
+            bad = next(r for r in rows if not 0 <= r < b)
+            raise ValueError(f"logit rows must be row numbers in [0, {b}), got {bad}")
         write, read = cache.decode_inputs(positions)
         if read.shape[1] < 2:  # the library's read span is at least 2: pad with the trash slot
             read = torch.cat([read, torch.full_like(read, cache.trash_slot)], dim=1)
-        if logit_rows is None:
-            logit_rows = torch.arange(tokens.shape[0])
         keys, values = cache.layer_pools()
         inputs = [tokens.contiguous(), positions.contiguous(), write, read.contiguous()]
-        inputs += [cache.slot_pos, logit_rows.contiguous()]
+        inputs += [cache.slot_pos, torch.tensor(rows, device=tokens.device)]
         return self.runner.run([*inputs, *keys, *values])[0]
 
 

@@ -269,7 +269,7 @@ def test_paged_step_reads_prompt_chunks_as_causal_rows(model, paged_step, block_
             kv.bind([1] + [0] * n)
             tokens = torch.tensor([other[7 + k], *prompt[start : start + n]]).view(-1, 1)
             pos = torch.tensor([7 + k, *range(start, start + n)]).view(-1, 1)
-            logits = paged_step(tokens, pos, kv, torch.tensor([n, 0]))
+            logits = paged_step(tokens, pos, kv, [n, 0])
             assert logits.shape == (2, model.config.vocab_size)
             assert_close(logits[0], model(torch.tensor([prompt[: start + n]]))[0, -1])
             assert_close(logits[1], model(torch.tensor([other[: 8 + k]]))[0, -1])
@@ -296,6 +296,11 @@ def test_paged_step_rejects_a_prompt_chunk(model, paged_step):
         assert kv.sequence_length(1) == kv.sequence_length(0) == 0
     with pytest.raises(ValueError, match="one row for each of the 2 bound rows"):
         paged_step(torch.tensor([[1]]), torch.tensor([[0]]), kv)
+    two, at = torch.tensor([[1], [2]]), torch.tensor([[0], [0]])
+    for rows, needle in (([2], "in \\[0, 2\\), got 2"), ([0, -1], "got -1"), ([], "0 logit rows")):
+        with pytest.raises(ValueError, match=needle):  # before the library reads past its rows
+            paged_step(two, at, kv, rows)
+        assert kv.sequence_length(1) == kv.sequence_length(0) == 0
 
 
 def test_paged_step_has_its_own_key_and_loads_from_the_cache(model, paged_step):

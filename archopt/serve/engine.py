@@ -296,7 +296,7 @@ class Engine:
                 torch.tensor(tokens[lo:hi], device=device).view(-1, 1),
                 torch.tensor(positions[lo:hi], device=device).view(-1, 1),
                 self.cache,
-                torch.tensor(rows or [0], device=device),
+                rows or [0],
             )
             if rows:
                 pieces.append(logits)

@@ -308,7 +308,8 @@ class Engine:
             self.cache.commit(req.seq_id, chunk)
         if not wanted:
             return [], torch.empty(0)
-        return [req for _, req in wanted], torch.cat(pieces).float()
+        logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # no copy of one piece
+        return [req for _, req in wanted], logits.float()
 
     def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """Logits (rows, vocab) at each row's last token; rows left-padded to one width."""

@@ -677,3 +677,47 @@ def test_the_mailbox_delivers_every_output_in_order_in_fewer_wake_ups():
     got, wakeups = asyncio.run(main())
     assert got == [list(range(300))] * 2
     assert 1 <= wakeups < 600  # never one per output across a burst
+
+
+def test_the_benchmark_times_its_paired_anchor_just_before_each_run(monkeypatch):
+    """``archopt bench serve`` times generate again right before each run of the default
+    server (the host's speed drifts within minutes), and reports each run against it."""
+    from types import SimpleNamespace
+
+    from archopt.bench import serve as bench
+
+    events = []
+
+    class FakeServer:
+        name, base, start_s = "archopt serve", "http://127.0.0.1:1", 0.5
+
+        def up(self):
+            events.append("up")
+            return self
+
+        def down(self):
+            events.append("down")
+
+    def streams(base, bodies, path):
+        events.append(f"run {len(bodies)}")
+        times = dict.fromkeys(("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"), 1.0)
+        return {"streams": len(bodies), "tokens_per_s": 100.0 * len(bodies), **times}
+
+    monkeypatch.setattr(bench, "run_streams", streams)
+    monkeypatch.setattr(bench, "prefix_reuse", lambda *a, **k: {"ratio": 0.1})
+    timings = iter([50.0, 40.0])
+
+    def paired():
+        events.append("generate")
+        return next(timings)
+
+    args = SimpleNamespace(streams=[1, 4], new_tokens=8, prefix_tokens=16)
+    server = FakeServer()
+    report = {"prefix": {}}
+    runs = bench.serve_runs(args, "archopt serve", lambda n: server, "ignore_eos", 2, "sys",
+                            report, lambda msg: None, paired)  # fmt: skip
+    assert events == ["up", "run 1", "generate", "run 1", "generate", "run 4", "down"]
+    assert [r["generate_just_before"] for r in runs] == [50.0, 40.0]
+    text = bench.format_report({"machine": "m", "servers": {"archopt serve": runs},
+                                "single_stream": {}})  # fmt: skip
+    assert "4 streams / generate timed just before (40.0 tokens/s): 10.00x" in text

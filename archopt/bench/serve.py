@@ -13,6 +13,11 @@ that plain ``generate`` uses), llama-cpp-python's
 started with ``-np`` equal to the stream count. Then prefix reuse: 8 chat requests sharing a
 512-token system prompt, the time to first token of the later ones against the cold first one.
 Every server is a subprocess bound to 127.0.0.1; every request loop is bounded.
+
+A shared host's speed drifts by 15-20% within minutes, so besides the ratios to the best single
+stream of the whole run, ``generate``'s fastest single stream is timed again just before each
+run of the default ``archopt serve`` (in this process, the server idle meanwhile), and each
+stream count is also compared with that one.
 """
 
 from __future__ import annotations
@@ -132,6 +137,13 @@ def format_report(report: dict) -> str:
         lines.append(f"single stream, {name}: {v['tokens_per_s']:.1f} tokens/s")
     for k, v in report.get("ratios", {}).items():
         lines.append(f"{k}: {v:.2f}x")
+    for r in report["servers"].get("archopt serve", []):
+        if "generate_just_before" in r:
+            lines.append(
+                f"archopt serve, {r['streams']} streams / generate timed just before "
+                f"({r['generate_just_before']:.1f} tokens/s): "
+                f"{r['tokens_per_s'] / r['generate_just_before']:.2f}x"
+            )
     for name, why in report.get("failed", {}).items():
         lines.append(f"{name}: FAILED, no figures ({why})")
     for name, p in report.get("prefix", {}).items():
@@ -227,7 +239,11 @@ def main(argv: list[str] | None = None) -> dict:
     report["paged_step"] = paged_vs_dense_step(model, compiled=compiled)
     tok = model.tokenizer
     system = tok.decode(tok.encode(_system_text())[: args.prefix_tokens])
-    del model
+    fastest = None if args.compile == "off" else args.compile
+    report["paired_anchor"] = f"archopt generate ({fastest or 'eager dense'})"
+
+    def single_now() -> float:
+        return single_stream_generate(model, ids, args.new_tokens, fastest)["tokens_per_s"]
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     servers: list[tuple[str, object, str]] = []
@@ -242,7 +258,9 @@ def main(argv: list[str] | None = None) -> dict:
              "--weights", args.weights, *shlex.split(extra)],
             port, health="/health", env=env,
         )  # fmt: skip
-        servers.append((name, lambda n, srv=ours: srv, "ignore_eos"))
+        servers.append(
+            (name, lambda n, srv=ours: srv, "ignore_eos", single_now if not extra else None)
+        )
     if not args.no_llama_cpp_python:
         try:
             import llama_cpp.server  # noqa: F401
@@ -256,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
                  "--interrupt_requests", "False"],
                 port2, health="/v1/models", env=env,
             )  # fmt: skip
-            servers.append(("llama-cpp-python server", lambda n: lcp, "logit_bias"))
+            servers.append(("llama-cpp-python server", lambda n: lcp, "logit_bias", None))
         except ImportError:
             say("llama-cpp-python is not installed: its server is skipped")
     if args.llama_server:
@@ -271,11 +289,13 @@ def main(argv: list[str] | None = None) -> dict:
                 p, health="/health", env=env,
             )  # fmt: skip
 
-        servers.append(("llama-server", llama_server, "ignore_eos"))
+        servers.append(("llama-server", llama_server, "ignore_eos", None))
 
-    for name, make, how in servers:
+    for name, make, how, paired in servers:
         try:
-            report["servers"][name] = serve_runs(args, name, make, how, eos, system, report, say)
+            report["servers"][name] = serve_runs(
+                args, name, make, how, eos, system, report, say, paired
+            )
         except RuntimeError as e:  # an anchor that fails is a row that says so, not a lost run
             if name.startswith("archopt serve"):
                 raise
@@ -316,9 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def serve_runs(args, name: str, make, how: str, eos: int, system: str, report: dict, say):
+def serve_runs(
+    args, name: str, make, how: str, eos: int, system: str, report: dict, say, paired=None
+):
     """Server ``name``'s runs at each stream count (started once per distinct server ``make``
-    returns), then its prefix-reuse probe at the last count."""
+    returns), then its prefix-reuse probe at the last count; ``paired``: a single stream timed
+    just before each run (``generate_just_before``, tokens/s)."""
     runs, shared = [], None
     try:
         for n in args.streams:
@@ -330,9 +353,12 @@ def serve_runs(args, name: str, make, how: str, eos: int, system: str, report: d
                 shared = srv.up()
                 warm = completion_bodies(1, 8, eos_id=eos, how=how)
                 run_streams(srv.base, warm, "/v1/completions")
+            before = paired() if paired is not None else None
             say(f"{name}: {n} streams of {args.new_tokens} tokens ...")
             bodies = completion_bodies(n, args.new_tokens, eos_id=eos, how=how)
             r = run_streams(srv.base, bodies, "/v1/completions")
+            if before is not None:
+                r["generate_just_before"] = before
             r["server_start_s"] = srv.start_s
             runs.append(r)
             if n == args.streams[-1]:

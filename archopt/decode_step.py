@@ -55,8 +55,9 @@ BUILD_LOG = "build.log"
 # How a step is compiled (part of its key: a change rebuilds it). A step's own kernels (norms,
 # rotations, residual adds) work on a few rows of a few thousand values: each on one thread,
 # not an OpenMP region of its own, whose start and end cost more than the work. Measured on
-# SmolLM2-135M gguf-act8, 2 threads: tokens/s +15-25% at batch 1, +5-10% at batch 4
-# (benchmarks/RESULTS.md). Parallel regions stay in archopt's kernels and the matmuls.
+# SmolLM2-135M gguf-act8, 2 threads, both steps in one process in turns: tokens/s +10-12% at
+# batch 1, +4% at batch 4 (benchmarks/RESULTS.md). archopt's kernels and the matmuls keep
+# their parallel regions.
 INDUCTOR_CONFIGS = {
     "aot_inductor.package_constants_in_so": False,
     "aot_inductor.use_runtime_constant_folding": True,

@@ -45,7 +45,7 @@ def act8(kind: str, out_f: int, in_f: int):
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
 @pytest.mark.parametrize("out_f,in_f", [(16, 32), (48, 96), (80, 160), (32, 1536)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 6, 7, 9])
 def test_kernel_matches_its_reference(kind, out_f, in_f, rows):
     m = act8(kind, out_f, in_f)
     x = torch.randn(rows, in_f)
@@ -85,7 +85,8 @@ def test_a_row_is_the_same_alone_and_in_any_batch(kind):
     batched = m(x)
     for i in range(7):
         assert torch.equal(m(x[i : i + 1]), batched[i : i + 1])
-    assert torch.equal(m(x[2:6]), batched[2:6])
+    for lo, hi in ((2, 6), (1, 3), (0, 3), (0, 6), (1, 7)):  # by fours, twos and ones
+        assert torch.equal(m(x[lo:hi]), batched[lo:hi])
     assert torch.equal(m(x.view(7, 1, 192)).view(7, 64), batched)  # any leading shape
 
 

@@ -228,9 +228,12 @@ void tile_q8(const uint8_t* packed, const uint16_t* scales, const Rows& x, int64
 }
 
 // y (M, N) fp32: every row of x quantized here, then each tile of 16 output rows by T4 (four
-// rows of x at a time) and T1 (the rest).
-template <void (*T4)(const uint8_t*, const uint16_t*, const Rows&, int64_t, float*, int64_t, int64_t),
-          void (*T1)(const uint8_t*, const uint16_t*, const Rows&, int64_t, float*, int64_t, int64_t)>
+// rows of x at a time), T2 (two) and T1 (the last one): a batch of 2 or 3 rows reads its
+// tiles once or twice, not 2 or 3 times (tile functions of any width give a row the same
+// sums, in the same order).
+using Tile = void (*)(const uint8_t*, const uint16_t*, const Rows&, int64_t, float*, int64_t,
+                      int64_t);
+template <Tile T4, Tile T2, Tile T1>
 torch::Tensor run(const char* name, const torch::Tensor& x, const torch::Tensor& packed,
                   const torch::Tensor& scales, int64_t N, int64_t vectors, int64_t per_block) {
   TORCH_CHECK(x.device().is_cpu() && packed.device().is_cpu() && scales.device().is_cpu(),
@@ -267,7 +270,8 @@ torch::Tensor run(const char* name, const torch::Tensor& x, const torch::Tensor&
     for (int64_t t = begin; t < end; t++) {
       int64_t r = 0;
       for (; r + 4 <= M; r += 4) T4(w, s, q, r, yp, t, N);
-      for (; r < M; r++) T1(w, s, q, r, yp, t, N);
+      if (r + 2 <= M) T2(w, s, q, r, yp, t, N), r += 2;
+      if (r < M) T1(w, s, q, r, yp, t, N);
     }
   });
   auto shape = x.sizes().vec();
@@ -277,12 +281,12 @@ torch::Tensor run(const char* name, const torch::Tensor& x, const torch::Tensor&
 
 torch::Tensor int4_q8_linear(const torch::Tensor& x, const torch::Tensor& packed,
                              const torch::Tensor& scales, int64_t out_features) {
-  return run<tile_q4<4>, tile_q4<1>>("int4_q8_linear", x, packed, scales, out_features, 4, 2);
+  return run<tile_q4<4>, tile_q4<2>, tile_q4<1>>("int4_q8_linear", x, packed, scales, out_features, 4, 2);
 }
 
 torch::Tensor int8_q8_linear(const torch::Tensor& x, const torch::Tensor& packed,
                              const torch::Tensor& scales, int64_t out_features) {
-  return run<tile_q8<4>, tile_q8<1>>("int8_q8_linear", x, packed, scales, out_features, 8, 1);
+  return run<tile_q8<4>, tile_q8<2>, tile_q8<1>>("int8_q8_linear", x, packed, scales, out_features, 8, 1);
 }
 
 }  // namespace (the library's symbols are global: only the C entry points below leave it)

@@ -7,8 +7,9 @@ and ``Int8Q8Linear`` an ``Int8Linear``'s (Q8_0: ``w = d q``), re-laid for archop
 ``sx = max|x| / 127``, as llama.cpp's Q8_1), the block products are exact integer sums
 (AVX512-VNNI), and the scales are applied in fp32. Where torch's int4 kernel
 (``PackedInt4Linear``) turns every weight into bf16 before multiplying (and a Q8_0 weight into
-two 4-bit planes), these read each packed block once for up to four rows of input: on this
-project's 2-core machine 1.2-2.8x faster per layer, four rows costing 1.1-1.2x one
+two 4-bit planes), these read each packed block once for up to four rows of input (then two,
+then one): on this project's 2-core machine 1.2-2.8x faster per layer, four rows costing
+1.1-1.2x one
 (``archopt bench quant-linear --rows 4``; benchmarks/RESULTS.md).
 
 The price is the activations' rounding to 8 bits (perplexity: benchmarks/RESULTS.md); the

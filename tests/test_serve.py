@@ -471,6 +471,33 @@ def test_compiled_steps_read_prompts_and_recompute_preempted_requests_as_eager_o
     assert_no_leaks(engine)
 
 
+def test_a_step_of_more_rows_than_one_call_takes_is_cut_and_gives_the_eager_tokens(tiny, tiny_step):
+    """A 300-token prompt in one chunk beside a decoding request: more rows than one call of
+    the compiled step takes (256), so the step is cut in two calls, the prompt across them."""
+    from archopt.step_graphs import MAX_BATCH
+
+    step, _ = tiny_step
+    prompts = [[3, 1, 4, 1, 5], [(7 * i) % 256 for i in range(MAX_BATCH + 44)]]
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    want = [alone(tiny, p, 8) for p in prompts]
+    engine = Engine(tiny, max_batch=2, block_size=4, prefill_chunk=512, compile=step)
+    calls = []
+
+    def counted(tokens, *args):
+        calls.append(tokens.shape[0])
+        return step(tokens, *args)
+
+    engine.compiled = counted
+    first = engine.submit(Request(prompts[0], params))
+    engine.step()  # the short one is decoding when the long one arrives
+    second = engine.submit(Request(prompts[1], params))
+    while engine.scheduler.has_work():
+        engine.step()
+    assert [first.output, second.output] == want
+    assert calls[1:3] == [MAX_BATCH, 45]  # one decoding row and 300 prompt rows, in two calls
+    assert_no_leaks(engine)
+
+
 def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_step, monkeypatch):
     import shutil
     import subprocess

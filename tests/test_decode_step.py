@@ -282,6 +282,22 @@ def test_paged_step_reads_prompt_chunks_as_causal_rows(model, paged_step, block_
         assert_close(got[0], model(torch.tensor([[*prompt, nxt]]))[0, -1])
 
 
+def test_the_model_gives_the_logits_of_the_rows_asked_for_only(model):
+    ids = torch.randint(0, 512, (3, 5))
+    with torch.inference_mode():
+        whole = model(ids, last_only=True)
+        assert torch.equal(model(ids, last_only=True, rows=torch.tensor([2, 0])), whole[[2, 0]])
+        for rows, needle in (
+            (torch.tensor([3]), r"batch rows in \[0, 3\), got 3"),
+            (torch.tensor([-1, 0]), "got -1"),
+            (torch.tensor([], dtype=torch.long), "non-empty"),
+            (torch.tensor([[0]]), "1-D int64"),
+            (torch.tensor([0.0]), "torch.float32"),
+        ):
+            with pytest.raises(ValueError, match=needle):
+                model(ids, rows=rows)
+
+
 def test_paged_step_rejects_a_prompt_chunk(model, paged_step):
     kv = _paged(model, 4)
     kv.add_sequence(0)

@@ -261,6 +261,15 @@ class Llama(nn.Module):
                 f"positions must have the shape of input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(positions.shape)}"
             )
+        if rows is not None and not compiling:
+            if rows.dim() != 1 or rows.dtype != torch.long or rows.numel() == 0:
+                raise ValueError(
+                    f"rows must be a non-empty 1-D int64 tensor of batch rows, got "
+                    f"{rows.dtype} of shape {tuple(rows.shape)}"
+                )
+            if int(rows.min()) < 0 or int(rows.max()) >= b:
+                bad = rows[(rows < 0) | (rows >= b)][0].item()
+                raise ValueError(f"rows must be batch rows in [0, {b}), got {bad}")
         x = self.embed(input_ids)
         rope = self.rope(positions, x.dtype)
         for i, layer in enumerate(self.layers):

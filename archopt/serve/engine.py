@@ -1,16 +1,14 @@
 """The serving engine: a model, a paged KV cache and the scheduler, stepped in one thread.
 
-Each step runs the decoding requests (one token each: the weights are read once for B
-tokens, which is where batching wins, since decoding is memory-bound) and this step's prompt
-chunks. With the compiled step, both go through it in one call, a token a row (a chunk's rows
-causal within their sequence, only the rows that sample through the head); eager, as two
-forwards, the chunks left-padded, each row attending its own cached prefix. Every request
-samples with its own settings and its own random generator, so its tokens do not depend on
-who else is in the batch. Outputs go to each request's ``on_output`` callback as text deltas;
-stop tokens, stop strings and ``max_tokens`` end a request, and its blocks go back to the pool
-(full ones into the prefix cache).
+A step runs the decoding requests (one token each: the weights are read once for B tokens,
+where batching wins, decoding being memory-bound) and this step's prompt chunks: through the
+compiled step in one call, a token a row (only the rows that sample go through the head), or
+eager as two forwards. Every request samples with its own settings and random generator, so
+its tokens do not depend on who else is in the batch. Outputs go to each request's
+``on_output`` as text deltas; stop tokens, stop strings and ``max_tokens`` end a request, and
+its blocks go back to the pool (full ones into the prefix cache).
 
-Decode batches run through a compiled step when one is at hand (``compile``, default
+Steps run through a compiled step when one is at hand (``compile``, default
 ``"auto"``): the paged step of ``archopt.decode_step``, one AOTInductor library for every
 batch size, context and pool size, kept in the cache folder, so only the first process on a
 machine builds it (in the background, at low priority, while this one runs eager; the engine
@@ -57,7 +55,7 @@ class Engine:
     slot) and grows by doubling when no block is free or cached, so the memory held follows
     the tokens in use (``metrics()``: ``kv_pool_bytes``).
 
-    ``compile``: how decode batches run (``COMPILE_MODES``, or a ``CompiledPagedStep`` made
+    ``compile``: how steps run (``COMPILE_MODES``, or a ``CompiledPagedStep`` made
     by ``archopt.decode_step.compile_step(model, kind="paged")``); ``compile_how`` says what
     was chosen. ``attention``: the eager plan (prompt chunks, and decoding when not compiled).
     """
@@ -236,21 +234,11 @@ class Engine:
         threads = 1 if busy else self.threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        if self.compiled is not None and (plan.decode or plan.prefill):
-            reqs, logits = self._compiled_rows(plan.decode, plan.prefill)
+        if plan.decode or plan.prefill:
+            run = self._compiled_rows if self.compiled is not None else self._eager_rows
+            reqs, logits = run(plan.decode, plan.prefill)
             if reqs:
                 sampled += self._sample_and_emit(reqs, logits)
-        else:
-            if plan.decode:
-                rows = [(r, [r.last_token]) for r in plan.decode]
-                sampled += self._sample_and_emit(plan.decode, self._forward(rows))
-            if plan.prefill:
-                rows = [(r, r.tokens[r.computed : r.computed + n]) for r, n in plan.prefill]
-                logits = self._forward(rows)
-                done = [i for i, (r, _) in enumerate(plan.prefill) if r.pending == 0]
-                if done:
-                    reqs = [plan.prefill[i][0] for i in done]
-                    sampled += self._sample_and_emit(reqs, logits[done])
         self.prompt_tokens += sum(n for _, n in plan.prefill)
         self.steps += 1
         self.generated_tokens += sampled
@@ -264,13 +252,11 @@ class Engine:
         self, decode: list[Request], prefill: list[tuple[Request, int]]
     ) -> tuple[list[Request], torch.Tensor]:
         """The step through the compiled library, a token a row: each decoding request's
-        last token, then each prompt chunk as consecutive rows of its sequence (the library
-        is causal within a sequence), in calls of at most ``MAX_BATCH`` rows. Returns the
-        requests that sample now (the decoding ones, then those whose prompt this step
-        finishes) and their logits (R, vocab): only their rows go through the head.
-
-        Every row's sums are its own (the kernels' and the graph's), so a request's tokens do
-        not depend on who shares its step, nor on where a call's rows are cut."""
+        last token, then each prompt chunk as consecutive rows of its sequence (causal within
+        it), in calls of at most ``MAX_BATCH`` rows. Returns the requests that sample now (the
+        decoding ones, then those whose prompt this step ends) and their logits (R, vocab).
+        Every row's sums are its own, so a request's tokens do not depend on who shares its
+        step, nor on where a call's rows are cut."""
         seqs, tokens, positions, wanted = [], [], [], []
         for req in decode:
             wanted.append((len(tokens), req))
@@ -310,6 +296,22 @@ class Engine:
             return [], torch.empty(0)
         logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # no copy of one piece
         return [req for _, req in wanted], logits.float()
+
+    def _eager_rows(
+        self, decode: list[Request], prefill: list[tuple[Request, int]]
+    ) -> tuple[list[Request], torch.Tensor]:
+        """``_compiled_rows``' result from the eager model: a forward over the decoding
+        requests, one over the prompt chunks."""
+        reqs, logits = [], []
+        if decode:
+            reqs += decode
+            logits.append(self._forward([(r, [r.last_token]) for r in decode]))
+        if prefill:
+            chunks = self._forward([(r, r.tokens[r.computed : r.computed + n]) for r, n in prefill])
+            done = [i for i, (r, _) in enumerate(prefill) if r.pending == 0]
+            reqs += [prefill[i][0] for i in done]
+            logits.append(chunks[done])
+        return reqs, torch.cat(logits)
 
     def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
         """Logits (rows, vocab) at each row's last token; rows left-padded to one width."""

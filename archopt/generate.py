@@ -22,17 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from archopt.background_build import build_in_background, building, can_build_in_background
 from archopt.cuda_graph_step import CUDAGraphStep
-from archopt.decode_step import (
-    MAX_BATCH,
-    CompiledStep,
-    build_in_background,
-    building,
-    cached_step,
-    can_build_in_background,
-    compile_step,
-    step_folder,
-)
+from archopt.decode_step import MAX_BATCH, CompiledStep, cached_step, compile_step, step_folder
 from archopt.ops.kv_cache import KVCache
 from archopt.sampling import check_sampling, check_seed, sample
 

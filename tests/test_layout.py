@@ -25,6 +25,7 @@ FLOORS = [
         "sampling",
         "perplexity",
         "decode_step",
+        "background_build",
         "cuda_graph_step",
         "step_graphs",
         "measure",

@@ -503,6 +503,7 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
     import subprocess
     import sys
 
+    from archopt import background_build as bb
     from archopt import decode_step as ds
     from archopt.serve import engine as engine_module
 
@@ -518,11 +519,11 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
 
     def start_build(model, kind="static"):
         folder.mkdir()
-        (folder / ds.LOCK_FILE).write_text(str(builder.pid))
+        (folder / bb.LOCK_FILE).write_text(str(builder.pid))
         return folder
 
-    monkeypatch.setattr(ds, "can_build_in_background", lambda model: True)
-    monkeypatch.setattr(ds, "build_in_background", start_build)
+    monkeypatch.setattr(bb, "can_build_in_background", lambda model: True)
+    monkeypatch.setattr(bb, "build_in_background", start_build)
     monkeypatch.setattr(engine_module, "POLL_BUILD_S", 0.0)
     threads = torch.get_num_threads()
     try:
@@ -532,7 +533,7 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
         assert engine.compiled is None
         assert torch.get_num_threads() == 1  # beside a build, one thread
         shutil.copytree(built, folder, dirs_exist_ok=True)  # the build lands, its lock goes
-        (folder / ds.LOCK_FILE).unlink()
+        (folder / bb.LOCK_FILE).unlink()
         engine.generate([[4, 5, 6]], GREEDY)
         assert engine.compiled is not None
         assert engine.compile_how == "aot (built in the background)"

@@ -58,7 +58,8 @@ def _wait_for_background_build(args, env: dict, limit_s: float) -> float | None:
     time, or no build running)."""
     probe = (
         "import json, torch; from archopt.loading.llm import load_llm; "
-        "from archopt.decode_step import step_folder, RECORD_FILE, building; "
+        "from archopt.decode_step import step_folder, RECORD_FILE; "
+        "from archopt.background_build import building; "
         f"torch.set_num_threads({args.threads}); m = load_llm({args.model!r}); "
         "f = step_folder(m); "
         "print(json.dumps({'done': (f / RECORD_FILE).exists(), 'building': building(f)}))"

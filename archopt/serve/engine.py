@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 import torch
 
-from archopt import decode_step
+from archopt import background_build, decode_step
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy, sample
 from archopt.serve.detokenize import IncrementalText
@@ -145,13 +145,13 @@ class Engine:
         if self.compiled is not None:
             return "aot (compiled step from cache)"
         folder = decode_step.step_folder(self.model, "paged")
-        if folder is not None and decode_step.building(folder):
+        if folder is not None and background_build.building(folder):
             self._building = folder
-        elif decode_step.can_build_in_background(self.model):
-            self._building = decode_step.build_in_background(self.model, "paged")
+        elif background_build.can_build_in_background(self.model):
+            self._building = background_build.build_in_background(self.model, "paged")
         if self._building is None:
             return "eager"
-        self._builder = decode_step.builder(self._building)
+        self._builder = background_build.builder(self._building)
         return "eager until the compiled step is built (in the background)"
 
     def _poll_build(self) -> None:
@@ -161,9 +161,9 @@ class Engine:
         if now < self._next_poll:
             return
         self._next_poll = now + POLL_BUILD_S
-        if self._builder is not None and not decode_step.alive(self._builder):
+        if self._builder is not None and not background_build.alive(self._builder):
             self._builder = None
-        if self._building is None or decode_step.building(self._building):
+        if self._building is None or background_build.building(self._building):
             return
         self._building = None
         torch.set_num_threads(self.threads)  # the step's key names the thread count

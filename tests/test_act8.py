@@ -91,6 +91,20 @@ def test_a_row_is_the_same_alone_and_in_any_batch(kind):
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_strided_inputs_and_long_prompts_give_each_rows_result(kind):
+    """A contiguous float x is read in place, any other converted first; a batch whose
+    scratch passes the kernel's kept buffer (1 MiB: ~500 rows of 1536) takes one of its own.
+    The rows' results are the same every way."""
+    m = act8(kind, 16, 1536)
+    x = torch.randn(600, 1536)
+    whole = m(x)  # its own scratch; 100 rows at a time, the kept one
+    assert torch.equal(whole, torch.cat([m(piece) for piece in x.split(100)]))
+    strided = torch.randn(1536, 9).T  # (9, 1536), not contiguous
+    assert torch.equal(m(strided), m(strided.contiguous()))
+    assert torch.equal(m(x[:6].view(2, 3, 1536)), whole[:6].view(2, 3, 16))
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
 def test_other_dtypes_and_nonfinite_rows(kind):
     m = act8(kind, 32, 64)
     xb = torch.randn(3, 64, dtype=torch.bfloat16)

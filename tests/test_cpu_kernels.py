@@ -126,6 +126,33 @@ def test_paged_kernel_rows_do_not_depend_on_their_batch(b, hq, hkv, d, span, poo
 
 
 @pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
+def test_a_strided_q_gives_what_its_contiguous_copy_gives(b, hq, hkv, d, span, pool):
+    """q read through its strides: heads-major (as a compiled step's batch has it), every
+    other head of a wider tensor, one row broadcast; the output is contiguous either way."""
+    gen = torch.Generator().manual_seed(5 + d)
+    q, keys, values, read, slot_pos, positions = paged_case(b, hq, hkv, d, span, pool, gen)
+    paged = torch.ops.archopt.paged_decode_attention
+    static_keys, static_values = keys[:, read].transpose(0, 1), values[:, read].transpose(0, 1)
+    static_pos = slot_pos[read]
+    static = torch.ops.archopt.static_decode_attention
+    views = [
+        q.transpose(0, 1).contiguous().transpose(0, 1),  # (B, Hq, 1, d) over (Hq, B, 1, d)
+        torch.randn(b, 2 * hq, 1, d, generator=gen)[:, ::2],  # heads 2 d apart
+        q[:1].expand(b, hq, 1, d),  # one row's q for every row (stride 0)
+    ]
+    for strided in views:
+        dense_q = strided.contiguous()
+        got = paged(strided, keys, values, read, slot_pos, positions, d**-0.5)
+        assert got.is_contiguous()
+        assert torch.equal(got, paged(dense_q, keys, values, read, slot_pos, positions, d**-0.5))
+        got = static(strided, static_keys.contiguous(), static_values.contiguous(), static_pos,
+                     positions, d**-0.5)  # fmt: skip
+        want = static(dense_q, static_keys.contiguous(), static_values.contiguous(), static_pos,
+                      positions, d**-0.5)  # fmt: skip
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
 def test_static_kernel_equals_the_dense_reference(b, hq, hkv, d, span, pool):
     gen = torch.Generator().manual_seed(3 * d + b)
     keys, values = (torch.randn(b, hkv, span, d, generator=gen) for _ in range(2))

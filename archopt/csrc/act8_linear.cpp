@@ -28,6 +28,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -248,19 +249,43 @@ torch::Tensor run(const char* name, const torch::Tensor& x, const torch::Tensor&
   TORCH_CHECK(scales.scalar_type() == torch::kHalf && scales.numel() == N * G * per_block,
               name, ": scales must be fp16 with ", N * G * per_block, " values, got ",
               scales.scalar_type(), " ", scales.sizes());
-  const auto rows = x.reshape({-1, K}).to(torch::kFloat).contiguous();
-  const int64_t M = rows.size(0);
-  // One scratch allocation: per row, 3 G words (sx, sxs, qsum), then every row's K bytes.
-  auto scratch = torch::empty({M * (3 * G * 4 + K)}, torch::kUInt8);
-  float* sx = reinterpret_cast<float*>(scratch.data_ptr<uint8_t>());
+  TORCH_CHECK(K > 0, name, ": x must have features, got shape ", x.sizes());
+  // A decode step calls this ~120 times on a few rows: the common case (a float, contiguous x)
+  // costs one allocation, the result. x is read in place and the scratch is this thread's
+  // own buffer, kept between calls (up to 1 MiB: a long prompt's takes a tensor of its own);
+  // reshaping, converting and allocating through the dispatcher took ~8 calls a linear.
+  torch::Tensor converted;
+  const float* xs;
+  if (x.scalar_type() == torch::kFloat && x.is_contiguous()) {
+    xs = x.data_ptr<float>();
+  } else {
+    converted = x.reshape({-1, K}).to(torch::kFloat).contiguous();
+    xs = converted.data_ptr<float>();
+  }
+  const int64_t M = x.numel() / K;
+  // Per row, 3 G words (sx, sxs, qsum), then every row's K bytes.
+  const size_t need = static_cast<size_t>(M * (3 * G * 4 + K));
+  constexpr size_t kKeep = 1 << 20;
+  thread_local std::vector<uint8_t> kept;
+  torch::Tensor big;
+  uint8_t* scratch;
+  if (need <= kKeep) {
+    if (kept.size() < need) kept.resize(kKeep);
+    scratch = kept.data();
+  } else {
+    big = torch::empty({static_cast<int64_t>(need)}, torch::kUInt8);
+    scratch = big.data_ptr<uint8_t>();
+  }
+  float* sx = reinterpret_cast<float*>(scratch);
   float* sxs = sx + M * G;
   int32_t* qsum = reinterpret_cast<int32_t*>(sxs + M * G);
   int8_t* qx = reinterpret_cast<int8_t*>(qsum + M * G);
   for (int64_t r = 0; r < M; r++)
-    quantize_row(rows.data_ptr<float>() + r * K, K, qx + r * K, sx + r * G, sxs + r * G,
-                 qsum + r * G);
+    quantize_row(xs + r * K, K, qx + r * K, sx + r * G, sxs + r * G, qsum + r * G);
   const Rows q{qx, sx, sxs, qsum, K, G};
-  auto y = torch::empty({M, N}, torch::kFloat);
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  auto y = torch::empty(shape, torch::kFloat);
   const auto pc = packed.contiguous();
   const auto sc = scales.contiguous();
   const uint8_t* w = pc.data_ptr<uint8_t>();
@@ -274,9 +299,7 @@ torch::Tensor run(const char* name, const torch::Tensor& x, const torch::Tensor&
       if (r < M) T1(w, s, q, r, yp, t, N);
     }
   });
-  auto shape = x.sizes().vec();
-  shape.back() = N;
-  return y.view(shape).to(x.scalar_type());
+  return x.scalar_type() == torch::kFloat ? y : y.to(x.scalar_type());
 }
 
 torch::Tensor int4_q8_linear(const torch::Tensor& x, const torch::Tensor& packed,

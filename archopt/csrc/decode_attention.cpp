@@ -12,7 +12,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
@@ -273,10 +273,14 @@ template <class Visible>
 at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* vp, int64_t hkv,
                             int64_t head_stride, int64_t max_slots, double scale,
                             const Visible& visible) {
-  const at::Tensor qc = q.contiguous();
-  at::Tensor out = at::empty_like(qc);
+  // q is read through its strides (a batch's q comes heads-major out of the compiled step: a
+  // contiguous copy of it cost a clone a layer); a task copies its g heads together when they
+  // are not already d apart. The result is contiguous.
+  const at::Tensor qc = q.stride(3) == 1 ? q : q.contiguous();
+  at::Tensor out = at::empty(q.sizes(), q.options());
   const int64_t Hq = q.size(1), d = q.size(3), g = Hq / hkv;
-  const int64_t B = q.size(0);
+  const int64_t B = q.size(0), qs0 = qc.stride(0), qs1 = qc.stride(1);
+  const bool packed_heads = qs1 == d || g == 1;
   const float* qp = qc.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const float sc = static_cast<float>(scale);
@@ -284,7 +288,7 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<const float*> ks(max_slots), vs(max_slots);
     std::vector<int64_t> offsets(max_slots);
-    std::vector<float> w(g * max_slots);
+    std::vector<float> w(g * max_slots), qbuf(packed_heads ? 0 : g * d);
     int64_t row = -1, n = 0;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / hkv, h = t % hkv;
@@ -296,7 +300,11 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
         ks[i] = kp + h * head_stride + offsets[i];
         vs[i] = vp + h * head_stride + offsets[i];
       }
-      const float* qh = qp + (b * Hq + h * g) * d;
+      const float* qh = qp + b * qs0 + h * g * qs1;
+      if (!packed_heads) {
+        for (int64_t j = 0; j < g; ++j) std::copy(qh + j * qs1, qh + j * qs1 + d, &qbuf[j * d]);
+        qh = qbuf.data();
+      }
       float* oh = op + (b * Hq + h * g) * d;
       if (n == 0) {  // nothing visible: zeros, not NaN
         std::fill(oh, oh + g * d, 0.f);

@@ -152,6 +152,50 @@ def test_a_strided_q_gives_what_its_contiguous_copy_gives(b, hq, hkv, d, span, p
         assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(9, 3, 64), (8, 2, 128), (6, 3, 48)])
+@pytest.mark.parametrize("seen", [257, 300, 512, 513, 1000])
+def test_long_rows_attended_in_chunks_equal_the_dense_reference(hq, hkv, d, seen):
+    """A row past 256 visible slots is attended in chunks of 256 that are combined after: the
+    dense reference's result, on both kernels; a row the same alone and beside others; NaN
+    in one chunk's key makes its row's heads NaN, as unchunked."""
+    gen = torch.Generator().manual_seed(seen + d)
+    pool, span = 1101, 1024
+    keys, values = (torch.randn(hkv, pool, d, generator=gen) for _ in range(2))
+    slot_pos = torch.arange(pool)  # slot i holds position i, but the last, empty (padding)
+    slot_pos[-1] = -1
+    read = torch.stack([torch.randperm(pool - 1, generator=gen)[:span] for _ in range(3)])
+    wanted = [seen, 10, min(seen + 37, span)]  # visible slots a row: long, short, long
+    positions = torch.tensor([[read[r].sort().values[n - 1].item()] for r, n in enumerate(wanted)])
+    q = torch.randn(3, hq, 1, d, generator=gen)
+    paged = torch.ops.archopt.paged_decode_attention
+    got = paged(q, keys, values, read, slot_pos, positions, d**-0.5)
+    seen_mask = slot_pos[read] <= positions
+    assert seen_mask.sum(-1).tolist() == wanted
+    per_row = (keys[:, read].transpose(0, 1), values[:, read].transpose(0, 1))  # (B, Hkv, S, d)
+    want = dense(q, *per_row, seen_mask)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * want.abs().max().item())
+    pad = torch.full((1, 700), pool - 1)  # as a wider row in its batch would pad its list
+    for r in range(3):
+        alone = paged(q[r : r + 1], keys, values, read[r : r + 1], slot_pos, positions[r : r + 1],
+                      d**-0.5)  # fmt: skip
+        padded = paged(q[r : r + 1], keys, values, torch.cat([read[r : r + 1], pad], 1), slot_pos,
+                       positions[r : r + 1], d**-0.5)  # fmt: skip
+        assert torch.equal(alone, got[r : r + 1]) and torch.equal(padded, alone)
+    static = torch.ops.archopt.static_decode_attention
+    static_got = static(q, per_row[0].contiguous(), per_row[1].contiguous(), slot_pos[read],
+                        positions, d**-0.5)  # fmt: skip
+    torch.testing.assert_close(static_got.double(), want, rtol=0,
+                               atol=2e-6 * want.abs().max().item())  # fmt: skip
+    # NaN in a key row 0 sees, in its last chunk, kv head 0 only
+    last = read[0][seen_mask[0]][-1]
+    bad = keys.clone()
+    bad[0, last] = float("nan")
+    nan_out = paged(q, bad, values, read, slot_pos, positions, d**-0.5)
+    g = hq // hkv
+    assert nan_out[0, :g].isnan().all() and nan_out[0, g:].isfinite().all()
+    assert nan_out[1:].isfinite().all() or (read[1:] == last).any()
+
+
 @pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
 def test_static_kernel_equals_the_dense_reference(b, hq, hkv, d, span, pool):
     gen = torch.Generator().manual_seed(3 * d + b)

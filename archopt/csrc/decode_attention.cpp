@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 namespace {
@@ -63,7 +64,9 @@ inline float exp_nonpositive(float x) {
 }
 
 // Softmax of each of the g rows of w (g, n) in place.
-void softmax_rows(float* w, int64_t g, int64_t n) {
+// With ``stats``, each row's maximum and sum of exponentials go there (2 a row), for a
+// chunk of a long row that is combined with the others later (``combine_chunks``).
+void softmax_rows(float* w, int64_t g, int64_t n, float* stats) {
   for (int64_t j = 0; j < g; ++j) {
     float* wj = w + j * n;
     const float m = *std::max_element(wj, wj + n);
@@ -73,6 +76,7 @@ void softmax_rows(float* w, int64_t g, int64_t n) {
       wj[i] = exp_nonpositive(wj[i] - m);
       total += wj[i];
     }
+    if (stats != nullptr) stats[2 * j] = m, stats[2 * j + 1] = total;
     const float inv = 1.f / total;
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) wj[i] *= inv;
@@ -81,10 +85,10 @@ void softmax_rows(float* w, int64_t g, int64_t n) {
 
 // Any head size and group: the n visible slots' keys ks and values vs, g query heads qh.
 void attend_generic(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
-                    int64_t g, int64_t d, float scale, float* w, float* oh) {
+                    int64_t g, int64_t d, float scale, float* w, float* oh, float* stats) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < g; ++j) w[j * n + i] = dot(qh + j * d, ks[i], d) * scale;
-  softmax_rows(w, g, n);
+  softmax_rows(w, g, n, stats);
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < g; ++j) axpy(w[j * n + i], vs[i], oh + j * d, d);
 }
@@ -132,7 +136,7 @@ inline __m512 exp16_nonpositive(__m512 x) {
 // took a third of a decode task. A NaN score leaves the maximum alone (max_ps returns its
 // second operand on NaN) and comes out of exp16 as NaN, so its row's weights are all NaN, as
 // the scalar loop and SDPA give them, never a finite average that skipped it.
-void softmax_rows_avx512(float* w, int64_t g, int64_t n) {
+void softmax_rows_avx512(float* w, int64_t g, int64_t n, float* stats) {
   const __mmask16 tail = static_cast<__mmask16>((1u << (n % 16)) - 1);
   const int64_t full = n - n % 16;
   for (int64_t j = 0; j < g; ++j) {
@@ -152,7 +156,9 @@ void softmax_rows_avx512(float* w, int64_t g, int64_t n) {
       _mm512_mask_storeu_ps(wj + full, tail, e);
       total = _mm512_mask_add_ps(total, tail, total, e);
     }
-    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(total));
+    const float sum = _mm512_reduce_add_ps(total);
+    if (stats != nullptr) stats[2 * j] = _mm512_cvtss_f32(m), stats[2 * j + 1] = sum;
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
     for (int64_t i = 0; i < full; i += 16)
       _mm512_storeu_ps(wj + i, _mm512_mul_ps(_mm512_loadu_ps(wj + i), inv));
     if (tail)
@@ -165,7 +171,7 @@ void softmax_rows_avx512(float* w, int64_t g, int64_t n) {
 // go 16 slots at a time per query head (one sum16), the last < 16 one slot at a time.
 template <int D, int G>
 void attend_avx512(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
-                   float scale, float* w, float* oh) {
+                   float scale, float* w, float* oh, float* stats) {
   constexpr int V = D / 16;
   __m512 q[G][V];
   for (int j = 0; j < G; ++j)
@@ -193,7 +199,7 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
       w[j * n + i] = _mm512_reduce_add_ps(acc) * scale;
     }
   }
-  softmax_rows_avx512(w, G, n);
+  softmax_rows_avx512(w, G, n, stats);
   __m512 o[G][V];
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < V; ++c) o[j][c] = _mm512_setzero_ps();
@@ -210,7 +216,7 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
 }
 
 using Attend = void (*)(const float*, const float* const*, const float* const*, int64_t, float,
-                        float*, float*);
+                        float*, float*, float*);
 
 template <int D>
 Attend pick_group(int64_t g) {
@@ -233,7 +239,7 @@ Attend pick(int64_t d, int64_t g) {
 }
 #else
 using Attend = void (*)(const float*, const float* const*, const float* const*, int64_t, float,
-                        float*, float*);
+                        float*, float*, float*);
 Attend pick(int64_t, int64_t) { return nullptr; }
 #endif
 
@@ -265,10 +271,41 @@ void check_q(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& valu
               positions.sizes(), " must be (", q.size(0), ", 1)");
 }
 
-// The shared driver: one task per (row, kv head). ``visible(b, offsets)`` lists where row b's
-// visible slots start in head 0 of keys and values (in elements) and returns how many there
-// are; head h's are ``head_stride`` further. A thread's tasks run row by row, so it lists a
-// row's slots once for all its heads.
+// A read span longer than kChunk slots is cut into chunks of kChunk of each row's slot list,
+// each a task of its own (as flash-decoding does): one long row over 3 kv heads was 3 tasks
+// for 2 threads, one thread idle a third of the time. A chunk's softmax keeps its maximum and
+// its sum of exponentials, and a row's chunks that saw a slot are combined after
+// (``combine_chunks``); a row whose visible slots all lie in one chunk takes that chunk's
+// result as it is, summed as it always was. Chunks are cut at fixed places of the row's own
+// slot list, so a row's result does not depend on its batch (the padding that a wider row
+// adds to the span only adds chunks that see nothing).
+constexpr int64_t kChunk = 256;
+
+// out (g, d) = the chunks' outputs o (nch, g, d), each normalized by its own sum, weighted by
+// sum * exp(max - the largest max) and normalized again. NaN in a chunk stays NaN.
+void combine_chunks(const float* const* o, const float* const* stats, int64_t nch, int64_t g,
+                    int64_t d, float* out) {
+  for (int64_t j = 0; j < g; ++j) {
+    float top = -INFINITY;
+    for (int64_t c = 0; c < nch; ++c) top = std::max(top, stats[c][2 * j]);
+    float total = 0.f;
+    float* oj = out + j * d;
+    std::fill(oj, oj + d, 0.f);
+    for (int64_t c = 0; c < nch; ++c) {
+      const float f = stats[c][2 * j + 1] * std::exp(stats[c][2 * j] - top);
+      total += f;
+      axpy(f, o[c] + j * d, oj, d);
+    }
+    const float inv = 1.f / total;
+    for (int64_t i = 0; i < d; ++i) oj[i] *= inv;
+  }
+}
+
+// The shared driver: a task per (row, kv head, chunk of the row's slot list).
+// ``visible(b, lo, hi, offsets)`` lists where row b's visible slots among its list's entries
+// [lo, hi) start in head 0 of keys and values (in elements) and returns how many there are;
+// head h's are ``head_stride`` further. A thread's tasks run in order, so it lists a row's
+// chunk once for all its kv heads.
 template <class Visible>
 at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* vp, int64_t hkv,
                             int64_t head_stride, int64_t max_slots, double scale,
@@ -285,37 +322,70 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
   float* op = out.mutable_data_ptr<float>();
   const float sc = static_cast<float>(scale);
   const Attend fast = pick(d, g);
-  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> ks(max_slots), vs(max_slots);
-    std::vector<int64_t> offsets(max_slots);
-    std::vector<float> w(g * max_slots), qbuf(packed_heads ? 0 : g * d);
-    int64_t row = -1, n = 0;
+  const int64_t chunks = std::max<int64_t>(1, (max_slots + kChunk - 1) / kChunk);
+  const int64_t span = std::min(max_slots, kChunk);  // the most slots one task attends
+  // With one chunk a task writes the output; with more, its partial result and, per query
+  // head, (max, sum, slots seen) go to these, in task order (b, chunk, h).
+  const int64_t tasks = B * chunks * hkv;
+  std::unique_ptr<float[]> partial(chunks > 1 ? new float[tasks * g * d] : nullptr);
+  std::unique_ptr<float[]> stats(chunks > 1 ? new float[tasks * (2 * g + 1)] : nullptr);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const float*> ks(span), vs(span);
+    std::vector<int64_t> offsets(span);
+    std::vector<float> w(g * span), qbuf(packed_heads ? 0 : g * d);
+    int64_t listed = -1, n = 0;
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t b = t / hkv, h = t % hkv;
-      if (b != row) {
-        n = visible(b, offsets.data());
-        row = b;
+      const int64_t h = t % hkv, bc = t / hkv, b = bc / chunks, c = bc % chunks;
+      if (bc != listed) {
+        n = visible(b, c * kChunk, std::min((c + 1) * kChunk, max_slots), offsets.data());
+        listed = bc;
       }
       for (int64_t i = 0; i < n; ++i) {
         ks[i] = kp + h * head_stride + offsets[i];
         vs[i] = vp + h * head_stride + offsets[i];
       }
       const float* qh = qp + b * qs0 + h * g * qs1;
-      if (!packed_heads) {
+      if (!packed_heads && n > 0) {
         for (int64_t j = 0; j < g; ++j) std::copy(qh + j * qs1, qh + j * qs1 + d, &qbuf[j * d]);
         qh = qbuf.data();
       }
-      float* oh = op + (b * Hq + h * g) * d;
+      float* oh = chunks == 1 ? op + (b * Hq + h * g) * d : &partial[t * g * d];
+      float* st = chunks == 1 ? nullptr : &stats[t * (2 * g + 1)];
+      if (st != nullptr) st[2 * g] = static_cast<float>(n);
       if (n == 0) {  // nothing visible: zeros, not NaN
         std::fill(oh, oh + g * d, 0.f);
       } else if (fast != nullptr) {
-        fast(qh, ks.data(), vs.data(), n, sc, w.data(), oh);
+        fast(qh, ks.data(), vs.data(), n, sc, w.data(), oh, st);
       } else {
         std::fill(oh, oh + g * d, 0.f);
-        attend_generic(qh, ks.data(), vs.data(), n, g, d, sc, w.data(), oh);
+        attend_generic(qh, ks.data(), vs.data(), n, g, d, sc, w.data(), oh, st);
       }
     }
   });
+  if (chunks > 1) {  // each (row, kv head): its chunks that saw a slot, in order
+    at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<const float*> o(chunks), st(chunks);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / hkv, h = bh % hkv;
+        int64_t seen = 0;
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t t = (b * chunks + c) * hkv + h;
+          if (stats[t * (2 * g + 1) + 2 * g] > 0) {
+            o[seen] = &partial[t * g * d];
+            st[seen++] = &stats[t * (2 * g + 1)];
+          }
+        }
+        float* oh = op + (b * Hq + h * g) * d;
+        if (seen == 0) {
+          std::fill(oh, oh + g * d, 0.f);
+        } else if (seen == 1) {
+          std::copy(o[0], o[0] + g * d, oh);
+        } else {
+          combine_chunks(o.data(), st.data(), seen, g, d, oh);
+        }
+      }
+    });
+  }
   return out;
 }
 
@@ -340,9 +410,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys,
   const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   std::atomic<int64_t> bad{-1};
-  at::Tensor out = decode_attention(q, kp, vp, hkv, P * d, S, scale, [&](int64_t b, int64_t* at) {
+  at::Tensor out = decode_attention(q, kp, vp, hkv, P * d, S, scale,
+                                    [&](int64_t b, int64_t lo, int64_t hi, int64_t* at) {
     int64_t n = 0;
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = lo; s < hi; ++s) {
       const int64_t slot = rs[b * S + s];
       if (slot < 0 || slot >= P) {
         bad = slot;
@@ -374,9 +445,10 @@ at::Tensor static_decode_attention(const at::Tensor& q, const at::Tensor& keys,
   const float* vp = values.const_data_ptr<float>();
   const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  return decode_attention(q, kp, vp, hkv, S * d, S, scale, [&](int64_t b, int64_t* at) {
+  return decode_attention(q, kp, vp, hkv, S * d, S, scale,
+                          [&](int64_t b, int64_t lo, int64_t hi, int64_t* at) {
     int64_t n = 0;
-    for (int64_t s = 0; s < S; ++s) {
+    for (int64_t s = lo; s < hi; ++s) {
       const int64_t p = sp[b * S + s];
       if (p >= 0 && p <= pos[b]) at[n++] = (b * hkv * S + s) * d;
     }

@@ -7,8 +7,9 @@
 // tests/test_cpu_kernels.py compare them. Built on first use by archopt.ops.cpu_kernels.
 //
 // q (B, Hq, 1, d); positions (B, 1): each row's position. Row b attends over the slots holding
-// positions 0..positions[b]; a row with none gets zeros. Each (row, kv head) is one task with
-// a fixed order of sums, so a row's result does not depend on the other rows of its batch.
+// positions 0..positions[b]; a row with none gets zeros. Each (row, kv head, chunk of 256 of
+// the row's slot list) is one task with a fixed order of sums, and a long row's chunks are
+// combined in their order, so a row's result does not depend on the other rows of its batch.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

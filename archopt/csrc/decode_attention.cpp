@@ -353,8 +353,8 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
       float* oh = chunks == 1 ? op + (b * Hq + h * g) * d : &partial[t * g * d];
       float* st = chunks == 1 ? nullptr : &stats[t * (2 * g + 1)];
       if (st != nullptr) st[2 * g] = static_cast<float>(n);
-      if (n == 0) {  // nothing visible: zeros, not NaN
-        std::fill(oh, oh + g * d, 0.f);
+      if (n == 0) {  // nothing visible: zeros, not NaN (a chunk's count says it)
+        if (st == nullptr) std::fill(oh, oh + g * d, 0.f);
       } else if (fast != nullptr) {
         fast(qh, ks.data(), vs.data(), n, sc, w.data(), oh, st);
       } else {
@@ -363,29 +363,28 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
       }
     }
   });
-  if (chunks > 1) {  // each (row, kv head): its chunks that saw a slot, in order
-    at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-      std::vector<const float*> o(chunks), st(chunks);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / hkv, h = bh % hkv;
-        int64_t seen = 0;
-        for (int64_t c = 0; c < chunks; ++c) {
-          const int64_t t = (b * chunks + c) * hkv + h;
-          if (stats[t * (2 * g + 1) + 2 * g] > 0) {
-            o[seen] = &partial[t * g * d];
-            st[seen++] = &stats[t * (2 * g + 1)];
-          }
-        }
-        float* oh = op + (b * Hq + h * g) * d;
-        if (seen == 0) {
-          std::fill(oh, oh + g * d, 0.f);
-        } else if (seen == 1) {
-          std::copy(o[0], o[0] + g * d, oh);
-        } else {
-          combine_chunks(o.data(), st.data(), seen, g, d, oh);
+  if (chunks > 1) {  // each (row, kv head): its chunks that saw a slot, in order. On one
+    // thread: a few multiply-adds per chunk, less than another parallel region costs.
+    std::vector<const float*> o(chunks), st(chunks);
+    for (int64_t bh = 0; bh < B * hkv; ++bh) {
+      const int64_t b = bh / hkv, h = bh % hkv;
+      int64_t seen = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t t = (b * chunks + c) * hkv + h;
+        if (stats[t * (2 * g + 1) + 2 * g] > 0) {
+          o[seen] = &partial[t * g * d];
+          st[seen++] = &stats[t * (2 * g + 1)];
         }
       }
-    });
+      float* oh = op + (b * Hq + h * g) * d;
+      if (seen == 0) {
+        std::fill(oh, oh + g * d, 0.f);
+      } else if (seen == 1) {
+        std::copy(o[0], o[0] + g * d, oh);
+      } else {
+        combine_chunks(o.data(), st.data(), seen, g, d, oh);
+      }
+    }
   }
   return out;
 }

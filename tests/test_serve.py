@@ -591,6 +591,21 @@ def test_incremental_detokenization_on_smollm2s_tokenizer():
     _full_and_incremental(tok, rand)
 
 
+def test_stop_strings_cut_the_text_and_hold_back_a_possible_start():
+    from archopt.serve.detokenize import cut_at_stop, sendable
+
+    assert cut_at_stop("hello END world END", ["END"], 0) == ("hello ", True)
+    assert cut_at_stop("abcXYz", ["Z", "XY"], 0) == ("abc", True)  # the earliest of them
+    assert cut_at_stop("no stop here", ["END"], 0) == ("no stop here", False)
+    assert cut_at_stop("text", [], 4) == ("text", False)
+    # what was sent is searched again only as far back as a stop string could reach
+    assert cut_at_stop("aEND" + "x" * 10 + "END", ["END"], 10) == ("aEND" + "x" * 10, True)
+    assert sendable("hello EN", ["END"], 0, done=False) == "hello "  # "EN" may start "END"
+    assert sendable("hello EN", ["END"], 0, done=True) == "hello EN"
+    assert sendable("caf\ufffd", [], 0, done=False) == "caf"  # an incomplete character waits
+    assert sendable("hello", [], 5, done=False) == ""
+
+
 def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatch):
     """While the event loop is held up (here: its first content chunk takes 0.3 s), the engine
     runs ahead; the stream then sends what arrived in one chunk, not one per token, and the

@@ -9,6 +9,10 @@ depends on where decoding starts (a SentencePiece leading space) treats them ali
 new text ends in U+FFFD (a character whose bytes have not all come yet) nothing is added, and
 the offsets stay. ``flush`` adds what is left as a whole decode would (U+FFFD included).
 The reference is decoding the whole output (tests compare them at every token).
+
+Stop strings end the text where the first of them starts (``cut_at_stop``); while a request
+runs, what it sends holds back the tail that may be the start of one, and an incomplete
+character (``sendable``).
 """
 
 from __future__ import annotations
@@ -48,3 +52,27 @@ class IncrementalText:
         if len(after) > len(self._before):
             self._advance(tokens, after)
         return self.text
+
+
+def cut_at_stop(text: str, stop: Sequence[str], emitted: int) -> tuple[str, bool]:
+    """``text`` cut where the first stop string starts, and whether one was found. Only text
+    that can hold a new match is searched: from the longest stop's length before ``emitted``
+    (what was sent never held one)."""
+    if not stop:
+        return text, False
+    start = max(emitted - max(len(s) for s in stop), 0)
+    hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def sendable(text: str, stop: Sequence[str], emitted: int, done: bool) -> str:
+    """The text past ``emitted`` that can be sent now: all of it when the request is done;
+    before that, less the tail that may be the start of a stop string and an incomplete
+    character."""
+    end = len(text)
+    if not done:
+        if stop:
+            end -= max(len(s) for s in stop) - 1
+        while end > emitted and text[end - 1] == INCOMPLETE:
+            end -= 1
+    return text[emitted:end] if end > emitted else ""

@@ -35,7 +35,7 @@ import torch
 from archopt import background_build, decode_step
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy, sample
-from archopt.serve.detokenize import IncrementalText
+from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 from archopt.step_graphs import MAX_BATCH
 
@@ -362,12 +362,8 @@ class Engine:
         elif self.tokenizer is not None:  # O(new tokens) per token, not the whole output
             req.detokenizer = req.detokenizer or IncrementalText(self.tokenizer)
             text = (req.detokenizer.flush if last else req.detokenizer.add)(req.output)
-            if p.stop:
-                start = max(req.emitted - max(len(s) for s in p.stop), 0)
-                hits = [i for i in (text.find(s, start) for s in p.stop) if i >= 0]
-                if hits:
-                    text, finish = text[: min(hits)], "stop"
-            req.text = text
+            req.text, hit = cut_at_stop(text, p.stop, req.emitted)
+            finish = "stop" if hit else None
         if finish is None and last:
             finish = "length"
         if finish is not None:
@@ -376,13 +372,7 @@ class Engine:
             self._emit(req, done=False)
 
     def _emit(self, req: Request, *, done: bool) -> None:
-        text, end = req.text, len(req.text)
-        if not done:
-            if req.params.stop:  # hold back what may be the start of a stop string
-                end -= max(len(s) for s in req.params.stop) - 1
-            while end > req.emitted and text[end - 1] == "\ufffd":  # an incomplete character
-                end -= 1
-        delta = text[req.emitted : end] if end > req.emitted else ""
+        delta = sendable(req.text, req.params.stop, req.emitted, done)
         req.emitted += len(delta)
         if req.on_output is not None and (delta or done):
             req.on_output(req, delta, done)

@@ -7,6 +7,7 @@ HTTP for the error cases. Every test checks that no block is left referenced.
 
 import contextlib
 import json
+import random
 import socket
 import threading
 import time
@@ -142,6 +143,103 @@ def test_bounded_queue_and_bad_prompts(tiny):
         engine.abort(rid)
     engine.step()
     assert_no_leaks(engine)
+
+
+def check_pool(cache) -> None:
+    """The pool's bookkeeping agrees with the block tables: each block's reference count is the
+    number of table entries that hold it, and every block is referenced, cached or free, once."""
+    a = cache.allocator
+    held = [0] * a.num_blocks
+    for seq in cache.seqs.values():
+        for b in seq.blocks:
+            held[b] += 1
+    assert a.refs == held
+    cached, free = set(a._cached), set(a._free)
+    assert len(free) == len(a._free) and not cached & free
+    assert all(a.refs[b] == 0 for b in cached | free)
+    assert sum(r > 0 for r in a.refs) + len(cached) + len(free) == a.num_blocks
+    assert {d: b for b, d in a.digest_of.items()} == a.block_of
+    assert cached <= set(a.digest_of)
+
+
+@pytest.mark.parametrize(
+    ("seed", "compiled"), [(s, False) for s in range(12)] + [(s, True) for s in range(12, 16)]
+)
+def test_random_schedules_keep_greedy_requests_exact_and_the_pool_whole(
+    tiny, seed, compiled, request
+):
+    """Requests arrive, are aborted and stop at random steps, in a pool small enough to evict
+    cached prefixes and preempt running requests; prompts share prefixes of random lengths,
+    and some come again in whole blocks (all cached: the last token runs again, into a copy of
+    its block). Every greedy request gives the tokens it gives alone (an aborted one a prefix of
+    them), a seeded sampled one the tokens of the same request alone in a fresh engine, and
+    after every step the pool's reference counts match the block tables. The last seeds step
+    through the compiled paged step (decodes and prompt rows in one call)."""
+    rng = random.Random(seed)
+
+    def unstopped(prompt, n):  # greedy alone, end-of-sequence ignored
+        return generate(tiny, [prompt], n, cache="dense", stop=None)[0, len(prompt) :].tolist()
+
+    block = rng.choice([2, 3, 4, 8])
+    longest = 48 + 32  # the longest prompt plus the most new tokens
+    blocks = -(-longest // block) + rng.randrange(0, 3)  # one long request must fit
+    engine = Engine(
+        tiny,
+        max_batch=rng.choice([1, 3, 4, 8]),
+        block_size=block,
+        num_blocks=blocks,
+        max_blocks=blocks,
+        prefill_chunk=rng.choice([1, 5, 16, 64]),
+        compile=request.getfixturevalue("tiny_step")[0] if compiled else "off",
+    )
+    stems = [[rng.randrange(256) for _ in range(rng.randrange(1, 33))] for _ in range(3)]
+    subs = []  # (request, kind)
+    aborted: set[str] = set()
+    for step in range(2000):
+        if len(subs) < 14 and rng.random() < 0.6:
+            stem = rng.choice(stems)[: rng.randrange(0, 33)]
+            prompt = (stem + [rng.randrange(256) for _ in range(rng.randrange(0, 16))])[:48]
+            prompt = prompt or [rng.randrange(256)]
+            if subs and rng.random() < 0.25:  # a prompt again, in whole blocks: all cached
+                again = rng.choice(subs)[0].prompt
+                prompt = list(again[: len(again) // block * block] or again)
+            n = rng.randrange(1, 33)
+            kind = rng.choice(["greedy", "greedy", "stop", "sampled"])
+            if kind == "sampled":
+                params = SamplingParams(max_tokens=n, temperature=0.8, top_p=0.9, seed=step)
+            elif kind == "stop":  # at a token of its own greedy output (or end-of-sequence)
+                stop = rng.choice(unstopped(prompt, n))
+                params = SamplingParams(max_tokens=n, temperature=0, stop_token_ids=[stop])
+            else:
+                params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+            subs.append((engine.submit(Request(prompt, params, request_id=f"r{len(subs)}")), kind))
+        live = [r for r, _ in subs if r.finish_reason is None]
+        if live and rng.random() < 0.02:
+            victim = rng.choice(live)
+            engine.abort(victim.request_id)
+            aborted.add(victim.request_id)
+        engine.step()
+        check_pool(engine.cache)
+        if len(subs) == 14 and all(r.finish_reason is not None for r, _ in subs):
+            break
+    else:
+        pytest.fail("the requests did not finish in 2000 steps")
+    assert_no_leaks(engine)
+    for req, kind in subs:
+        p = req.params
+        if req.request_id in aborted and req.finish_reason == "abort":
+            if kind != "sampled":
+                assert req.output == unstopped(req.prompt, p.max_tokens)[: len(req.output)]
+            continue
+        if kind == "sampled":
+            again = Engine(tiny, block_size=block, compile="off").generate([req.prompt], p)[0]
+            assert req.output == again.output
+            continue
+        want = unstopped(req.prompt, p.max_tokens)
+        if kind == "stop":  # up to its stop token or end-of-sequence, whichever comes first
+            ends = [i for i, t in enumerate(want) if t in (*p.stop_token_ids, EOS)]
+            want = want[: ends[0] + 1] if ends else want
+        assert req.output == want, (req.request_id, kind)
 
 
 # -- the HTTP server ----------------------------------------------------------------------------

@@ -122,6 +122,73 @@ def test_stops_end_requests_and_are_not_returned(tiny):
     assert_no_leaks(engine)
 
 
+@torch.inference_mode()
+def next_logits(model, ids: list[int]) -> torch.Tensor:
+    """The model's logits for the token after ``ids``, by a full forward without a cache."""
+    return model(torch.tensor([ids]))[0, -1].float()
+
+
+def test_logprobs_are_the_models_own_and_list_its_top_tokens(tiny):
+    engine = Engine(tiny, max_batch=4, block_size=4, compile="off")
+    prompt = list(b"logprobs, please")
+    greedy_k5 = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=5)
+    hot = SamplingParams(max_tokens=6, temperature=1.5, seed=1, ignore_eos=True, logprobs=0,
+                         frequency_penalty=1.0)  # fmt: skip
+    plain, sampled, biased = engine.generate(
+        [prompt, prompt, prompt],
+        [greedy_k5, hot, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)],
+    )
+    assert biased.logprobs == []  # asked for none, given none
+    for req, k in ((plain, 5), (sampled, 0)):
+        assert [t for t, _, _ in req.logprobs] == req.output
+        for i, (token, lp, top) in enumerate(req.logprobs):
+            # the model's distribution, before temperature and penalties
+            want = torch.log_softmax(next_logits(tiny, prompt + req.output[:i]), -1)
+            assert lp == pytest.approx(float(want[token]), abs=1e-4)
+            assert [t for t, _ in top] == want.topk(k).indices.tolist()
+            assert [v for _, v in top] == pytest.approx(want.topk(k).values.tolist(), abs=1e-4)
+            if req is plain:  # greedy: the chosen token is the most likely
+                assert top[0][0] == token
+    assert_no_leaks(engine)
+
+
+def test_logit_bias_and_penalties_follow_openais_formula(tiny):
+    """Greedy tokens under a bias and penalties, against the formula by hand:
+    logit[j] + bias[j] - count[j] * frequency - (count[j] > 0) * presence, output tokens only."""
+
+    def by_hand(prompt, n, bias=None, presence=0.0, frequency=0.0):
+        out = []
+        for _ in range(n):
+            logits = next_logits(tiny, prompt + out).double()
+            for t, b in (bias or {}).items():
+                logits[t] += b
+            for t in set(out):
+                logits[t] -= frequency * out.count(t) + presence
+            out.append(int(logits.argmax()))
+        return out
+
+    prompt = list(b"the same again and again")
+    plain = by_hand(prompt, 12)
+    cases = [
+        {"logit_bias": {7: 100.0}},  # every token is 7
+        {"logit_bias": {plain[0]: -100.0, plain[1]: 5.0}},
+        {"frequency_penalty": 2.0},
+        {"presence_penalty": 1.5, "frequency_penalty": -0.5},
+        {"presence_penalty": -2.0, "logit_bias": {plain[2]: 3.0}},
+    ]
+    engine = Engine(tiny, max_batch=8, block_size=4, compile="off")
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, **c) for c in cases]
+    reqs = engine.generate([prompt] * (len(cases) + 1), [*params, GREEDY])  # one batch
+    assert reqs[0].output == [7] * 10
+    for req, c in zip(reqs, cases):
+        want = by_hand(prompt, 10, c.get("logit_bias"), c.get("presence_penalty", 0.0),
+                       c.get("frequency_penalty", 0.0))  # fmt: skip
+        assert req.output == want, c
+    assert reqs[-1].output == plain  # the plain request beside them is untouched
+    assert all(r.output != plain[:10] for r in reqs[:-1])  # every setting changed something
+    assert_no_leaks(engine)
+
+
 def test_bounded_queue_and_bad_prompts(tiny):
     engine = Engine(tiny, max_batch=1, max_queue=2)
     engine.submit(Request([1], GREEDY))
@@ -386,6 +453,53 @@ def test_completions_whole_and_streamed(client, ready):
     wait_no_leaks(ready)
 
 
+def test_logprobs_over_http_whole_and_streamed_agree(client, ready):
+    """Chat's ``logprobs``/``top_logprobs`` and a completion's ``logprobs`` through the
+    official client: one entry a token, alternatives most likely first (the greedy token
+    among them, first), a stream's pieces adding up to the whole response's, and a bias
+    that the tokens obey."""
+    kw = {"model": "tiny", "max_tokens": 8, "temperature": 0}
+    whole = client.chat.completions.create(messages=MSG, logprobs=True, top_logprobs=3, **kw)
+    content = whole.choices[0].logprobs.content
+    assert len(content) == whole.usage.completion_tokens
+    for entry in content:
+        values = [t.logprob for t in entry.top_logprobs]
+        assert len(values) == 3 and values == sorted(values, reverse=True)
+        assert entry.top_logprobs[0].token == entry.token and entry.logprob == values[0] <= 0
+        assert bytes(entry.bytes).decode(errors="replace") == entry.token or entry.token.startswith(
+            "bytes:"
+        )
+    stream = client.chat.completions.create(
+        messages=MSG, logprobs=True, top_logprobs=3, stream=True, **kw
+    )
+    pieces = [e for c in stream if c.choices and c.choices[0].logprobs
+              for e in c.choices[0].logprobs.content]  # fmt: skip
+    # the same tokens; values to rounding (the second run reads the prompt from the prefix cache)
+    assert [e.token for e in pieces] == [e.token for e in content]
+    assert [e.logprob for e in pieces] == pytest.approx([e.logprob for e in content], abs=1e-5)
+    plain = client.chat.completions.create(messages=MSG, **kw)
+    assert plain.choices[0].logprobs is None
+
+    comp = client.completions.create(prompt="abc", logprobs=2, **kw)
+    lp = comp.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset)
+    assert len(lp.tokens) == comp.usage.completion_tokens
+    for i, (tok, top) in enumerate(zip(lp.tokens, lp.top_logprobs)):
+        assert tok in top and top[tok] == lp.token_logprobs[i] == max(top.values())
+        if i:
+            assert lp.text_offset[i] == lp.text_offset[i - 1] + len(lp.tokens[i - 1])
+    chunks = list(client.completions.create(prompt="abc", logprobs=2, stream=True, **kw))
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    offsets = [
+        o for c in chunks if c.choices[0].logprobs for o in c.choices[0].logprobs.text_offset
+    ]
+    assert streamed == lp.tokens and offsets == lp.text_offset
+
+    biased = client.completions.create(prompt="abc", logit_bias={"120": 100}, **kw)
+    assert biased.choices[0].text == "x" * 8
+    wait_no_leaks(ready)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
@@ -397,10 +511,25 @@ def test_completions_whole_and_streamed(client, ready):
          "context holds 1024"),
         ({"model": "tiny", "messages": "hi"}, 400, "non-empty list"),
         # what the server does not implement is refused, never ignored
-        ({"model": "tiny", "messages": MSG, "logprobs": True}, 400, "logprobs is not supported"),
-        ({"model": "tiny", "messages": MSG, "presence_penalty": 0.5}, 400,
-         "presence_penalty is not supported"),
-        ({"model": "tiny", "messages": MSG, "logit_bias": {"3": -100}}, 400, "logit_bias is not"),
+        ({"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, 400,
+         "tools is not supported"),
+        ({"model": "tiny", "prompt": "a", "echo": True}, 400, "echo is not supported"),
+        # the sampling parameters' ranges
+        ({"model": "tiny", "messages": MSG, "logprobs": 3}, 400, "logprobs must be true or false"),
+        ({"model": "tiny", "messages": MSG, "top_logprobs": 2}, 400, "needs logprobs: true"),
+        ({"model": "tiny", "messages": MSG, "logprobs": True, "top_logprobs": 21}, 400,
+         "top_logprobs must be an integer >= 0 and <= 20"),
+        ({"model": "tiny", "prompt": "a", "logprobs": True}, 400, "how many alternatives"),
+        ({"model": "tiny", "prompt": "a", "top_logprobs": 2}, 400, "for chat completions"),
+        ({"model": "tiny", "messages": MSG, "presence_penalty": 2.5}, 400,
+         "presence_penalty must be a number >= -2 and <= 2"),
+        ({"model": "tiny", "messages": MSG, "frequency_penalty": "1"}, 400,
+         "frequency_penalty must be a number"),
+        ({"model": "tiny", "messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias must map"),
+        ({"model": "tiny", "messages": MSG, "logit_bias": {"3": 101}}, 400, "logit_bias must map"),
+        ({"model": "tiny", "messages": MSG, "logit_bias": [3]}, 400, "logit_bias must map"),
+        ({"model": "tiny", "messages": MSG, "logit_bias": {"99999": 1}}, 400,
+         "logit_bias: token ids must be in [0, 512), got 99999"),
         ({"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, 400,
          "response_format must be"),
         ({"model": "tiny", "messages": MSG, "stream": "yes"}, 400, "stream must be true or false"),
@@ -415,7 +544,8 @@ def test_malformed_requests_get_openai_errors(ready, body, status, needle):
     import httpx
 
     headers = {"Authorization": "Bearer sk-test"}
-    url = ready["base"] + "/v1/chat/completions"
+    completion = isinstance(body, dict) and "prompt" in body
+    url = ready["base"] + ("/v1/completions" if completion else "/v1/chat/completions")
     if isinstance(body, bytes):
         r = httpx.post(url, content=body, headers=headers)
     else:
@@ -687,6 +817,28 @@ def test_incremental_detokenization_on_smollm2s_tokenizer():
     _full_and_incremental(tok, ids)
     rand = torch.randint(0, 49152, (300,), generator=gen).tolist()  # special tokens included
     _full_and_incremental(tok, rand)
+
+
+def test_token_bytes_add_up_to_the_text():
+    """Each token's own bytes (what log-probabilities report): SmolLM2's byte-level entries
+    joined give the text's UTF-8, characters split across tokens included; SentencePiece's
+    byte tokens and word pieces by their own rules."""
+    from archopt.loading.llm import load_llm
+    from archopt.serve.detokenize import token_bytes
+
+    tok = load_llm("smollm2-135m", weights="fp32", tokenizer=True).tokenizer
+    text = "Zürich, 東京 and Αθήνα 🙂 — a test of “quotes”."
+    ids = tok.encode(text, add_special_tokens=False)
+    pieces = [token_bytes(tok, i) for i in ids]
+    assert b"".join(pieces) == text.encode() and any(len(p) == 1 and p[0] > 127 for p in pieces)
+
+    class Pieces:  # a SentencePiece vocabulary: a word piece, a byte token, a plain word
+        vocab = ("\u2581caf\u00e9", "<0xE2>", "tea")
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.vocab[i] for i in ids]
+
+    assert [token_bytes(Pieces(), i) for i in range(3)] == [" café".encode(), b"\xe2", b"tea"]
 
 
 def test_stop_strings_cut_the_text_and_hold_back_a_possible_start():

@@ -1,7 +1,8 @@
 """Serving: continuous batching over a paged KV cache, and an OpenAI-compatible HTTP server.
 
 ``Engine`` (engine.py) steps the model over many requests at once; ``Scheduler``
-(scheduler.py) decides who runs; ``app.py`` serves it over HTTP (starlette and uvicorn,
+(scheduler.py) decides who runs; logits.py holds a request's own logit bias, penalties and
+log-probabilities, detokenize.py its text; ``app.py`` serves it over HTTP (starlette and uvicorn,
 imported only there), with ``protocol.py`` for the OpenAI API's side: requests parsed and
 checked, errors, whole and streamed (server-sent events) responses.
 """

@@ -25,6 +25,7 @@ from archopt.serve.protocol import (
     chunk,
     error_response,
     event,
+    logprobs_body,
     metrics_text,
     parse_body,
     parse_generation,
@@ -173,8 +174,8 @@ def create_app(
             state.mailbox = Mailbox(asyncio.get_running_loop())
         mailbox, queue = state.mailbox, asyncio.Queue()
 
-        def on_output(req, delta, done):  # engine thread -> event loop
-            mailbox.put(queue, (delta, done))
+        def on_output(req, delta, done):  # engine thread -> event loop, with the number of
+            mailbox.put(queue, (delta, done, len(req.logprobs)))  # tokens' logprobs it covers
 
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         req = Request(prompt, params, on_output=on_output, request_id=rid)
@@ -190,35 +191,55 @@ def create_app(
         def counts() -> dict:
             return usage(len(prompt), len(req.output))
 
+        wants_logprobs = params.logprobs is not None
         if not stream:
             try:
                 done = False
                 while not done:
-                    _, done = await queue.get()
+                    _, done, _ = await queue.get()
             finally:
                 if req.finish_reason is None:
                     engine.abort(rid)
             if req.finish_reason == "error":
                 raise APIError(500, f"generation failed: {engine.error}")
-            return JSONResponse(whole_response(head, req, counts(), chat=chat))
+            logprobs = None
+            if wants_logprobs:
+                logprobs = logprobs_body(req.logprobs, engine.tokenizer, chat=chat)
+            body = whole_response(head, req, counts(), chat=chat, logprobs=logprobs)
+            return JSONResponse(body)
 
-        def sse(delta: str | None, finish: str | None, *, role: bool = False) -> str:
-            return chunk(head, delta, finish, chat=chat, include_usage=include_usage, role=role)
+        sent = {"logprobs": 0, "offset": 0}  # the stream's log-probabilities sent so far
+
+        def sse(delta: str | None, finish: str | None, upto: int = 0, role: bool = False) -> str:
+            logprobs = None
+            if wants_logprobs and upto > sent["logprobs"]:
+                entries = req.logprobs[sent["logprobs"] : upto]
+                logprobs = logprobs_body(
+                    entries, engine.tokenizer, chat=chat, offset=sent["offset"]
+                )
+                sent["logprobs"] = upto
+                if not chat:
+                    last = len(logprobs["tokens"][-1])
+                    sent["offset"] = logprobs["text_offset"][-1] + last
+            return chunk(
+                head, delta, finish, chat=chat, include_usage=include_usage, role=role,
+                logprobs=logprobs,
+            )  # fmt: skip
 
         async def events():
             try:
                 if chat:
                     yield sse(None, None, role=True)
                 while True:
-                    delta, done = await queue.get()
+                    delta, done, upto = await queue.get()
                     while not done and not queue.empty():  # the engine ran ahead of this
-                        more, done = queue.get_nowait()  # stream: one chunk for what is here
+                        more, done, upto = queue.get_nowait()  # stream: one chunk for all
                         delta += more
                     if delta:
-                        yield sse(delta, None)
+                        yield sse(delta, None, upto)
                     if done:
                         break
-                yield sse(None, req.finish_reason)
+                yield sse(None, req.finish_reason, len(req.logprobs))
                 if include_usage:
                     yield usage_chunk(head, counts(), chat=chat)
                 yield event("[DONE]")

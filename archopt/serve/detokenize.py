@@ -12,12 +12,15 @@ The reference is decoding the whole output (tests compare them at every token).
 
 Stop strings end the text where the first of them starts (``cut_at_stop``); while a request
 runs, what it sends holds back the tail that may be the start of one, and an incomplete
-character (``sendable``).
+character (``sendable``). ``token_bytes`` gives one token's own bytes (for log-probabilities:
+a token may hold part of a character).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from functools import cache
 
 INCOMPLETE = "\ufffd"
 
@@ -76,3 +79,33 @@ def sendable(text: str, stop: Sequence[str], emitted: int, done: bool) -> str:
         while end > emitted and text[end - 1] == INCOMPLETE:
             end -= 1
     return text[emitted:end] if end > emitted else ""
+
+
+@cache
+def _byte_level() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): the character that stands for each byte, inverted.
+    Printable bytes stand for themselves, the others for 256 + their rank among them."""
+    kept = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    chars = {b: chr(b) for b in kept}
+    for n, b in enumerate(b for b in range(256) if b not in chars):
+        chars[b] = chr(256 + n)
+    return {c: b for b, c in chars.items()}
+
+
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """The bytes one token stands for, from its vocabulary entry: a byte token ``<0xHH>``
+    (SentencePiece's byte fallback), an entry in the byte-level alphabet (GPT-2, SmolLM,
+    Llama 3) or a SentencePiece piece (``▁`` for a space); else its decoded text."""
+    to_piece = getattr(tokenizer, "convert_ids_to_tokens", None)
+    piece = to_piece([token_id])[0] if to_piece is not None else None
+    if not isinstance(piece, str) or not piece:
+        return tokenizer.decode([token_id]).encode()
+    if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+        with contextlib.suppress(ValueError):
+            return bytes([int(piece[3:5], 16)])
+    table = _byte_level()
+    if all(c in table for c in piece):
+        return bytes(table[c] for c in piece)
+    if "▁" in piece:
+        return piece.replace("▁", " ").encode()
+    return tokenizer.decode([token_id]).encode()

@@ -36,6 +36,7 @@ from archopt import background_build, decode_step
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy, sample
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
+from archopt.serve.logits import adjusted, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 from archopt.step_graphs import MAX_BATCH
 
@@ -185,9 +186,17 @@ class Engine:
         if bad:
             raise ValueError(f"token ids must be in [0, {vocab}), got {bad[0]}")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """ValueError unless ``params``' logit bias names tokens of the vocabulary."""
+        vocab = self.model.config.vocab_size
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token ids must be in [0, {vocab}), got {bad[0]}")
+
     def submit(self, req: Request) -> Request:
         """Queue ``req`` (thread-safe); QueueFull when the bounded queue has no room."""
         self.check_prompt(req.prompt)
+        self.check_params(req.params)
         with self._cond:
             if len(self._inbox) + len(self.scheduler.waiting) >= self.scheduler.max_queue:
                 raise QueueFull(
@@ -333,19 +342,26 @@ class Engine:
         return logits[:, -1].float()
 
     def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor) -> int:
-        tokens = greedy(logits).tolist()  # greedy rows; others sample on their own
+        tokens = greedy(logits).tolist()  # the plain greedy rows' tokens; the others choose below
         for i, req in enumerate(reqs):
             p = req.params
-            if p.temperature > 0:
+            if p.changes_logits or p.temperature > 0:
+                row = logits[i : i + 1]
+                if p.changes_logits:  # logit bias, penalties
+                    row = adjusted(row, p, req.output)
                 tokens[i] = int(
-                    sample(
-                        logits[i : i + 1],
+                    greedy(row)[0]
+                    if p.temperature == 0
+                    else sample(
+                        row,
                         temperature=p.temperature,
                         top_k=p.top_k,
                         top_p=p.top_p,
                         generator=req.generator,
                     )[0]
                 )
+            if p.logprobs is not None:
+                req.logprobs.append(token_logprobs(logits[i], tokens[i], p.logprobs))
             self._append(req, tokens[i])
         return len(reqs)
 

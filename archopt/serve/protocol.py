@@ -8,8 +8,11 @@ starlette's but the one JSON response of an error, imported when one is sent.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 
+from archopt.serve.detokenize import token_bytes
+from archopt.serve.logits import MAX_LOGPROBS
 from archopt.serve.scheduler import Request, SamplingParams
 
 
@@ -53,17 +56,12 @@ def _number(body: dict, key: str, default, *, kind=float, low=None, high=None, l
 
 
 # Parameters of OpenAI's API this server does not implement, with the values that mean "not
-# used": any other value is refused rather than ignored (ignoring a penalty or a logit bias
-# would return tokens the client did not ask for).
+# used": any other value is refused rather than ignored (ignoring a suffix or a tool would
+# return something the client did not ask for).
 UNSUPPORTED = {
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "presence_penalty": (None, 0),
-    "frequency_penalty": (None, 0),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
 }
@@ -95,7 +93,53 @@ def check_unsupported(body: dict) -> None:
         )
 
 
-def sampling_params(body: dict, prompt_len: int, capacity: int, default_max: int | None):
+def _logit_bias(body: dict) -> dict[int, float]:
+    bias = body.get("logit_bias")
+    if bias is None:
+        return {}
+    out = {}
+    for key, value in bias.items() if isinstance(bias, dict) else [(None, None)]:
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            token = -1
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if token < 0 or not number or not -100 <= value <= 100:
+            raise APIError(
+                400,
+                "logit_bias must map token ids to numbers in [-100, 100], got "
+                f"{json.dumps(bias)[:200] if isinstance(bias, dict) else repr(bias)[:200]}",
+                param="logit_bias",
+            )
+        out[token] = float(value)
+    return out
+
+
+def _logprobs(body: dict, chat: bool) -> int | None:
+    """How many alternatives each token lists (None: no log-probabilities). Chat asks with
+    ``logprobs: true`` and ``top_logprobs: k``; a completion with ``logprobs: k``."""
+    top = f"0 to {MAX_LOGPROBS}"
+    if chat:
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise APIError(400, f"logprobs must be true or false, got {wanted!r}", param="logprobs")
+        k = _number(body, "top_logprobs", None, kind=int, low=0, high=MAX_LOGPROBS)
+        if k is not None and not wanted:
+            msg = f"top_logprobs ({k}) needs logprobs: true"
+            raise APIError(400, msg, param="top_logprobs")
+        return (k or 0) if wanted else None
+    if body.get("top_logprobs") not in (None, 0):
+        msg = f"top_logprobs is for chat completions; a completion takes logprobs ({top})"
+        raise APIError(400, msg, param="top_logprobs")
+    if isinstance(body.get("logprobs"), bool):
+        msg = f"logprobs of a completion is how many alternatives ({top}), got {body['logprobs']}"
+        raise APIError(400, msg, param="logprobs")
+    return _number(body, "logprobs", None, kind=int, low=0, high=MAX_LOGPROBS)
+
+
+def sampling_params(
+    body: dict, prompt_len: int, capacity: int, default_max: int | None, *, chat: bool = True
+):
     check_unsupported(body)
     room = capacity - prompt_len
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
@@ -136,6 +180,10 @@ def sampling_params(body: dict, prompt_len: int, capacity: int, default_max: int
         stop=stop,
         stop_token_ids=stop_ids,
         ignore_eos=bool(body.get("ignore_eos", False)),
+        logit_bias=_logit_bias(body),
+        presence_penalty=_number(body, "presence_penalty", 0.0, low=-2, high=2),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2, high=2),
+        logprobs=_logprobs(body, chat),
     )
 
 
@@ -234,8 +282,10 @@ def parse_generation(body: dict, engine, *, chat: bool):
             code="context_length_exceeded",
         )
     try:
-        params = sampling_params(body, len(prompt), engine.capacity, None if chat else 16)
+        default_max = None if chat else 16
+        params = sampling_params(body, len(prompt), engine.capacity, default_max, chat=chat)
         engine.check_prompt(prompt)
+        engine.check_params(params)
     except ValueError as e:
         raise APIError(400, str(e)) from None
     stream = body.get("stream")
@@ -261,15 +311,66 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     }
 
 
-def whole_response(head: dict, req: Request, counts: dict, *, chat: bool) -> dict:
+def _token(tokenizer, token_id: int) -> tuple[str, bytes]:
+    """A token as OpenAI lists it: its text, or ``bytes:\\xHH...`` when it holds part of a
+    character; and its bytes."""
+    if tokenizer is None:
+        return f"token_id:{token_id}", b""
+    raw = token_bytes(tokenizer, token_id)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{c:02x}" for c in raw), raw
+
+
+def _logprob(x: float) -> float:
+    return x if math.isfinite(x) else -9999.0  # JSON has no infinity (vLLM's stand-in)
+
+
+def logprobs_body(entries: list, tokenizer, *, chat: bool, offset: int = 0) -> dict:
+    """OpenAI's ``logprobs`` of a choice for ``entries`` (a request's, ``(token, logprob,
+    [(alternative, logprob), ...])`` each): chat's ``{"content": [...]}``, or a completion's
+    lists, with each token's offset in the text counted from ``offset``."""
+    if chat:
+        content = []
+        for token, lp, top in entries:
+            text, raw = _token(tokenizer, token)
+            alternatives = []
+            for t, v in top:
+                t_text, t_raw = _token(tokenizer, t)
+                alternatives.append({"token": t_text, "logprob": _logprob(v), "bytes": list(t_raw)})
+            content.append(
+                {"token": text, "logprob": _logprob(lp), "bytes": list(raw),
+                 "top_logprobs": alternatives}
+            )  # fmt: skip
+        return {"content": content, "refusal": None}
+    tokens, logprobs, tops, offsets = [], [], [], []
+    for token, lp, top in entries:
+        text = _token(tokenizer, token)[0]
+        tokens.append(text)
+        logprobs.append(_logprob(lp))
+        offsets.append(offset)
+        offset += len(text)
+        listed: dict[str, float] = {}  # a text two tokens share keeps the likelier one's
+        for t, v in [*top, (token, lp)]:  # the chosen token is always listed
+            listed.setdefault(_token(tokenizer, t)[0], _logprob(v))
+        tops.append(listed)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
+            "text_offset": offsets}  # fmt: skip
+
+
+def whole_response(
+    head: dict, req: Request, counts: dict, *, chat: bool, logprobs: dict | None = None
+) -> dict:
     """The body of a finished, unstreamed completion: ``head`` (id, created, model), its one
-    choice and ``counts`` (its usage)."""
+    choice (``logprobs``: from ``logprobs_body``) and ``counts`` (its usage)."""
     if chat:
         message = {"role": "assistant", "content": req.text}
-        choice = {"index": 0, "message": message, "finish_reason": req.finish_reason}
+        choice = {"index": 0, "message": message, "logprobs": logprobs,
+                  "finish_reason": req.finish_reason}  # fmt: skip
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": req.text, "logprobs": None,
+        choice = {"index": 0, "text": req.text, "logprobs": logprobs,
                   "finish_reason": req.finish_reason}  # fmt: skip
         obj = "text_completion"
     return {**head, "object": obj, "choices": [choice], "usage": counts}
@@ -292,16 +393,17 @@ def chunk(
     chat: bool,
     include_usage: bool,
     role: bool = False,
+    logprobs: dict | None = None,
 ) -> str:
-    """One streamed chunk as an event: new text, or the finish reason (or, for chat, the
-    opening ``role`` chunk)."""
+    """One streamed chunk as an event: new text (with the ``logprobs`` of its tokens), or the
+    finish reason (or, for chat, the opening ``role`` chunk)."""
     if chat:
         d = {"role": "assistant", "content": ""} if role else {}
         if delta:
             d["content"] = delta
-        choice = {"index": 0, "delta": d, "finish_reason": finish}
+        choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": delta or "", "logprobs": None,
+        choice = {"index": 0, "text": delta or "", "logprobs": logprobs,
                   "finish_reason": finish}  # fmt: skip
     data = {**head, "object": _chunk_object(chat), "choices": [choice]}
     if include_usage:
@@ -332,6 +434,7 @@ __all__ = [
     "completion_prompt",
     "error_response",
     "event",
+    "logprobs_body",
     "metrics_text",
     "parse_body",
     "parse_generation",

@@ -14,20 +14,28 @@ prefix cache, so recomputing them is a lookup).
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
 
 from archopt.sampling import check_seed
+from archopt.serve.logits import MAX_LOGPROBS
 
 
 @dataclass
 class SamplingParams:
-    """Per-request decoding settings (the OpenAI API's, plus top_k and ignore_eos)."""
+    """Per-request decoding settings (the OpenAI API's, plus top_k and ignore_eos).
+
+    ``logit_bias`` (token id -> -100..100), ``presence_penalty`` and ``frequency_penalty``
+    (-2..2) change the logits before the token is chosen; ``logprobs`` (None, or 0 to
+    ``MAX_LOGPROBS``) records each token's log-probability and that many alternatives in the
+    request's ``logprobs`` (``archopt.serve.logits``)."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -37,6 +45,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -59,6 +71,41 @@ class SamplingParams:
         ):
             raise ValueError(f"stop_token_ids must be a list of integers, got {ids!r}")
         check_seed(self.seed)
+        bias = self.logit_bias
+        if not isinstance(bias, dict) or any(
+            not _integer(t) or t < 0 or not _number(b) or not -100 <= b <= 100
+            for t, b in bias.items()
+        ):
+            raise ValueError(
+                f"logit_bias must map token ids (integers >= 0) to numbers in [-100, 100], "
+                f"got {bias!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
+        k = self.logprobs
+        if k is not None and (not _integer(k) or not 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+
+    @cached_property
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logit_bias`` as (token ids, values), made once for all the request's steps."""
+        ids = torch.tensor(list(self.logit_bias), dtype=torch.long)
+        return ids, torch.tensor([float(v) for v in self.logit_bias.values()])
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether a bias or a penalty applies (``archopt.serve.logits.adjusted``)."""
+        return bool(self.logit_bias or self.presence_penalty or self.frequency_penalty)
+
+
+def _integer(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -88,6 +135,7 @@ class Request:
     finish_time: float | None = None
     preemptions: int = 0
     generator: torch.Generator | None = None
+    logprobs: list = field(default_factory=list)  # per token, with params.logprobs (logits.py)
 
     def __post_init__(self) -> None:
         if not self.prompt:

@@ -189,6 +189,31 @@ def test_logit_bias_and_penalties_follow_openais_formula(tiny):
     assert_no_leaks(engine)
 
 
+def test_the_other_choices_wait_for_the_firsts_prompt_and_share_its_blocks(tiny):
+    """A request's n choices: the others are admitted once the first has read the prompt, find
+    its full blocks in the prefix cache, and sample as requests of their own would."""
+    prompt = list(range(100, 141))  # 41 tokens: 10 full blocks of 4
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=9 + i) for i in range(4)]
+    engine = Engine(tiny, max_batch=8, block_size=4, prefill_chunk=8, compile="off")
+    reqs = [Request(prompt, params[0])]
+    reqs += [Request(prompt, p, after=reqs[0]) for p in params[1:]]
+    engine.submit_all(reqs)
+    engine.step()  # the first reads 8 prompt tokens; the others wait
+    assert [r.status for r in reqs] == ["running", "waiting", "waiting", "waiting"]
+    while engine.scheduler.has_work():
+        engine.step()
+    assert reqs[0].cached == 0 and all(r.cached == 40 for r in reqs[1:])
+    for req, p in zip(reqs, params):
+        alone_req = Engine(tiny, block_size=4, compile="off").generate([prompt], p)[0]
+        assert req.output == alone_req.output
+    assert len({tuple(r.output) for r in reqs}) > 1
+    assert_no_leaks(engine)
+    with pytest.raises(QueueFull):  # all or none
+        Engine(tiny, max_queue=3, compile="off").submit_all(
+            [Request([1], GREEDY) for _ in range(4)]
+        )
+
+
 def test_bounded_queue_and_bad_prompts(tiny):
     engine = Engine(tiny, max_batch=1, max_queue=2)
     engine.submit(Request([1], GREEDY))
@@ -500,6 +525,32 @@ def test_logprobs_over_http_whole_and_streamed_agree(client, ready):
     wait_no_leaks(ready)
 
 
+def test_n_choices_over_http_whole_and_streamed(client, ready):
+    """n choices: indexed 0..n-1, choice i the request with n = 1 and seed + i, each streamed
+    under its index with its own role chunk and finish reason; usage counts them all."""
+    kw = {"model": "tiny", "messages": MSG, "max_tokens": 6, "temperature": 1.0, "seed": 5}
+    whole = client.chat.completions.create(n=3, **kw)
+    texts = [c.message.content for c in whole.choices]
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    for i in range(3):
+        one = client.chat.completions.create(**{**kw, "seed": 5 + i})
+        assert one.choices[0].message.content == texts[i]
+    assert whole.usage.completion_tokens == sum(
+        client.chat.completions.create(**{**kw, "seed": 5 + i}).usage.completion_tokens
+        for i in range(3)
+    )
+    streamed, roles, finishes = ["", "", ""], [0, 0, 0], [0, 0, 0]
+    for c in client.chat.completions.create(n=3, stream=True, **kw):
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+            roles[ch.index] += ch.delta.role == "assistant"
+            finishes[ch.index] += ch.finish_reason is not None
+    assert streamed == texts and roles == [1, 1, 1] and finishes == [1, 1, 1]
+    same = client.completions.create(model="tiny", prompt="abc", max_tokens=5, temperature=0, n=2)
+    assert same.choices[0].text == same.choices[1].text  # greedy choices agree
+    wait_no_leaks(ready)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
@@ -528,6 +579,8 @@ def test_logprobs_over_http_whole_and_streamed_agree(client, ready):
         ({"model": "tiny", "messages": MSG, "logit_bias": {"x": 1}}, 400, "logit_bias must map"),
         ({"model": "tiny", "messages": MSG, "logit_bias": {"3": 101}}, 400, "logit_bias must map"),
         ({"model": "tiny", "messages": MSG, "logit_bias": [3]}, 400, "logit_bias must map"),
+        ({"model": "tiny", "messages": MSG, "n": 0}, 400, "n must be an integer >= 1 and <= 128"),
+        ({"model": "tiny", "messages": MSG, "n": 129}, 400, "n must be an integer >= 1"),
         ({"model": "tiny", "messages": MSG, "logit_bias": {"99999": 1}}, 400,
          "logit_bias: token ids must be in [0, 512), got 99999"),
         ({"model": "tiny", "messages": MSG, "response_format": {"type": "json_object"}}, 400,

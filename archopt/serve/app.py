@@ -174,13 +174,20 @@ def create_app(
             state.mailbox = Mailbox(asyncio.get_running_loop())
         mailbox, queue = state.mailbox, asyncio.Queue()
 
-        def on_output(req, delta, done):  # engine thread -> event loop, with the number of
-            mailbox.put(queue, (delta, done, len(req.logprobs)))  # tokens' logprobs it covers
+        def on_output(index: int):  # engine thread -> event loop: the choice, its new text,
+            def put(req, delta, done):  # whether it is done, and its tokens' logprobs so far
+                mailbox.put(queue, (index, delta, done, len(req.logprobs)))
+
+            return put
 
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        req = Request(prompt, params, on_output=on_output, request_id=rid)
+        reqs: list[Request] = []
+        for i, p in enumerate(params):  # the n choices; the others start from the first's
+            sub = rid if len(params) == 1 else f"{rid}-{i}"  # prompt, in the prefix cache
+            first = reqs[0] if reqs else None
+            reqs.append(Request(prompt, p, on_output=on_output(i), request_id=sub, after=first))
         try:
-            engine.submit(req)
+            engine.submit_all(reqs)
         except QueueFull as e:
             raise APIError(503, str(e), code="queue_full") from None
         except ValueError as e:
@@ -189,63 +196,70 @@ def create_app(
         head = {"id": rid, "created": created, "model": state.model_name}
 
         def counts() -> dict:
-            return usage(len(prompt), len(req.output))
+            return usage(len(prompt), sum(len(r.output) for r in reqs))
 
-        wants_logprobs = params.logprobs is not None
+        def abort_unfinished() -> None:  # the client went away: the blocks go back now
+            for r in reqs:
+                if r.finish_reason is None:
+                    engine.abort(r.request_id)
+
+        wants_logprobs = params[0].logprobs is not None
         if not stream:
             try:
-                done = False
-                while not done:
-                    _, done, _ = await queue.get()
+                left = len(reqs)
+                while left:
+                    left -= (await queue.get())[2]
             finally:
-                if req.finish_reason is None:
-                    engine.abort(rid)
-            if req.finish_reason == "error":
+                abort_unfinished()
+            if any(r.finish_reason == "error" for r in reqs):
                 raise APIError(500, f"generation failed: {engine.error}")
             logprobs = None
             if wants_logprobs:
-                logprobs = logprobs_body(req.logprobs, engine.tokenizer, chat=chat)
-            body = whole_response(head, req, counts(), chat=chat, logprobs=logprobs)
+                logprobs = [logprobs_body(r.logprobs, engine.tokenizer, chat=chat) for r in reqs]
+            body = whole_response(head, reqs, counts(), chat=chat, logprobs=logprobs)
             return JSONResponse(body)
 
-        sent = {"logprobs": 0, "offset": 0}  # the stream's log-probabilities sent so far
+        sent = [{"logprobs": 0, "offset": 0} for _ in reqs]  # each choice's, streamed so far
 
-        def sse(delta: str | None, finish: str | None, upto: int = 0, role: bool = False) -> str:
-            logprobs = None
-            if wants_logprobs and upto > sent["logprobs"]:
-                entries = req.logprobs[sent["logprobs"] : upto]
-                logprobs = logprobs_body(
-                    entries, engine.tokenizer, chat=chat, offset=sent["offset"]
-                )
-                sent["logprobs"] = upto
+        def sse(i: int, delta: str | None, finish: str | None, upto=0, role=False) -> str:
+            logprobs, done = None, sent[i]
+            if wants_logprobs and upto > done["logprobs"]:
+                entries = reqs[i].logprobs[done["logprobs"] : upto]
+                tok = engine.tokenizer
+                logprobs = logprobs_body(entries, tok, chat=chat, offset=done["offset"])
+                done["logprobs"] = upto
                 if not chat:
-                    last = len(logprobs["tokens"][-1])
-                    sent["offset"] = logprobs["text_offset"][-1] + last
+                    done["offset"] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
             return chunk(
                 head, delta, finish, chat=chat, include_usage=include_usage, role=role,
-                logprobs=logprobs,
+                logprobs=logprobs, index=i,
             )  # fmt: skip
 
         async def events():
             try:
                 if chat:
-                    yield sse(None, None, role=True)
-                while True:
-                    delta, done, upto = await queue.get()
-                    while not done and not queue.empty():  # the engine ran ahead of this
-                        more, done, upto = queue.get_nowait()  # stream: one chunk for all
-                        delta += more
-                    if delta:
-                        yield sse(delta, None, upto)
-                    if done:
-                        break
-                yield sse(None, req.finish_reason, len(req.logprobs))
+                    for i in range(len(reqs)):
+                        yield sse(i, None, None, role=True)
+                left = len(reqs)
+                while left:
+                    items = [await queue.get()]
+                    while not queue.empty():  # the engine ran ahead of this stream: one
+                        items.append(queue.get_nowait())  # chunk a choice for what is here
+                    merged: dict[int, list] = {}  # choice -> [text, done, logprobs so far]
+                    for i, delta, done, upto in items:
+                        m = merged.setdefault(i, ["", False, 0])
+                        m[0], m[1], m[2] = m[0] + delta, m[1] or done, upto
+                    for i, (delta, done, upto) in merged.items():
+                        if delta:
+                            yield sse(i, delta, None, upto)
+                        if done:
+                            left -= 1
+                            yield sse(i, None, reqs[i].finish_reason, len(reqs[i].logprobs))
                 if include_usage:
                     yield usage_chunk(head, counts(), chat=chat)
                 yield event("[DONE]")
-            finally:  # the client went away mid-stream: its blocks go back now
-                if req.finish_reason is None:
-                    engine.abort(rid)
+            finally:
+                abort_unfinished()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(events(), media_type="text/event-stream", headers=headers)

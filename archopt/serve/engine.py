@@ -195,20 +195,29 @@ class Engine:
 
     def submit(self, req: Request) -> Request:
         """Queue ``req`` (thread-safe); QueueFull when the bounded queue has no room."""
-        self.check_prompt(req.prompt)
-        self.check_params(req.params)
+        return self.submit_all([req])[0]
+
+    def submit_all(self, reqs: Sequence[Request]) -> list[Request]:
+        """Queue every one of ``reqs`` or none (thread-safe): the choices of one request."""
+        for req in reqs:
+            self.check_prompt(req.prompt)
+            self.check_params(req.params)
+        ids = [r.request_id for r in reqs]
         with self._cond:
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.scheduler.max_queue:
+            queued = len(self._inbox) + len(self.scheduler.waiting)
+            if queued + len(reqs) > self.scheduler.max_queue:
                 raise QueueFull(
                     f"the server's queue is full ({self.scheduler.max_queue} requests "
                     "waiting): retry later"
                 )
-            if req.request_id in self._by_id:
-                raise ValueError(f"request id {req.request_id!r} is already in use")
-            self._by_id[req.request_id] = req
-            self._inbox.append(req)
+            taken = [i for i in ids if i in self._by_id] + [i for i in ids if ids.count(i) > 1]
+            if taken:
+                raise ValueError(f"request id {taken[0]!r} is already in use")
+            for req in reqs:
+                self._by_id[req.request_id] = req
+                self._inbox.append(req)
             self._cond.notify()
-        return req
+        return list(reqs)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks at the next step boundary (thread-safe)."""

@@ -7,6 +7,7 @@ starlette's but the one JSON response of an error, imported when one is sent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import secrets
@@ -137,6 +138,20 @@ def _logprobs(body: dict, chat: bool) -> int | None:
     return _number(body, "logprobs", None, kind=int, low=0, high=MAX_LOGPROBS)
 
 
+MAX_CHOICES = 128  # OpenAI's limit on n
+
+
+def choices(body: dict, params: SamplingParams) -> list[SamplingParams]:
+    """The settings of each of the request's ``n`` choices: choice i samples with seed + i (so
+    choice 0 is the request with n = 1, and the others differ from it), or each with a seed of
+    its own when none is given."""
+    n = _number(body, "n", 1, kind=int, low=1, high=MAX_CHOICES)
+    if params.seed is None:  # each request draws a seed of its own
+        return [params] * n
+    seeds = [params.seed + i - (2**64 if params.seed + i >= 2**64 else 0) for i in range(n)]
+    return [dataclasses.replace(params, seed=s) for s in seeds]
+
+
 def sampling_params(
     body: dict, prompt_len: int, capacity: int, default_max: int | None, *, chat: bool = True
 ):
@@ -154,9 +169,6 @@ def sampling_params(
             param=key,
             code="context_length_exceeded",
         )
-    n = _number(body, "n", 1, kind=int, low=1)
-    if n != 1:
-        raise APIError(400, f"n must be 1 (one choice per request), got {n}", param="n")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -263,8 +275,8 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
 
 
 def parse_generation(body: dict, engine, *, chat: bool):
-    """(prompt ids, SamplingParams, stream, include_usage) of a completion request for
-    ``engine`` (its tokenizer, capacity and prompt check)."""
+    """(prompt ids, the SamplingParams of each choice, stream, include_usage) of a completion
+    request for ``engine`` (its tokenizer, capacity and prompt check)."""
     if chat:
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
@@ -288,6 +300,7 @@ def parse_generation(body: dict, engine, *, chat: bool):
         engine.check_params(params)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+    params = choices(body, params)
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream")
@@ -360,20 +373,24 @@ def logprobs_body(entries: list, tokenizer, *, chat: bool, offset: int = 0) -> d
 
 
 def whole_response(
-    head: dict, req: Request, counts: dict, *, chat: bool, logprobs: dict | None = None
+    head: dict, reqs: list[Request], counts: dict, *, chat: bool, logprobs: list | None = None
 ) -> dict:
-    """The body of a finished, unstreamed completion: ``head`` (id, created, model), its one
-    choice (``logprobs``: from ``logprobs_body``) and ``counts`` (its usage)."""
-    if chat:
-        message = {"role": "assistant", "content": req.text}
-        choice = {"index": 0, "message": message, "logprobs": logprobs,
-                  "finish_reason": req.finish_reason}  # fmt: skip
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": req.text, "logprobs": logprobs,
-                  "finish_reason": req.finish_reason}  # fmt: skip
-        obj = "text_completion"
-    return {**head, "object": obj, "choices": [choice], "usage": counts}
+    """The body of a finished, unstreamed completion: ``head`` (id, created, model), a choice
+    for each of ``reqs`` (``logprobs``: theirs, from ``logprobs_body``) and ``counts`` (the
+    usage)."""
+    out = []
+    for i, req in enumerate(reqs):
+        lp = logprobs[i] if logprobs else None
+        if chat:
+            message = {"role": "assistant", "content": req.text}
+            choice = {"index": i, "message": message, "logprobs": lp,
+                      "finish_reason": req.finish_reason}  # fmt: skip
+        else:
+            choice = {"index": i, "text": req.text, "logprobs": lp,
+                      "finish_reason": req.finish_reason}  # fmt: skip
+        out.append(choice)
+    obj = "chat.completion" if chat else "text_completion"
+    return {**head, "object": obj, "choices": out, "usage": counts}
 
 
 def _chunk_object(chat: bool) -> str:
@@ -394,16 +411,17 @@ def chunk(
     include_usage: bool,
     role: bool = False,
     logprobs: dict | None = None,
+    index: int = 0,
 ) -> str:
-    """One streamed chunk as an event: new text (with the ``logprobs`` of its tokens), or the
-    finish reason (or, for chat, the opening ``role`` chunk)."""
+    """One streamed chunk of choice ``index`` as an event: new text (with the ``logprobs`` of
+    its tokens), or the finish reason (or, for chat, the opening ``role`` chunk)."""
     if chat:
         d = {"role": "assistant", "content": ""} if role else {}
         if delta:
             d["content"] = delta
-        choice = {"index": 0, "delta": d, "logprobs": logprobs, "finish_reason": finish}
+        choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
     else:
-        choice = {"index": 0, "text": delta or "", "logprobs": logprobs,
+        choice = {"index": index, "text": delta or "", "logprobs": logprobs,
                   "finish_reason": finish}  # fmt: skip
     data = {**head, "object": _chunk_object(chat), "choices": [choice]}
     if include_usage:
@@ -430,6 +448,7 @@ __all__ = [
     "chat_prompt",
     "check_api_key",
     "check_unsupported",
+    "choices",
     "chunk",
     "completion_prompt",
     "error_response",

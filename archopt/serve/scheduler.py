@@ -136,6 +136,7 @@ class Request:
     preemptions: int = 0
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)  # per token, with params.logprobs (logits.py)
+    after: Request | None = None  # admitted once this one has read its prompt (``Scheduler``)
 
     def __post_init__(self) -> None:
         if not self.prompt:
@@ -206,15 +207,26 @@ class Scheduler:
         bs = self.cache.block_size
         return -(-(req.length + 1) // bs) - cached // bs
 
+    @staticmethod
+    def _held(req: Request) -> bool:
+        """Whether ``req`` waits for the request it comes ``after`` to read its prompt (the
+        other choices of one request: they then find its full blocks in the prefix cache)."""
+        first = req.after
+        return first is not None and first.status != FINISHED and first.computed < len(first.prompt)
+
     def _admit(self) -> None:
         self.waiting.sort(key=lambda r: r.key)
-        while self.waiting and len(self.running) < self.max_batch:
-            req = self.waiting[0]
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_batch:
+            req = self.waiting[i]
+            if self._held(req):
+                i += 1
+                continue
             cached = self.cache.add_sequence(req.seq_id, req.tokens)
             if self._blocks_for(req, cached) > self.cache.allocator.num_free and self.running:
                 self.cache.free(req.seq_id)  # wait for blocks (unless nothing else runs)
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             req.status, req.computed, req.cached = RUNNING, cached, cached
             self.cached_tokens += cached
             self.running.append(req)

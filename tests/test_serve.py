@@ -208,10 +208,13 @@ def test_the_other_choices_wait_for_the_firsts_prompt_and_share_its_blocks(tiny)
         assert req.output == alone_req.output
     assert len({tuple(r.output) for r in reqs}) > 1
     assert_no_leaks(engine)
+    small = Engine(tiny, max_queue=3, compile="off")
+    small.submit(Request([1], GREEDY))
     with pytest.raises(QueueFull):  # all or none
-        Engine(tiny, max_queue=3, compile="off").submit_all(
-            [Request([1], GREEDY) for _ in range(4)]
-        )
+        small.submit_all([Request([1], GREEDY) for _ in range(3)])
+    assert len(small._inbox) == 1
+    with pytest.raises(ValueError, match="4 requests at once are more than this server's queue"):
+        small.submit_all([Request([1], GREEDY) for _ in range(4)])
 
 
 def test_bounded_queue_and_bad_prompts(tiny):
@@ -551,6 +554,23 @@ def test_n_choices_over_http_whole_and_streamed(client, ready):
     wait_no_leaks(ready)
 
 
+def test_a_batch_of_prompts_gives_each_its_choices_in_order(client, ready):
+    kw = {"model": "tiny", "max_tokens": 5, "temperature": 0}
+    prompts = ["abc", [104, 105, 106, 107]]
+    whole = client.completions.create(prompt=prompts, n=2, **kw)
+    alone = [client.completions.create(prompt=p, **kw) for p in prompts]
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3]
+    assert [c.text for c in whole.choices] == [a.choices[0].text for a in alone for _ in range(2)]
+    assert whole.usage.prompt_tokens == 3 + 4
+    assert whole.usage.completion_tokens == 2 * sum(a.usage.completion_tokens for a in alone)
+    streamed = ["", "", "", ""]
+    for c in client.completions.create(prompt=prompts, n=2, stream=True, **kw):
+        for ch in c.choices:
+            streamed[ch.index] += ch.text
+    assert streamed == [c.text for c in whole.choices]
+    wait_no_leaks(ready)
+
+
 @pytest.mark.parametrize(
     ("body", "status", "needle"),
     [
@@ -580,6 +600,12 @@ def test_n_choices_over_http_whole_and_streamed(client, ready):
         ({"model": "tiny", "messages": MSG, "logit_bias": {"3": 101}}, 400, "logit_bias must map"),
         ({"model": "tiny", "messages": MSG, "logit_bias": [3]}, 400, "logit_bias must map"),
         ({"model": "tiny", "messages": MSG, "n": 0}, 400, "n must be an integer >= 1 and <= 128"),
+        ({"model": "tiny", "prompt": []}, 400, "prompt must be a non-empty string"),
+        ({"model": "tiny", "prompt": ["a", 3]}, 400, "prompt must be a non-empty string"),
+        ({"model": "tiny", "prompt": [["a"]]}, 400, "or a list of them, got [['a']]"),
+        ({"model": "tiny", "prompt": ["a", ""]}, 400, "prompt must be a non-empty string"),
+        ({"model": "tiny", "prompt": ["a", "b", "c"], "n": 128, "max_tokens": 1}, 400,
+         "384 requests at once are more than this server's queue holds (256)"),
         ({"model": "tiny", "messages": MSG, "n": 129}, 400, "n must be an integer >= 1"),
         ({"model": "tiny", "messages": MSG, "logit_bias": {"99999": 1}}, 400,
          "logit_bias: token ids must be in [0, 512), got 99999"),

@@ -169,7 +169,7 @@ def create_app(
         check_key(request)
         body = await read_body(request)
         engine = engine_or_error()
-        prompt, params, stream, include_usage = parse_generation(body, engine, chat=chat)
+        jobs, stream, include_usage = parse_generation(body, engine, chat=chat)
         if state.mailbox is None:
             state.mailbox = Mailbox(asyncio.get_running_loop())
         mailbox, queue = state.mailbox, asyncio.Queue()
@@ -181,11 +181,16 @@ def create_app(
             return put
 
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-        reqs: list[Request] = []
-        for i, p in enumerate(params):  # the n choices; the others start from the first's
-            sub = rid if len(params) == 1 else f"{rid}-{i}"  # prompt, in the prefix cache
-            first = reqs[0] if reqs else None
-            reqs.append(Request(prompt, p, on_output=on_output(i), request_id=sub, after=first))
+        reqs: list[Request] = []  # a prompt's n choices, prompt after prompt
+        total = sum(len(choices) for _, choices in jobs)
+        for prompt, choices in jobs:  # a prompt's other choices start from its first one's
+            first = None  # prompt, in the prefix cache
+            for p in choices:
+                i = len(reqs)
+                sub = rid if total == 1 else f"{rid}-{i}"
+                req = Request(prompt, p, on_output=on_output(i), request_id=sub, after=first)
+                first = first or req
+                reqs.append(req)
         try:
             engine.submit_all(reqs)
         except QueueFull as e:
@@ -196,14 +201,14 @@ def create_app(
         head = {"id": rid, "created": created, "model": state.model_name}
 
         def counts() -> dict:
-            return usage(len(prompt), sum(len(r.output) for r in reqs))
+            return usage(sum(len(p) for p, _ in jobs), sum(len(r.output) for r in reqs))
 
         def abort_unfinished() -> None:  # the client went away: the blocks go back now
             for r in reqs:
                 if r.finish_reason is None:
                     engine.abort(r.request_id)
 
-        wants_logprobs = params[0].logprobs is not None
+        wants_logprobs = reqs[0].params.logprobs is not None
         if not stream:
             try:
                 left = len(reqs)

@@ -203,6 +203,11 @@ class Engine:
             self.check_prompt(req.prompt)
             self.check_params(req.params)
         ids = [r.request_id for r in reqs]
+        if len(reqs) > self.scheduler.max_queue:  # never fits: the caller's error, not a wait
+            raise ValueError(
+                f"{len(reqs)} requests at once are more than this server's queue holds "
+                f"({self.scheduler.max_queue})"
+            )
         with self._cond:
             queued = len(self._inbox) + len(self.scheduler.waiting)
             if queued + len(reqs) > self.scheduler.max_queue:

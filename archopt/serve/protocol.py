@@ -227,22 +227,35 @@ def chat_prompt(tokenizer, messages) -> list[int]:
     return [int(t) for t in ids]
 
 
-def completion_prompt(tokenizer, prompt) -> list[int]:
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        if tokenizer is None:
-            raise APIError(400, "this model has no tokenizer: send the prompt as token ids")
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        return [int(t) for t in tokenizer.encode(prompt)]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
-    raise APIError(
-        400,
-        f"prompt must be a non-empty string or list of token ids (one prompt), got {prompt!r}",
-        param="prompt",
-    )
+def completion_prompts(tokenizer, prompt) -> list[list[int]]:
+    """A completion's prompts as token ids: a string, a list of token ids, or a batch (a list
+    of either)."""
+
+    def one(p) -> list[int] | None:
+        if isinstance(p, str) and p:
+            if tokenizer is None:
+                raise APIError(400, "this model has no tokenizer: send the prompt as token ids")
+            return [int(t) for t in tokenizer.encode(p)]
+        if (
+            isinstance(p, list)
+            and p
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+        ):
+            return list(p)
+        return None
+
+    single = one(prompt)
+    if single is not None:
+        return [single]
+    batch = [one(p) for p in prompt] if isinstance(prompt, list) and prompt else [None]
+    if any(b is None for b in batch):
+        raise APIError(
+            400,
+            "prompt must be a non-empty string or list of token ids, or a list of them, got "
+            f"{repr(prompt)[:200]}",
+            param="prompt",
+        )
+    return batch
 
 
 def parse_body(raw: bytes, model_name: str) -> dict:
@@ -275,32 +288,35 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
 
 
 def parse_generation(body: dict, engine, *, chat: bool):
-    """(prompt ids, the SamplingParams of each choice, stream, include_usage) of a completion
-    request for ``engine`` (its tokenizer, capacity and prompt check)."""
+    """([(prompt ids, the SamplingParams of each of its choices), ...], stream, include_usage)
+    of a completion request for ``engine`` (its tokenizer, capacity and prompt check): one
+    prompt for chat, one or a batch for a completion."""
     if chat:
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
-        prompt = chat_prompt(engine.tokenizer, body["messages"])
+        prompts = [chat_prompt(engine.tokenizer, body["messages"])]
     else:
         if "prompt" not in body:
             raise APIError(400, "prompt is required", param="prompt")
-        prompt = completion_prompt(engine.tokenizer, body["prompt"])
-    if len(prompt) >= engine.capacity:
-        raise APIError(
-            400,
-            f"the prompt has {len(prompt)} tokens, and this model's context holds "
-            f"{engine.capacity}: shorten it",
-            param="messages" if chat else "prompt",
-            code="context_length_exceeded",
-        )
-    try:
-        default_max = None if chat else 16
-        params = sampling_params(body, len(prompt), engine.capacity, default_max, chat=chat)
-        engine.check_prompt(prompt)
-        engine.check_params(params)
-    except ValueError as e:
-        raise APIError(400, str(e)) from None
-    params = choices(body, params)
+        prompts = completion_prompts(engine.tokenizer, body["prompt"])
+    jobs = []
+    for prompt in prompts:
+        if len(prompt) >= engine.capacity:
+            raise APIError(
+                400,
+                f"the prompt has {len(prompt)} tokens, and this model's context holds "
+                f"{engine.capacity}: shorten it",
+                param="messages" if chat else "prompt",
+                code="context_length_exceeded",
+            )
+        try:
+            default_max = None if chat else 16
+            params = sampling_params(body, len(prompt), engine.capacity, default_max, chat=chat)
+            engine.check_prompt(prompt)
+            engine.check_params(params)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        jobs.append((prompt, choices(body, params)))
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise APIError(400, f"stream must be true or false, got {stream!r}", param="stream")
@@ -312,7 +328,7 @@ def parse_generation(body: dict, engine, *, chat: bool):
     if include_usage is not None and not isinstance(include_usage, bool):
         msg = f"stream_options.include_usage must be true or false, got {include_usage!r}"
         raise APIError(400, msg, param="stream_options")
-    return prompt, params, bool(stream), bool(include_usage)
+    return jobs, bool(stream), bool(include_usage)
 
 
 # -- responses ----------------------------------------------------------------------------------
@@ -450,7 +466,7 @@ __all__ = [
     "check_unsupported",
     "choices",
     "chunk",
-    "completion_prompt",
+    "completion_prompts",
     "error_response",
     "event",
     "logprobs_body",

@@ -152,6 +152,40 @@ def test_logprobs_are_the_models_own_and_list_its_top_tokens(tiny):
     assert_no_leaks(engine)
 
 
+@torch.inference_mode()
+def prompt_logprobs_by_hand(model, prompt: list[int]) -> torch.Tensor:
+    """Row i: the log-probabilities of the token after prompt[: i + 1], one full forward."""
+    return torch.log_softmax(model(torch.tensor([prompt]))[0].float(), -1)
+
+
+def check_prompt_logprobs(req, want: torch.Tensor, k: int, partial: bool = False) -> None:
+    assert len(req.prompt_logprobs) == len(req.prompt) - 1 or partial
+    for i, (token, lp, top) in enumerate(req.prompt_logprobs):
+        assert token == req.prompt[i + 1]
+        assert lp == pytest.approx(float(want[i, token]), abs=1e-4)
+        assert [t for t, _ in top] == want[i].topk(k).indices.tolist()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_prompt_logprobs_score_every_prompt_token(tiny, compiled, request):
+    """A prompt scored token by token (what ``echo`` with ``logprobs`` returns), read in
+    chunks, whole even when its blocks are in the prefix cache; ``max_tokens`` 0 scores and
+    generates nothing."""
+    prompt = list(range(50, 80))
+    want = prompt_logprobs_by_hand(tiny, prompt)
+    step = request.getfixturevalue("tiny_step")[0] if compiled else "off"
+    engine = Engine(tiny, max_batch=4, block_size=4, prefill_chunk=7, compile=step)
+    engine.generate([prompt], GREEDY)  # its blocks now in the prefix cache
+    score = SamplingParams(max_tokens=0, prompt_logprobs=2)
+    both = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    scored, generated = engine.generate([prompt, prompt], [score, both])
+    check_prompt_logprobs(scored, want, 2)
+    check_prompt_logprobs(generated, want, 0)
+    assert scored.output == [] and scored.finish_reason == "length"
+    assert generated.output == alone(tiny, prompt, 3) and generated.cached == 0
+    assert_no_leaks(engine)
+
+
 def test_logit_bias_and_penalties_follow_openais_formula(tiny):
     """Greedy tokens under a bias and penalties, against the formula by hand:
     logit[j] + bias[j] - count[j] * frequency - (count[j] > 0) * presence, output tokens only."""
@@ -225,7 +259,7 @@ def test_bounded_queue_and_bad_prompts(tiny):
         engine.submit(Request([3], GREEDY))
     with pytest.raises(ValueError, match="context holds 1024"):
         engine.submit(Request([1] * 1024, GREEDY))
-    with pytest.raises(ValueError, match="max_tokens must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"max_tokens must be an integer >= 1 \(0 only to score"):
         SamplingParams(max_tokens=0)
     for kwargs, message in (
         ({"stop": 5}, "stop must be non-empty strings, got 5"),
@@ -299,8 +333,12 @@ def test_random_schedules_keep_greedy_requests_exact_and_the_pool_whole(
                 again = rng.choice(subs)[0].prompt
                 prompt = list(again[: len(again) // block * block] or again)
             n = rng.randrange(1, 33)
-            kind = rng.choice(["greedy", "greedy", "stop", "sampled"])
-            if kind == "sampled":
+            kind = rng.choice(["greedy", "greedy", "stop", "sampled", "scored"])
+            if kind == "scored":  # its prompt's log-probabilities, and maybe nothing more
+                n = rng.randrange(0, 3)
+                params = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True,
+                                        prompt_logprobs=1)  # fmt: skip
+            elif kind == "sampled":
                 params = SamplingParams(max_tokens=n, temperature=0.8, top_p=0.9, seed=step)
             elif kind == "stop":  # at a token of its own greedy output (or end-of-sequence)
                 stop = rng.choice(unstopped(prompt, n))
@@ -323,13 +361,20 @@ def test_random_schedules_keep_greedy_requests_exact_and_the_pool_whole(
     for req, kind in subs:
         p = req.params
         if req.request_id in aborted and req.finish_reason == "abort":
-            if kind != "sampled":
+            if kind == "scored":  # the prompt's log-probabilities it got, in order
+                check_prompt_logprobs(req, prompt_logprobs_by_hand(tiny, req.prompt), 1, True)
+            if kind != "sampled" and p.max_tokens:
                 assert req.output == unstopped(req.prompt, p.max_tokens)[: len(req.output)]
             continue
         if kind == "sampled":
             again = Engine(tiny, block_size=block, compile="off").generate([req.prompt], p)[0]
             assert req.output == again.output
             continue
+        if kind == "scored":
+            check_prompt_logprobs(req, prompt_logprobs_by_hand(tiny, req.prompt), 1)
+            if not p.max_tokens:
+                assert req.output == []
+                continue
         want = unstopped(req.prompt, p.max_tokens)
         if kind == "stop":  # up to its stop token or end-of-sequence, whichever comes first
             ends = [i for i, t in enumerate(want) if t in (*p.stop_token_ids, EOS)]
@@ -554,6 +599,43 @@ def test_n_choices_over_http_whole_and_streamed(client, ready):
     wait_no_leaks(ready)
 
 
+def test_echo_returns_the_prompt_scored_token_by_token(client, ready, tiny):
+    """``echo`` with ``logprobs``: the prompt's text before the completion's, its tokens with
+    their log-probabilities (the first one none), as a full forward gives them; max_tokens 0
+    scores the prompt alone (what evaluation harnesses ask for); streamed, the prompt comes
+    first, the same."""
+    prompt = "The quick brown fox"
+    ids = list(prompt.encode())
+    want = prompt_logprobs_by_hand(tiny, ids)
+    kw = {"model": "tiny", "prompt": prompt, "temperature": 0, "echo": True, "logprobs": 1}
+    scored = client.completions.create(max_tokens=0, **kw)
+    lp = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt and scored.usage.completion_tokens == 0
+    assert lp.tokens == list(prompt) and lp.text_offset == list(range(len(prompt)))
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(
+        [float(want[i, t]) for i, t in enumerate(ids[1:])], abs=1e-4
+    )
+    more = client.completions.create(max_tokens=4, **kw)
+    plain = client.completions.create(**{**kw, "echo": False, "max_tokens": 4})
+    assert more.choices[0].text == prompt + plain.choices[0].text
+    lp2 = more.choices[0].logprobs
+    assert lp2.tokens == lp.tokens + plain.choices[0].logprobs.tokens
+    assert lp2.token_logprobs[1:] == pytest.approx(
+        lp.token_logprobs[1:] + plain.choices[0].logprobs.token_logprobs, abs=1e-4
+    )
+    assert lp2.text_offset[len(prompt)] == len(prompt)
+    chunks = list(client.completions.create(max_tokens=4, stream=True, **kw))
+    assert chunks[0].choices[0].text == prompt
+    assert "".join(c.choices[0].text for c in chunks) == more.choices[0].text
+    streamed = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp2.tokens
+    echoed = client.completions.create(**{**kw, "logprobs": None, "max_tokens": 4, "n": 2})
+    assert [c.text for c in echoed.choices] == [prompt + plain.choices[0].text] * 2
+    assert all(c.logprobs is None for c in echoed.choices)
+    wait_no_leaks(ready)
+
+
 def test_a_batch_of_prompts_gives_each_its_choices_in_order(client, ready):
     kw = {"model": "tiny", "max_tokens": 5, "temperature": 0}
     prompts = ["abc", [104, 105, 106, 107]]
@@ -584,7 +666,11 @@ def test_a_batch_of_prompts_gives_each_its_choices_in_order(client, ready):
         # what the server does not implement is refused, never ignored
         ({"model": "tiny", "messages": MSG, "tools": [{"type": "function"}]}, 400,
          "tools is not supported"),
-        ({"model": "tiny", "prompt": "a", "echo": True}, 400, "echo is not supported"),
+        ({"model": "tiny", "prompt": "a", "suffix": "b"}, 400, "suffix is not supported"),
+        ({"model": "tiny", "prompt": "a", "echo": 1}, 400, "echo must be true or false"),
+        ({"model": "tiny", "messages": MSG, "echo": True}, 400, "echo is for completions"),
+        ({"model": "tiny", "prompt": "a", "max_tokens": 0}, 400,
+         "max_tokens must be an integer >= 1"),
         # the sampling parameters' ranges
         ({"model": "tiny", "messages": MSG, "logprobs": 3}, 400, "logprobs must be true or false"),
         ({"model": "tiny", "messages": MSG, "top_logprobs": 2}, 400, "needs logprobs: true"),

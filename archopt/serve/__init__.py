@@ -3,8 +3,9 @@
 ``Engine`` (engine.py) steps the model over many requests at once; ``Scheduler``
 (scheduler.py) decides who runs; logits.py holds a request's own logit bias, penalties and
 log-probabilities, detokenize.py its text; ``app.py`` serves it over HTTP (starlette and uvicorn,
-imported only there), with ``protocol.py`` for the OpenAI API's side: requests parsed and
-checked, errors, whole and streamed (server-sent events) responses.
+imported only there), with ``protocol.py`` for the OpenAI API's requests (parsed and
+checked, errors) and ``responses.py`` for its answers (whole, and streamed as server-sent
+events).
 """
 
 from archopt.serve.engine import Engine

@@ -22,13 +22,17 @@ from archopt.serve.engine import Engine
 from archopt.serve.protocol import (
     APIError,
     check_api_key,
-    chunk,
     error_response,
-    event,
-    logprobs_body,
-    metrics_text,
     parse_body,
     parse_generation,
+)
+from archopt.serve.responses import (
+    chunk,
+    event,
+    joined,
+    logprobs_body,
+    metrics_text,
+    prompt_logprobs_body,
     usage,
     usage_chunk,
     whole_response,
@@ -169,7 +173,9 @@ def create_app(
         check_key(request)
         body = await read_body(request)
         engine = engine_or_error()
-        jobs, stream, include_usage = parse_generation(body, engine, chat=chat)
+        jobs, echo, stream, include_usage = parse_generation(body, engine, chat=chat)
+        if echo and engine.tokenizer is None:
+            raise APIError(400, "echo needs the model's tokenizer to write the prompt")
         if state.mailbox is None:
             state.mailbox = Mailbox(asyncio.get_running_loop())
         mailbox, queue = state.mailbox, asyncio.Queue()
@@ -182,6 +188,7 @@ def create_app(
 
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         reqs: list[Request] = []  # a prompt's n choices, prompt after prompt
+        leaders: list[Request] = []  # each choice's first of its prompt (which scores it)
         total = sum(len(choices) for _, choices in jobs)
         for prompt, choices in jobs:  # a prompt's other choices start from its first one's
             first = None  # prompt, in the prefix cache
@@ -191,6 +198,7 @@ def create_app(
                 req = Request(prompt, p, on_output=on_output(i), request_id=sub, after=first)
                 first = first or req
                 reqs.append(req)
+                leaders.append(first)
         try:
             engine.submit_all(reqs)
         except QueueFull as e:
@@ -209,6 +217,17 @@ def create_app(
                     engine.abort(r.request_id)
 
         wants_logprobs = reqs[0].params.logprobs is not None
+        prompt_texts = {id(r): engine.tokenizer.decode(r.prompt) for r in leaders} if echo else {}
+
+        def echoed(i: int) -> tuple[str, dict | None]:
+            """Choice i's prompt, as ``echo`` returns it before the text: its text, and the
+            log-probabilities of its tokens (from its prompt's first choice, which read it)."""
+            first = leaders[i]
+            lp = None
+            if wants_logprobs:
+                lp = prompt_logprobs_body(first.prompt, first.prompt_logprobs, engine.tokenizer)
+            return prompt_texts[id(first)], lp
+
         if not stream:
             try:
                 left = len(reqs)
@@ -218,10 +237,19 @@ def create_app(
                 abort_unfinished()
             if any(r.finish_reason == "error" for r in reqs):
                 raise APIError(500, f"generation failed: {engine.error}")
+            texts = [r.text for r in reqs]
             logprobs = None
             if wants_logprobs:
                 logprobs = [logprobs_body(r.logprobs, engine.tokenizer, chat=chat) for r in reqs]
-            body = whole_response(head, reqs, counts(), chat=chat, logprobs=logprobs)
+            if echo:
+                for i, r in enumerate(reqs):
+                    prompt_text, prompt_lp = echoed(i)
+                    texts[i] = prompt_text + r.text
+                    if wants_logprobs:
+                        tok, n = engine.tokenizer, len(prompt_text)
+                        after = logprobs_body(r.logprobs, tok, chat=False, offset=n)
+                        logprobs[i] = joined(prompt_lp, after)
+            body = whole_response(head, reqs, counts(), chat=chat, logprobs=logprobs, texts=texts)
             return JSONResponse(body)
 
         sent = [{"logprobs": 0, "offset": 0} for _ in reqs]  # each choice's, streamed so far
@@ -245,7 +273,7 @@ def create_app(
                 if chat:
                     for i in range(len(reqs)):
                         yield sse(i, None, None, role=True)
-                left = len(reqs)
+                left, shown = len(reqs), set()  # choices not done; echoed ones
                 while left:
                     items = [await queue.get()]
                     while not queue.empty():  # the engine ran ahead of this stream: one
@@ -255,6 +283,14 @@ def create_app(
                         m = merged.setdefault(i, ["", False, 0])
                         m[0], m[1], m[2] = m[0] + delta, m[1] or done, upto
                     for i, (delta, done, upto) in merged.items():
+                        if echo and i not in shown:  # the prompt, before the choice's text
+                            shown.add(i)
+                            prompt_text, prompt_lp = echoed(i)
+                            sent[i]["offset"] = len(prompt_text)
+                            yield chunk(
+                                head, prompt_text, None, chat=chat, index=i,
+                                include_usage=include_usage, logprobs=prompt_lp,
+                            )  # fmt: skip
                         if delta:
                             yield sse(i, delta, None, upto)
                         if done:

@@ -36,7 +36,7 @@ from archopt import background_build, decode_step
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy, sample
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
-from archopt.serve.logits import adjusted, token_logprobs
+from archopt.serve.logits import adjusted, owed, record_prompt_logprob, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 from archopt.step_graphs import MAX_BATCH
 
@@ -262,6 +262,9 @@ class Engine:
             reqs, logits = run(plan.decode, plan.prefill)
             if reqs:
                 sampled += self._sample_and_emit(reqs, logits)
+            for req, _ in plan.prefill:  # a prompt scored, nothing to generate: done
+                if not req.params.max_tokens and req.pending == 0 and req.status != FINISHED:
+                    self._finish(req, "length")
         self.prompt_tokens += sum(n for _, n in plan.prefill)
         self.steps += 1
         self.generated_tokens += sampled
@@ -280,7 +283,7 @@ class Engine:
         decoding ones, then those whose prompt this step ends) and their logits (R, vocab).
         Every row's sums are its own, so a request's tokens do not depend on who shares its
         step, nor on where a call's rows are cut."""
-        seqs, tokens, positions, wanted = [], [], [], []
+        seqs, tokens, positions, wanted, scored = [], [], [], [], []
         for req in decode:
             wanted.append((len(tokens), req))
             seqs.append(req.seq_id)
@@ -290,16 +293,18 @@ class Engine:
         for req, n in prefill:
             chunk = req.tokens[req.computed : req.computed + n]
             chunks.append((req, chunk))
+            scored += [(len(tokens) + p - req.computed, req, p) for p in owed(req, req.computed, n)]
             seqs += [req.seq_id] * n
             tokens += chunk
             positions += range(req.computed, req.computed + n)
-            if req.pending == n:  # the prompt's last token: its logits give the first output
-                wanted.append((len(tokens) - 1, req))
+            if req.pending == n and req.params.max_tokens:  # the prompt's last token: its
+                wanted.append((len(tokens) - 1, req))  # logits give the first output
+        rows_out = sorted({i for i, _ in wanted} | {i for i, _, _ in scored})
         device = self.model.embed.weight.device
         pieces = []
         for lo in range(0, len(tokens), MAX_BATCH):
             hi = min(lo + MAX_BATCH, len(tokens))
-            rows = [i - lo for i, _ in wanted if lo <= i < hi]
+            rows = [i - lo for i in rows_out if lo <= i < hi]
             self.cache.bind(seqs[lo:hi])
             logits = self.compiled(
                 torch.tensor(tokens[lo:hi], device=device).view(-1, 1),
@@ -315,10 +320,15 @@ class Engine:
         for req, chunk in chunks:
             req.computed += len(chunk)
             self.cache.commit(req.seq_id, chunk)
-        if not wanted:
+        if not rows_out:
             return [], torch.empty(0)
-        logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # no copy of one piece
-        return [req for _, req in wanted], logits.float()
+        logits = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).float()  # one: no copy
+        if scored:  # prompt log-probabilities asked for: those rows out, the sampling ones kept
+            at = {row: k for k, row in enumerate(rows_out)}
+            for row, req, p in scored:
+                record_prompt_logprob(req, p, logits[at[row]])
+            logits = logits[[at[row] for row, _ in wanted]]
+        return [req for _, req in wanted], logits
 
     def _eager_rows(
         self, decode: list[Request], prefill: list[tuple[Request, int]]
@@ -330,14 +340,23 @@ class Engine:
             reqs += decode
             logits.append(self._forward([(r, [r.last_token]) for r in decode]))
         if prefill:
-            chunks = self._forward([(r, r.tokens[r.computed : r.computed + n]) for r, n in prefill])
-            done = [i for i, (r, _) in enumerate(prefill) if r.pending == 0]
+            starts = [r.computed for r, _ in prefill]
+            full = any(owed(r, r.computed, n) for r, n in prefill)  # every column's logits
+            rows = [(r, r.tokens[r.computed : r.computed + n]) for r, n in prefill]
+            chunks = self._forward(rows, full=full)
+            if full:  # left-padded: position p of a chunk of n from start is column p - start - n
+                for b, ((r, n), start) in enumerate(zip(prefill, starts)):
+                    for p in owed(r, start, n):
+                        record_prompt_logprob(r, p, chunks[b, p - start - n])
+                chunks = chunks[:, -1]
+            done = [i for i, (r, _) in enumerate(prefill) if r.pending == 0 and r.params.max_tokens]
             reqs += [prefill[i][0] for i in done]
             logits.append(chunks[done])
         return reqs, torch.cat(logits)
 
-    def _forward(self, rows: list[tuple[Request, list[int]]]) -> torch.Tensor:
-        """Logits (rows, vocab) at each row's last token; rows left-padded to one width."""
+    def _forward(self, rows: list[tuple[Request, list[int]]], full: bool = False) -> torch.Tensor:
+        """Logits (rows, vocab) at each row's last token (``full``: (rows, width, vocab), every
+        column); rows left-padded to one width."""
         width = max(len(t) for _, t in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         pos = torch.full((len(rows), width), -1, dtype=torch.long)
@@ -348,12 +367,12 @@ class Engine:
         device = self.model.embed.weight.device
         self.cache.bind([r.seq_id for r, _ in rows])
         logits = self.model(
-            ids.to(device), positions=pos.to(device), cache=self.cache, last_only=True
+            ids.to(device), positions=pos.to(device), cache=self.cache, last_only=not full
         )
         for req, toks in rows:
             req.computed += len(toks)
             self.cache.commit(req.seq_id, toks)
-        return logits[:, -1].float()
+        return logits.float() if full else logits[:, -1].float()
 
     def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor) -> int:
         tokens = greedy(logits).tolist()  # the plain greedy rows' tokens; the others choose below

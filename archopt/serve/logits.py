@@ -41,4 +41,21 @@ def token_logprobs(row: torch.Tensor, token: int, top: int) -> tuple[int, float,
     return token, float(logp[token]), alternatives
 
 
-__all__ = ["MAX_LOGPROBS", "adjusted", "token_logprobs"]
+def owed(req, start: int, n: int) -> range:
+    """The positions among ``start .. start + n - 1`` whose logits give a prompt token's
+    log-probability that ``req`` asked for (``prompt_logprobs``) and has not got yet: entry i
+    of ``req.prompt_logprobs`` is prompt token i + 1's, from the logits at position i."""
+    if req.params.prompt_logprobs is None:
+        return range(0)
+    return range(max(start, len(req.prompt_logprobs)), min(start + n, len(req.prompt) - 1))
+
+
+def record_prompt_logprob(req, position: int, row: torch.Tensor) -> None:
+    """The log-probability of prompt token ``position + 1`` under ``row``, the logits at
+    ``position``, appended to ``req.prompt_logprobs`` (in order: owed's positions)."""
+    assert position == len(req.prompt_logprobs), (position, len(req.prompt_logprobs))
+    token = req.prompt[position + 1]
+    req.prompt_logprobs.append(token_logprobs(row, token, req.params.prompt_logprobs))
+
+
+__all__ = ["MAX_LOGPROBS", "adjusted", "owed", "record_prompt_logprob", "token_logprobs"]

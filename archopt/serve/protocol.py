@@ -1,20 +1,18 @@
-"""The OpenAI API's side of the server: requests parsed and checked into the engine's terms
-(the body, the API key, the prompt of a chat or a completion, the sampling parameters), errors
-as OpenAI's ``{"error": {...}}`` bodies, and responses shaped as OpenAI's: a whole completion,
-the server-sent events of a streamed one, and the metrics as Prometheus text. Nothing of
-starlette's but the one JSON response of an error, imported when one is sent.
+"""The OpenAI API's requests, as the server reads them: parsed and checked into the engine's
+terms (the body, the API key, the prompts of a chat or a completion, each choice's sampling
+parameters), and errors as OpenAI's ``{"error": {...}}`` bodies. ``responses.py`` shapes what
+the server answers. Nothing of starlette's but the one JSON response of an error, imported
+when one is sent.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import secrets
 
-from archopt.serve.detokenize import token_bytes
 from archopt.serve.logits import MAX_LOGPROBS
-from archopt.serve.scheduler import Request, SamplingParams
+from archopt.serve.scheduler import SamplingParams
 
 
 class APIError(Exception):
@@ -60,7 +58,6 @@ def _number(body: dict, key: str, default, *, kind=float, low=None, high=None, l
 # used": any other value is refused rather than ignored (ignoring a suffix or a tool would
 # return something the client did not ask for).
 UNSUPPORTED = {
-    "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "tools": (None, []),
@@ -144,21 +141,36 @@ MAX_CHOICES = 128  # OpenAI's limit on n
 def choices(body: dict, params: SamplingParams) -> list[SamplingParams]:
     """The settings of each of the request's ``n`` choices: choice i samples with seed + i (so
     choice 0 is the request with n = 1, and the others differ from it), or each with a seed of
-    its own when none is given."""
+    its own when none is given. Only the first scores the prompt for ``echo`` (the others read
+    it from the prefix cache), unless there is nothing else to do (``max_tokens`` 0)."""
     n = _number(body, "n", 1, kind=int, low=1, high=MAX_CHOICES)
-    if params.seed is None:  # each request draws a seed of its own
-        return [params] * n
-    seeds = [params.seed + i - (2**64 if params.seed + i >= 2**64 else 0) for i in range(n)]
-    return [dataclasses.replace(params, seed=s) for s in seeds]
+    out = [params] * n
+    if params.seed is not None:
+        seeds = [params.seed + i - (2**64 if params.seed + i >= 2**64 else 0) for i in range(n)]
+        out = [dataclasses.replace(params, seed=s) for s in seeds]
+    if params.prompt_logprobs is not None and params.max_tokens:
+        out[1:] = [dataclasses.replace(p, prompt_logprobs=None) for p in out[1:]]
+    return out
+
+
+def echoes(body: dict, chat: bool) -> bool:
+    """Whether a completion returns its prompt before its text (``echo``; not for chat)."""
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise APIError(400, f"echo must be true or false, got {echo!r}", param="echo")
+    if echo and chat:
+        raise APIError(400, "echo is for completions, not chat completions", param="echo")
+    return bool(echo)
 
 
 def sampling_params(
     body: dict, prompt_len: int, capacity: int, default_max: int | None, *, chat: bool = True
 ):
     check_unsupported(body)
+    echo = echoes(body, chat)
     room = capacity - prompt_len
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _number(body, key, default_max, kind=int, low=1)
+    max_tokens = _number(body, key, default_max, kind=int, low=0 if echo else 1)
     if max_tokens is None:
         max_tokens = room
     if max_tokens > room:
@@ -180,6 +192,10 @@ def sampling_params(
     stop_ids = body.get("stop_token_ids") or []
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) for t in stop_ids):
         raise APIError(400, f"stop_token_ids must be a list of integers, got {stop_ids!r}")
+    logprobs = _logprobs(body, chat)
+    scored = None  # echo's prompt log-probabilities (a prompt echoed alone is scored too)
+    if echo:
+        scored = logprobs if logprobs is not None else 0 if max_tokens == 0 else None
     top_k = body.get("top_k")
     if top_k is not None and top_k != -1:
         top_k = _number(body, "top_k", None, kind=int, low=1)
@@ -195,7 +211,8 @@ def sampling_params(
         logit_bias=_logit_bias(body),
         presence_penalty=_number(body, "presence_penalty", 0.0, low=-2, high=2),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, low=-2, high=2),
-        logprobs=_logprobs(body, chat),
+        logprobs=logprobs,
+        prompt_logprobs=scored,
     )
 
 
@@ -288,9 +305,9 @@ def check_api_key(authorization: str, api_key: str | None) -> None:
 
 
 def parse_generation(body: dict, engine, *, chat: bool):
-    """([(prompt ids, the SamplingParams of each of its choices), ...], stream, include_usage)
-    of a completion request for ``engine`` (its tokenizer, capacity and prompt check): one
-    prompt for chat, one or a batch for a completion."""
+    """([(prompt ids, the SamplingParams of each of its choices), ...], echo, stream,
+    include_usage) of a completion request for ``engine`` (its tokenizer, capacity and prompt
+    check): one prompt for chat, one or a batch for a completion."""
     if chat:
         if "messages" not in body:
             raise APIError(400, "messages is required", param="messages")
@@ -328,135 +345,7 @@ def parse_generation(body: dict, engine, *, chat: bool):
     if include_usage is not None and not isinstance(include_usage, bool):
         msg = f"stream_options.include_usage must be true or false, got {include_usage!r}"
         raise APIError(400, msg, param="stream_options")
-    return jobs, bool(stream), bool(include_usage)
-
-
-# -- responses ----------------------------------------------------------------------------------
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def _token(tokenizer, token_id: int) -> tuple[str, bytes]:
-    """A token as OpenAI lists it: its text, or ``bytes:\\xHH...`` when it holds part of a
-    character; and its bytes."""
-    if tokenizer is None:
-        return f"token_id:{token_id}", b""
-    raw = token_bytes(tokenizer, token_id)
-    try:
-        return raw.decode("utf-8"), raw
-    except UnicodeDecodeError:
-        return "bytes:" + "".join(f"\\x{c:02x}" for c in raw), raw
-
-
-def _logprob(x: float) -> float:
-    return x if math.isfinite(x) else -9999.0  # JSON has no infinity (vLLM's stand-in)
-
-
-def logprobs_body(entries: list, tokenizer, *, chat: bool, offset: int = 0) -> dict:
-    """OpenAI's ``logprobs`` of a choice for ``entries`` (a request's, ``(token, logprob,
-    [(alternative, logprob), ...])`` each): chat's ``{"content": [...]}``, or a completion's
-    lists, with each token's offset in the text counted from ``offset``."""
-    if chat:
-        content = []
-        for token, lp, top in entries:
-            text, raw = _token(tokenizer, token)
-            alternatives = []
-            for t, v in top:
-                t_text, t_raw = _token(tokenizer, t)
-                alternatives.append({"token": t_text, "logprob": _logprob(v), "bytes": list(t_raw)})
-            content.append(
-                {"token": text, "logprob": _logprob(lp), "bytes": list(raw),
-                 "top_logprobs": alternatives}
-            )  # fmt: skip
-        return {"content": content, "refusal": None}
-    tokens, logprobs, tops, offsets = [], [], [], []
-    for token, lp, top in entries:
-        text = _token(tokenizer, token)[0]
-        tokens.append(text)
-        logprobs.append(_logprob(lp))
-        offsets.append(offset)
-        offset += len(text)
-        listed: dict[str, float] = {}  # a text two tokens share keeps the likelier one's
-        for t, v in [*top, (token, lp)]:  # the chosen token is always listed
-            listed.setdefault(_token(tokenizer, t)[0], _logprob(v))
-        tops.append(listed)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops,
-            "text_offset": offsets}  # fmt: skip
-
-
-def whole_response(
-    head: dict, reqs: list[Request], counts: dict, *, chat: bool, logprobs: list | None = None
-) -> dict:
-    """The body of a finished, unstreamed completion: ``head`` (id, created, model), a choice
-    for each of ``reqs`` (``logprobs``: theirs, from ``logprobs_body``) and ``counts`` (the
-    usage)."""
-    out = []
-    for i, req in enumerate(reqs):
-        lp = logprobs[i] if logprobs else None
-        if chat:
-            message = {"role": "assistant", "content": req.text}
-            choice = {"index": i, "message": message, "logprobs": lp,
-                      "finish_reason": req.finish_reason}  # fmt: skip
-        else:
-            choice = {"index": i, "text": req.text, "logprobs": lp,
-                      "finish_reason": req.finish_reason}  # fmt: skip
-        out.append(choice)
-    obj = "chat.completion" if chat else "text_completion"
-    return {**head, "object": obj, "choices": out, "usage": counts}
-
-
-def _chunk_object(chat: bool) -> str:
-    return "chat.completion.chunk" if chat else "text_completion"
-
-
-def event(data: dict | str) -> str:
-    """One server-sent event: ``data: <json>`` (or the text as it is, for ``[DONE]``)."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-def chunk(
-    head: dict,
-    delta: str | None,
-    finish: str | None,
-    *,
-    chat: bool,
-    include_usage: bool,
-    role: bool = False,
-    logprobs: dict | None = None,
-    index: int = 0,
-) -> str:
-    """One streamed chunk of choice ``index`` as an event: new text (with the ``logprobs`` of
-    its tokens), or the finish reason (or, for chat, the opening ``role`` chunk)."""
-    if chat:
-        d = {"role": "assistant", "content": ""} if role else {}
-        if delta:
-            d["content"] = delta
-        choice = {"index": index, "delta": d, "logprobs": logprobs, "finish_reason": finish}
-    else:
-        choice = {"index": index, "text": delta or "", "logprobs": logprobs,
-                  "finish_reason": finish}  # fmt: skip
-    data = {**head, "object": _chunk_object(chat), "choices": [choice]}
-    if include_usage:
-        data["usage"] = None
-    return event(data)
-
-
-def usage_chunk(head: dict, counts: dict, *, chat: bool) -> str:
-    """The last chunk before ``[DONE]`` when the client asked for usage: no choices."""
-    return event({**head, "object": _chunk_object(chat), "choices": [], "usage": counts})
-
-
-def metrics_text(metrics: dict) -> str:
-    """The engine's metrics in Prometheus' text format."""
-    lines = []
-    for k, v in metrics.items():
-        kind = "counter" if k.endswith("_total") else "gauge"
-        lines += [f"# TYPE archopt_{k} {kind}", f"archopt_{k} {v}"]
-    return "\n".join(lines) + "\n"
+    return jobs, echoes(body, chat), bool(stream), bool(include_usage)
 
 
 __all__ = [
@@ -465,16 +354,9 @@ __all__ = [
     "check_api_key",
     "check_unsupported",
     "choices",
-    "chunk",
     "completion_prompts",
     "error_response",
-    "event",
-    "logprobs_body",
-    "metrics_text",
     "parse_body",
     "parse_generation",
     "sampling_params",
-    "usage",
-    "usage_chunk",
-    "whole_response",
 ]

@@ -35,7 +35,9 @@ class SamplingParams:
     ``logit_bias`` (token id -> -100..100), ``presence_penalty`` and ``frequency_penalty``
     (-2..2) change the logits before the token is chosen; ``logprobs`` (None, or 0 to
     ``MAX_LOGPROBS``) records each token's log-probability and that many alternatives in the
-    request's ``logprobs`` (``archopt.serve.logits``)."""
+    request's ``logprobs``, ``prompt_logprobs`` each prompt token's after the first in its
+    ``prompt_logprobs`` (``archopt.serve.logits``). ``max_tokens`` 0 scores a prompt: it
+    needs ``prompt_logprobs``."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -49,12 +51,17 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        scoring = self.prompt_logprobs is not None and self.max_tokens == 0
+        if not _integer(self.max_tokens) or (self.max_tokens < 1 and not scoring):
+            raise ValueError(
+                f"max_tokens must be an integer >= 1 (0 only to score a prompt, with "
+                f"prompt_logprobs), got {self.max_tokens!r}"
+            )
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
@@ -84,9 +91,10 @@ class SamplingParams:
             value = getattr(self, name)
             if not _number(value) or not -2 <= value <= 2:
                 raise ValueError(f"{name} must be a number in [-2, 2], got {value!r}")
-        k = self.logprobs
-        if k is not None and (not _integer(k) or not 0 <= k <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _integer(k) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {k!r}")
 
     @cached_property
     def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +144,7 @@ class Request:
     preemptions: int = 0
     generator: torch.Generator | None = None
     logprobs: list = field(default_factory=list)  # per token, with params.logprobs (logits.py)
+    prompt_logprobs: list = field(default_factory=list)  # prompt tokens 1.., if asked for
     after: Request | None = None  # admitted once this one has read its prompt (``Scheduler``)
 
     def __post_init__(self) -> None:
@@ -222,7 +231,12 @@ class Scheduler:
             if self._held(req):
                 i += 1
                 continue
-            cached = self.cache.add_sequence(req.seq_id, req.tokens)
+            # A prompt whose log-probabilities are owed is read whole: cached tokens give none.
+            owes = (
+                req.params.prompt_logprobs is not None
+                and len(req.prompt_logprobs) < len(req.prompt) - 1
+            )
+            cached = self.cache.add_sequence(req.seq_id, None if owes else req.tokens)
             if self._blocks_for(req, cached) > self.cache.allocator.num_free and self.running:
                 self.cache.free(req.seq_id)  # wait for blocks (unless nothing else runs)
                 break

@@ -1029,6 +1029,7 @@ def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatc
     pytest.importorskip("uvicorn")
     import archopt.serve.app as app_module
     from archopt.loading.llm import load_llm, smollm2_path
+    from archopt.serve import responses
 
     try:
         smollm2_path()
@@ -1051,14 +1052,14 @@ def test_a_stream_behind_the_engine_gets_what_is_waiting_in_one_chunk(monkeypatc
             return [e["choices"][0]["text"] for e in events if e["choices"][0]["text"]]
 
         keeping_up = pieces()
-        original, slow = app_module.chunk, []
+        original, slow = responses.chunk, []
 
         def held_up(head, delta, finish, **kw):
             if delta and not slow:
                 slow.append(time.sleep(0.3))  # blocks the event loop, as a busy one would be
             return original(head, delta, finish, **kw)
 
-        monkeypatch.setattr(app_module, "chunk", held_up)
+        monkeypatch.setattr(responses, "chunk", held_up)
         behind = pieces()
         assert len(keeping_up) >= 12  # text token by token when the loop keeps up
         assert "".join(behind) == "".join(keeping_up)

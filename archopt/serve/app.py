@@ -26,17 +26,7 @@ from archopt.serve.protocol import (
     parse_body,
     parse_generation,
 )
-from archopt.serve.responses import (
-    chunk,
-    event,
-    joined,
-    logprobs_body,
-    metrics_text,
-    prompt_logprobs_body,
-    usage,
-    usage_chunk,
-    whole_response,
-)
+from archopt.serve.responses import Answer, metrics_text
 from archopt.serve.scheduler import QueueFull, Request
 
 MAX_BODY_BYTES = 8 * 2**20  # a full context of token ids is well under 1 MiB
@@ -205,28 +195,14 @@ def create_app(
             raise APIError(503, str(e), code="queue_full") from None
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        created = int(time.time())
-        head = {"id": rid, "created": created, "model": state.model_name}
-
-        def counts() -> dict:
-            return usage(sum(len(p) for p, _ in jobs), sum(len(r.output) for r in reqs))
+        head = {"id": rid, "created": int(time.time()), "model": state.model_name}
+        answer = Answer(head, reqs, leaders, engine.tokenizer, chat=chat, echo=echo,
+                        include_usage=include_usage)  # fmt: skip
 
         def abort_unfinished() -> None:  # the client went away: the blocks go back now
             for r in reqs:
                 if r.finish_reason is None:
                     engine.abort(r.request_id)
-
-        wants_logprobs = reqs[0].params.logprobs is not None
-        prompt_texts = {id(r): engine.tokenizer.decode(r.prompt) for r in leaders} if echo else {}
-
-        def echoed(i: int) -> tuple[str, dict | None]:
-            """Choice i's prompt, as ``echo`` returns it before the text: its text, and the
-            log-probabilities of its tokens (from its prompt's first choice, which read it)."""
-            first = leaders[i]
-            lp = None
-            if wants_logprobs:
-                lp = prompt_logprobs_body(first.prompt, first.prompt_logprobs, engine.tokenizer)
-            return prompt_texts[id(first)], lp
 
         if not stream:
             try:
@@ -237,43 +213,13 @@ def create_app(
                 abort_unfinished()
             if any(r.finish_reason == "error" for r in reqs):
                 raise APIError(500, f"generation failed: {engine.error}")
-            texts = [r.text for r in reqs]
-            logprobs = None
-            if wants_logprobs:
-                logprobs = [logprobs_body(r.logprobs, engine.tokenizer, chat=chat) for r in reqs]
-            if echo:
-                for i, r in enumerate(reqs):
-                    prompt_text, prompt_lp = echoed(i)
-                    texts[i] = prompt_text + r.text
-                    if wants_logprobs:
-                        tok, n = engine.tokenizer, len(prompt_text)
-                        after = logprobs_body(r.logprobs, tok, chat=False, offset=n)
-                        logprobs[i] = joined(prompt_lp, after)
-            body = whole_response(head, reqs, counts(), chat=chat, logprobs=logprobs, texts=texts)
-            return JSONResponse(body)
-
-        sent = [{"logprobs": 0, "offset": 0} for _ in reqs]  # each choice's, streamed so far
-
-        def sse(i: int, delta: str | None, finish: str | None, upto=0, role=False) -> str:
-            logprobs, done = None, sent[i]
-            if wants_logprobs and upto > done["logprobs"]:
-                entries = reqs[i].logprobs[done["logprobs"] : upto]
-                tok = engine.tokenizer
-                logprobs = logprobs_body(entries, tok, chat=chat, offset=done["offset"])
-                done["logprobs"] = upto
-                if not chat:
-                    done["offset"] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
-            return chunk(
-                head, delta, finish, chat=chat, include_usage=include_usage, role=role,
-                logprobs=logprobs, index=i,
-            )  # fmt: skip
+            return JSONResponse(answer.whole())
 
         async def events():
             try:
-                if chat:
-                    for i in range(len(reqs)):
-                        yield sse(i, None, None, role=True)
-                left, shown = len(reqs), set()  # choices not done; echoed ones
+                for c in answer.opening():
+                    yield c
+                left = len(reqs)
                 while left:
                     items = [await queue.get()]
                     while not queue.empty():  # the engine ran ahead of this stream: one
@@ -282,23 +228,12 @@ def create_app(
                     for i, delta, done, upto in items:
                         m = merged.setdefault(i, ["", False, 0])
                         m[0], m[1], m[2] = m[0] + delta, m[1] or done, upto
-                    for i, (delta, done, upto) in merged.items():
-                        if echo and i not in shown:  # the prompt, before the choice's text
-                            shown.add(i)
-                            prompt_text, prompt_lp = echoed(i)
-                            sent[i]["offset"] = len(prompt_text)
-                            yield chunk(
-                                head, prompt_text, None, chat=chat, index=i,
-                                include_usage=include_usage, logprobs=prompt_lp,
-                            )  # fmt: skip
-                        if delta:
-                            yield sse(i, delta, None, upto)
-                        if done:
-                            left -= 1
-                            yield sse(i, None, reqs[i].finish_reason, len(reqs[i].logprobs))
-                if include_usage:
-                    yield usage_chunk(head, counts(), chat=chat)
-                yield event("[DONE]")
+                    for i, (text, done, upto) in merged.items():
+                        for c in answer.chunks(i, text, done, upto):
+                            yield c
+                        left -= done
+                for c in answer.closing():
+                    yield c
             finally:
                 abort_unfinished()
 

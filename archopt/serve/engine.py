@@ -282,7 +282,8 @@ class Engine:
         it), in calls of at most ``MAX_BATCH`` rows. Returns the requests that sample now (the
         decoding ones, then those whose prompt this step ends) and their logits (R, vocab).
         Every row's sums are its own, so a request's tokens do not depend on who shares its
-        step, nor on where a call's rows are cut."""
+        step, nor on where a call's rows are cut. The prompt rows whose log-probabilities a
+        request asked for (``owed``) give logits too, recorded here."""
         seqs, tokens, positions, wanted, scored = [], [], [], [], []
         for req in decode:
             wanted.append((len(tokens), req))
@@ -299,7 +300,9 @@ class Engine:
             positions += range(req.computed, req.computed + n)
             if req.pending == n and req.params.max_tokens:  # the prompt's last token: its
                 wanted.append((len(tokens) - 1, req))  # logits give the first output
-        rows_out = sorted({i for i, _ in wanted} | {i for i, _, _ in scored})
+        rows_out = [i for i, _ in wanted]  # ascending, as the rows were laid out
+        if scored:
+            rows_out = sorted({*rows_out, *(i for i, _, _ in scored)})
         device = self.model.embed.weight.device
         pieces = []
         for lo in range(0, len(tokens), MAX_BATCH):

@@ -163,7 +163,95 @@ def metrics_text(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+class Answer:
+    """The answer to one request, whole or streamed: a choice for each of ``reqs`` (a prompt's
+    choices, prompt after prompt), ``leaders[i]`` the first choice of choice i's prompt (the
+    one that read it and, for ``echo``, scored it). Keeps what a stream has sent of each."""
+
+    def __init__(self, head: dict, reqs: list, leaders: list, tokenizer, *, chat: bool,
+                 echo: bool, include_usage: bool) -> None:  # fmt: skip
+        self.head, self.reqs, self.leaders, self.tokenizer = head, reqs, leaders, tokenizer
+        self.chat, self.echo, self.include_usage = chat, echo, include_usage
+        self.logprobs = reqs[0].params.logprobs is not None
+        self.prompt_texts = {id(r): tokenizer.decode(r.prompt) for r in leaders} if echo else {}
+        self.sent = [0] * len(reqs)  # of each choice: log-probability entries streamed
+        self.offset = [0] * len(reqs)  # and the text offset they reach (completions)
+        self.shown: set[int] = set()  # choices whose echoed prompt went out
+
+    def usage(self) -> dict:
+        prompts = sum(len(r.prompt) for r in {id(r): r for r in self.leaders}.values())
+        return usage(prompts, sum(len(r.output) for r in self.reqs))
+
+    def _echoed(self, i: int) -> tuple[str, dict | None]:
+        """Choice i's prompt as ``echo`` returns it: its text and its tokens' logprobs."""
+        first = self.leaders[i]
+        lp = None
+        if self.logprobs:
+            lp = prompt_logprobs_body(first.prompt, first.prompt_logprobs, self.tokenizer)
+        return self.prompt_texts[id(first)], lp
+
+    def whole(self) -> dict:
+        """The body of the finished, unstreamed answer."""
+        texts = [r.text for r in self.reqs]
+        logprobs = None
+        if self.logprobs:
+            logprobs = [
+                logprobs_body(r.logprobs, self.tokenizer, chat=self.chat) for r in self.reqs
+            ]
+        for i, r in enumerate(self.reqs if self.echo else ()):
+            prompt_text, prompt_lp = self._echoed(i)
+            texts[i] = prompt_text + r.text
+            if self.logprobs:
+                after = logprobs_body(
+                    r.logprobs, self.tokenizer, chat=False, offset=len(prompt_text)
+                )
+                logprobs[i] = joined(prompt_lp, after)
+        return whole_response(
+            self.head, self.reqs, self.usage(), chat=self.chat, logprobs=logprobs, texts=texts
+        )
+
+    def _chunk(self, i: int, text: str | None, finish: str | None, *, upto: int = 0,
+               role: bool = False, logprobs: dict | None = None) -> str:  # fmt: skip
+        if self.logprobs and upto > self.sent[i]:  # the log-probabilities of the new tokens
+            entries = self.reqs[i].logprobs[self.sent[i] : upto]
+            logprobs = logprobs_body(entries, self.tokenizer, chat=self.chat, offset=self.offset[i])
+            self.sent[i] = upto
+            if not self.chat:
+                self.offset[i] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        return chunk(self.head, text, finish, chat=self.chat, include_usage=self.include_usage,
+                     role=role, logprobs=logprobs, index=i)  # fmt: skip
+
+    def opening(self) -> list[str]:
+        """A chat stream's first chunks: each choice's role."""
+        if not self.chat:
+            return []
+        return [self._chunk(i, None, None, role=True) for i in range(len(self.reqs))]
+
+    def chunks(self, i: int, text: str, done: bool, upto: int) -> list[str]:
+        """Choice i's chunks for its new ``text`` (its tokens' logprobs up to entry ``upto``):
+        first its echoed prompt, if not sent yet, then the text, then, when ``done``, its
+        finish reason."""
+        out = []
+        if self.echo and i not in self.shown:
+            self.shown.add(i)
+            prompt_text, prompt_lp = self._echoed(i)
+            self.offset[i] = len(prompt_text)
+            out.append(self._chunk(i, prompt_text, None, logprobs=prompt_lp))
+        if text:
+            out.append(self._chunk(i, text, None, upto=upto))
+        if done:
+            req = self.reqs[i]
+            out.append(self._chunk(i, None, req.finish_reason, upto=len(req.logprobs)))
+        return out
+
+    def closing(self) -> list[str]:
+        """A stream's last chunks: the usage when asked for, then ``[DONE]``."""
+        last = [usage_chunk(self.head, self.usage(), chat=self.chat)] if self.include_usage else []
+        return [*last, event("[DONE]")]
+
+
 __all__ = [
+    "Answer",
     "chunk",
     "event",
     "joined",

@@ -636,6 +636,32 @@ def test_echo_returns_the_prompt_scored_token_by_token(client, ready, tiny):
     wait_no_leaks(ready)
 
 
+def test_loglikelihood_requests_as_evaluation_harnesses_send_them(ready, tiny):
+    """lm-evaluation-harness's ``local-completions`` asks for a continuation's log-likelihood
+    with a batch of token-id prompts (context + continuation), ``echo``, ``logprobs: 1`` and
+    ``max_tokens: 1``, and sums ``token_logprobs[ctxlen:-1]``; greedy when each is its top."""
+    import httpx
+
+    contexts = [list(b"The sky is"), list(b"One two")]
+    continuations = [list(b" blue"), list(b" three")]
+    prompts = [c + x for c, x in zip(contexts, continuations)]
+    body = {"model": "tiny", "prompt": prompts, "temperature": 0, "max_tokens": 1,
+            "logprobs": 1, "seed": 1234, "echo": True}  # fmt: skip
+    r = httpx.post(ready["base"] + "/v1/completions", json=body,
+                   headers={"Authorization": "Bearer sk-test"})  # fmt: skip
+    out = sorted(r.json()["choices"], key=lambda c: c["index"])
+    for choice, ctx, cont in zip(out, contexts, continuations):
+        lps = choice["logprobs"]["token_logprobs"][len(ctx) : -1]
+        tops = choice["logprobs"]["top_logprobs"][len(ctx) : -1]
+        want = prompt_logprobs_by_hand(tiny, ctx + cont)
+        by_hand = [float(want[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)]
+        assert sum(lps) == pytest.approx(sum(by_hand), abs=1e-3)
+        greedy = all(lp == max(top.values()) for lp, top in zip(lps, tops))
+        rows = range(len(ctx) - 1, len(ctx) - 1 + len(cont))
+        assert greedy == all(int(want[i].argmax()) == t for i, t in zip(rows, cont))
+    wait_no_leaks(ready)
+
+
 def test_a_batch_of_prompts_gives_each_its_choices_in_order(client, ready):
     kw = {"model": "tiny", "max_tokens": 5, "temperature": 0}
     prompts = ["abc", [104, 105, 106, 107]]

@@ -662,6 +662,32 @@ def test_loglikelihood_requests_as_evaluation_harnesses_send_them(ready, tiny):
     wait_no_leaks(ready)
 
 
+def test_tokenizer_endpoints_as_a_remote_tokenizer_uses_them(ready):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize, as lm-evaluation-harness's remote
+    tokenizer calls them (behind the API key), and their bad input."""
+    import httpx
+
+    base, auth = ready["base"], {"Authorization": "Bearer sk-test"}
+    info = httpx.get(base + "/tokenizer_info", headers=auth).json()
+    assert "eos_token" in info and info["chat_template"] == "role: content lines"
+    r = httpx.post(base + "/tokenize", json={"prompt": "hé", "add_special_tokens": False},
+                   headers=auth).json()  # fmt: skip
+    assert r["tokens"] == list("hé".encode()) and r["count"] == 3 and r["max_model_len"] == 1024
+    chat = httpx.post(base + "/tokenize", json={"messages": MSG}, headers=auth).json()
+    assert chat["tokens"] == list(b"user: Say something.\nassistant:")
+    back = httpx.post(base + "/detokenize", json={"tokens": r["tokens"]}, headers=auth).json()
+    assert back == {"prompt": "hé"}
+    for path, body, needle in [
+        ("/tokenize", {"prompt": 5}, "prompt must be a string"),
+        ("/tokenize", {"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens must"),
+        ("/detokenize", {"tokens": [1, 512]}, "token ids in [0, 512)"),
+        ("/detokenize", {"tokens": "abc"}, "tokens must be a list"),
+    ]:
+        bad = httpx.post(base + path, json=body, headers=auth)
+        assert bad.status_code == 400 and needle in bad.json()["error"]["message"]
+    assert httpx.get(base + "/tokenizer_info").status_code == 401
+
+
 def test_a_batch_of_prompts_gives_each_its_choices_in_order(client, ready):
     kw = {"model": "tiny", "max_tokens": 5, "temperature": 0}
     prompts = ["abc", [104, 105, 106, 107]]

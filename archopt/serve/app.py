@@ -2,11 +2,13 @@
 
 Routes: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (streamed as server-sent
 events ending in ``data: [DONE]``, or whole), ``GET /v1/models``, ``GET /health`` (503 while
-the model loads, then 200) and ``GET /metrics`` (Prometheus text; JSON with
-``Accept: application/json``). Errors are OpenAI's ``{"error": {...}}`` bodies: 400 for a
-malformed request, 401 for a wrong API key, 503 when the queue is full or the model is not
-loaded yet. The engine steps in its own thread; a stream whose client goes away aborts its
-request, which frees its blocks at the next step boundary.
+the model loads, then 200), ``GET /metrics`` (Prometheus text; JSON with
+``Accept: application/json``), and vLLM's ``GET /tokenizer_info``, ``POST /tokenize`` and
+``POST /detokenize`` (a client may tokenize through the server). Errors are OpenAI's
+``{"error": {...}}`` bodies: 400 for a malformed request, 401 for a wrong API key, 503 when
+the queue is full or the model is not loaded yet. The engine steps in its own thread; a
+stream whose client goes away aborts its request, which frees its blocks at the next step
+boundary.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ from archopt.serve.engine import Engine
 from archopt.serve.protocol import (
     APIError,
     check_api_key,
+    detokenize,
     error_response,
     parse_body,
     parse_generation,
+    tokenize,
+    tokenizer_info,
 )
 from archopt.serve.responses import Answer, metrics_text
 from archopt.serve.scheduler import QueueFull, Request
@@ -147,6 +152,23 @@ def create_app(
         card = {"id": state.model_name, "object": "model", "created": state.created}
         return JSONResponse({"object": "list", "data": [{**card, "owned_by": "archopt"}]})
 
+    async def tokenizer_card(request):
+        check_key(request)
+        return JSONResponse(tokenizer_info(engine_or_error().tokenizer))
+
+    async def tokenize_text(request):
+        check_key(request)
+        body = await read_body(request)
+        engine = engine_or_error()
+        return JSONResponse(tokenize(body, engine.tokenizer, engine.capacity))
+
+    async def detokenize_ids(request):
+        check_key(request)
+        body = await read_body(request)
+        engine = engine_or_error()
+        vocab = engine.model.config.vocab_size
+        return JSONResponse(detokenize(body, engine.tokenizer, vocab))
+
     async def metrics(request):
         m = engine_or_error().metrics()
         if "application/json" in request.headers.get("accept", ""):
@@ -260,6 +282,9 @@ def create_app(
         Route("/v1/models", handled(models), methods=["GET"]),
         Route("/v1/completions", handled(completions), methods=["POST"]),
         Route("/v1/chat/completions", handled(chat_completions), methods=["POST"]),
+        Route("/tokenizer_info", handled(tokenizer_card), methods=["GET"]),
+        Route("/tokenize", handled(tokenize_text), methods=["POST"]),
+        Route("/detokenize", handled(detokenize_ids), methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.archopt = state

@@ -275,6 +275,45 @@ def completion_prompts(tokenizer, prompt) -> list[list[int]]:
     return batch
 
 
+def tokenizer_info(tokenizer) -> dict:
+    """``GET /tokenizer_info`` (vLLM's): the special tokens and the chat template, what a
+    client needs to tokenize through the server (lm-evaluation-harness's remote tokenizer)."""
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    names = ("eos_token", "bos_token", "pad_token", "unk_token", "chat_template")
+    return {name: getattr(tokenizer, name, None) for name in names}
+
+
+def tokenize(body: dict, tokenizer, capacity: int) -> dict:
+    """``POST /tokenize`` (vLLM's): a ``prompt``'s token ids (``add_special_tokens``, default
+    true), or a chat's (``messages``, with its template)."""
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    if "messages" in body:
+        ids = chat_prompt(tokenizer, body["messages"])
+    else:
+        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+        if not isinstance(prompt, str):
+            raise APIError(400, f"prompt must be a string, got {prompt!r}"[:300], param="prompt")
+        if not isinstance(special, bool):
+            msg = f"add_special_tokens must be true or false, got {special!r}"
+            raise APIError(400, msg, param="add_special_tokens")
+        ids = [int(t) for t in tokenizer.encode(prompt, add_special_tokens=special)]
+    return {"count": len(ids), "max_model_len": capacity, "tokens": ids}
+
+
+def detokenize(body: dict, tokenizer, vocab: int) -> dict:
+    """``POST /detokenize`` (vLLM's): the text of ``tokens``."""
+    if tokenizer is None:
+        raise APIError(400, "this model has no tokenizer")
+    ids = body.get("tokens")
+    ok = isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
+    if not ok or not all(0 <= t < vocab for t in ids):
+        msg = f"tokens must be a list of token ids in [0, {vocab}), got {ids!r}"[:300]
+        raise APIError(400, msg, param="tokens")
+    return {"prompt": tokenizer.decode(ids)}
+
+
 def parse_body(raw: bytes, model_name: str) -> dict:
     """A request's JSON body: an object, naming this server's model if it names one."""
     try:
@@ -355,8 +394,11 @@ __all__ = [
     "check_unsupported",
     "choices",
     "completion_prompts",
+    "detokenize",
     "error_response",
     "parse_body",
     "parse_generation",
     "sampling_params",
+    "tokenize",
+    "tokenizer_info",
 ]

@@ -790,21 +790,25 @@ def test_wrong_api_key_is_401(ready):
     assert httpx.get(ready["base"] + "/v1/models").status_code == 401
 
 
-def test_client_gone_mid_stream_frees_its_blocks(ready):
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_gone_mid_stream_frees_its_blocks(ready, n):
+    """A client that goes away mid-stream: every choice of its request stops, its blocks go
+    back."""
     import httpx
 
     body = {"model": "tiny", "messages": MSG, "max_tokens": 900, "stream": True,
-            "temperature": 0, "ignore_eos": True}  # fmt: skip
+            "temperature": 0, "ignore_eos": True, "n": n}  # fmt: skip
     headers = {"Authorization": "Bearer sk-test"}
     engine = engine_of(ready)
     before = engine.metrics()["generated_tokens_total"]
     with httpx.stream("POST", ready["base"] + "/v1/chat/completions", json=body,
                       headers=headers) as r:  # fmt: skip
         lines = r.iter_lines()
-        got = [next(lines) for _ in range(6)]
+        got = [next(lines) for _ in range(6 * n)]
         assert got[0].startswith("data: ") and engine.cache.stats()["blocks_used"] > 0
     wait_no_leaks(ready)
     assert engine.metrics()["generated_tokens_total"] - before < 900  # aborted, not finished
+    assert not engine.scheduler.running and not engine.scheduler.waiting
 
 
 def test_metrics_report_the_pool_and_the_queue(ready):

@@ -8,12 +8,33 @@ The package is built in floors, imports going down only (README, "Layout"):
 ops -> models -> loading -> generate/measure -> pareto/train -> bench/tour -> cli.
 """
 
-from archopt import measure, models, ops
-from archopt.export import export_onnx
-from archopt.optimize import optimize_for_inference
-from archopt.registry import create_model, list_models, register_model
-
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """The public API, imported on first use: ``import archopt`` alone loads nothing heavy
+    (the command line answers ``--help`` and a mistyped flag before torch loads)."""
+    if name in ("create_model", "list_models", "register_model"):
+        from archopt import registry
+
+        return getattr(registry, name)
+    if name == "export_onnx":
+        from archopt.export import export_onnx
+
+        return export_onnx
+    if name == "optimize_for_inference":
+        from archopt.optimize import optimize_for_inference
+
+        return optimize_for_inference
+    if name in ("measure", "models", "ops"):  # (a from-import here would come back here)
+        import importlib
+
+        return importlib.import_module(f"archopt.{name}")
+    raise AttributeError(f"module 'archopt' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
 
 __all__ = [
     "create_model",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from archopt.background_build import build_in_background, building, can_build_in_background
+from archopt.choices import COMPILE_MODES
 from archopt.cuda_graph_step import CUDAGraphStep
 from archopt.decode_step import MAX_BATCH, CompiledStep, cached_step, compile_step, step_folder
 from archopt.ops.kv_cache import KVCache
@@ -30,13 +31,6 @@ from archopt.sampling import check_sampling, check_seed, sample
 
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-# What ``compile=`` takes, besides True/False, a torch.compile backend name and a CompiledStep:
-# "auto": the step compiled ahead of time when it is on disk (else eager, and, for a model
-# loaded by load_llm, built in the background for later processes); "aot": that step, built now
-# if needed; "off": eager; "inductor" / "inductor-cpp": torch.compile in this process;
-# "cuda-graph": on a GPU, the eager step recorded once as a CUDA graph and replayed (what "auto"
-# picks there: recording costs about one step, so it pays from the second token).
-COMPILE_MODES = ("auto", "aot", "off", "inductor", "inductor-cpp", "cuda-graph")
 # A first compile (about 60-90 s on 2 cores) pays for itself within one process only after
 # thousands of tokens (it saves ~15 ms of each ~25 ms eager step on SmolLM2-135M): "auto"
 # compiles in the foreground from this many new tokens (times the batch) on.

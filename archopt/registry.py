@@ -97,7 +97,7 @@ def create_model(
 
     ``pretrained=True`` loads the real weights the entry names (a language model's packaged
     checkpoint, through ``archopt.load_llm``; ``weights`` picks the format, default its fastest
-    one, see ``archopt.loading.llm.WEIGHT_FORMATS``); an entry without packaged weights is an
+    one, see ``archopt.choices.WEIGHT_FORMATS``); an entry without packaged weights is an
     error naming the ones that have them.
     """
     info = model_info(name)

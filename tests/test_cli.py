@@ -17,6 +17,29 @@ def run(capsys, *argv):
     return code, out, err
 
 
+def test_help_and_a_mistyped_flag_answer_before_torch_loads():
+    """``archopt --help`` and a bad command line need only the parser: torch (1-2 s to
+    import) is not loaded for them, and ``import archopt`` alone loads nothing heavy."""
+    import subprocess
+    import sys
+
+    script = """
+import sys
+from archopt.cli import main
+codes = []
+for argv in (["--help"], ["generate", "--help"], ["generate", "--bogus"], ["serve", "--port", "x"]):
+    try:
+        codes.append(main(argv))
+    except SystemExit as e:
+        codes.append(e.code)
+import archopt
+print(codes, "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[0, 0, 2, 2] False"
+    assert "unrecognized arguments: --bogus" in out.stderr
+
+
 def test_list(capsys):
     code, out, _ = run(capsys, "list", "mobilenet*", "--json")
     assert code == 0

@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "archopt"
 
 # Floors, lowest first: a module may import its own floor and those below, never above.
 FLOORS = [
-    {"errors", "io", "report"},  # files, tables, plots, progress lines: nothing of torch's
+    {"errors", "io", "report", "choices"},  # files, tables, plots, progress lines, the names
+    # a user chooses among: nothing of torch's
     {"ops"},  # building blocks, no model knowledge
     {"models"},  # one file per family, and the registry table they fill
     {"loading", "registry"},  # checkpoints (loading a pretrained model is a registry lookup)

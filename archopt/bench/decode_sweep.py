@@ -33,7 +33,8 @@ def gguf_path(model_name: str) -> Path | None:
 
 def in_weight_format(kind: str, base_model: Llama, model_name: str) -> Llama:
     """``base_model`` (fp32) in the weight format ``kind``."""
-    from archopt.loading.llm import WEIGHT_FORMATS, convert_weights
+    from archopt.choices import WEIGHT_FORMATS
+    from archopt.loading.llm import convert_weights
 
     if WEIGHT_FORMATS[kind].keep_gguf_blocks:
         if gguf_path(model_name) is None:
@@ -69,7 +70,7 @@ def sweep(
     something); memory is weights plus the cache's bytes at that point; perplexity is on the
     fixed reference text, fed through the cache.
     """
-    from archopt.loading.llm import WEIGHT_FORMATS
+    from archopt.choices import WEIGHT_FORMATS
     from archopt.pareto import pareto_front, plot_front
     from archopt.perplexity import perplexity, reference_text
 

@@ -41,8 +41,8 @@ from archopt.bench.serve_load import (
     prefix_reuse,
     run_streams,
 )
+from archopt.choices import WEIGHT_CHOICES
 from archopt.io import atomic_write_text, check_writable
-from archopt.loading.llm import WEIGHT_CHOICES
 from archopt.report import ArgumentParser, int_in, save_figure
 
 

@@ -4,8 +4,10 @@ command's arguments."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def emit(data, as_json: bool, text: str) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import itertools
 import json
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from archopt.cli.common import emit
+
+if TYPE_CHECKING:
+    import torch
 
 
 def process_age_s() -> float | None:
@@ -27,6 +29,8 @@ def process_age_s() -> float | None:
 
 def check_device(name: str) -> torch.device:
     """``--device`` as a torch device this machine has, or a ValueError saying why not."""
+    import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -47,6 +51,8 @@ def check_device(name: str) -> torch.device:
 
 def cmd_generate(args) -> None:
     import time
+
+    import torch
 
     from archopt.generate import plan_decode, stream_text
     from archopt.loading.llm import load_llm
@@ -152,6 +158,8 @@ def cmd_cache(args) -> None:
 
 
 def cmd_serve(args) -> None:
+    import torch
+
     from archopt.serve.app import serve
 
     if args.threads:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from archopt.choices import COMPILE_MODES, WEIGHT_CHOICES
 from archopt.cli.language import cmd_cache, cmd_generate, cmd_serve
 from archopt.cli.vision import (
     BENCH_SUITES,
@@ -25,8 +26,6 @@ RESOLUTION = int_in(1, 1 << 16)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from archopt.generate import COMPILE_MODES
-    from archopt.loading.llm import WEIGHT_CHOICES
 
     p = ArgumentParser(
         prog="archopt",

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from archopt.cli.common import emit, model_from_args, parse_overrides
 
 
@@ -31,6 +29,8 @@ def cmd_table(args) -> None:
 
 
 def cmd_measure(args) -> None:
+    import torch
+
     from archopt.measure import measure_model
     from archopt.optimize import optimize_for_inference
     from archopt.report import log
@@ -66,6 +66,8 @@ def cmd_measure(args) -> None:
 
 
 def cmd_export(args) -> None:
+    import torch
+
     from archopt.export import export_onnx
     from archopt.io import check_writable
 

@@ -1,16 +1,17 @@
 """Checkpoints: ``load_llm`` (the door for language models), GGUF, and the key maps of the
 reference implementations (timm, Hugging Face) for the image models and Longformer.
 
-``llm``: ``load_llm`` and the one ``WEIGHT_FORMATS`` table; ``prepared``: loaded models kept in
-the cache folder; ``gguf/``: llama.cpp's files; ``llama``, ``tokenizer``: Hugging Face Llama
-checkpoints and tokenizers; ``keymap``, ``mobilenet_v1``, ``mobilevit``, ``vit``,
-``longformer``: key maps. Imports ops and models (blocks from ops, never from models' files);
-never generate, measure or above.
+``llm``: ``load_llm`` (by the one ``WEIGHT_FORMATS`` table, in ``archopt.choices``);
+``prepared``: loaded models kept in the cache folder; ``gguf/``: llama.cpp's files;
+``llama``, ``tokenizer``: Hugging Face Llama checkpoints and tokenizers; ``keymap``,
+``mobilenet_v1``, ``mobilevit``, ``vit``, ``longformer``: key maps. Imports ops and models
+(blocks from ops, never from models' files); never generate, measure or above.
 """
 
+from archopt.choices import WEIGHT_FORMATS
 from archopt.loading.keymap import rename_keys
 from archopt.loading.llama import llama_config_from_hf
-from archopt.loading.llm import WEIGHT_FORMATS, load_llm
+from archopt.loading.llm import load_llm
 from archopt.loading.longformer import longformer_config_from_hf, longformer_from_hf
 from archopt.loading.mobilenet_v1 import (
     mobilenet_v1_config_from_hf,

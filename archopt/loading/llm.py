@@ -1,8 +1,9 @@
 """The one door for language models: ``load_llm(source, weights=...)``.
 
 ``source`` is a registry name with packaged weights (``smollm2-135m``), a Hugging Face folder
-(config.json + safetensors) or a ``.gguf`` file. ``weights`` names a row of ``WEIGHT_FORMATS``,
-the one table of weight formats that the command line, the tour and the benchmarks share.
+(config.json + safetensors) or a ``.gguf`` file. ``weights`` names a row of ``WEIGHT_FORMATS``
+(``archopt.choices``), the one table of weight formats that the command line, the tour and the
+benchmarks share.
 ``"auto"`` (the default) is the fastest format that keeps the checkpoint's own numbers: a GGUF
 file's own Q4_0/Q4_1/Q8_0 blocks (as llama.cpp runs it), a Hugging Face folder's fp32.
 """
@@ -11,51 +12,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from archopt.choices import WEIGHT_FORMATS, WeightFormat, check_weights
 from archopt.models._registry import MODELS, PackagedFile
 from archopt.models.llama import SMOLLM2, Llama
 
-
-@dataclass(frozen=True)
-class WeightFormat:
-    name: str
-    dtype: torch.dtype  # of the tensors that stay unquantized (embeddings, norms)
-    quantize: tuple[str, str | None] | None  # quantize_weights's (kind, head kind)
-    keep_gguf_blocks: bool  # the file's own blocks, not re-quantized
-    exact: bool  # every product in fp32 on the checkpoint's own values
-    help: str
-    int8_activations: bool = False  # GGUF blocks times int8 activations (archopt.ops.act8)
-
-
-WEIGHT_FORMATS: dict[str, WeightFormat] = {
-    f.name: f
-    for f in (
-        WeightFormat("fp32", torch.float32, None, False, True, "fp32 (GGUF blocks dequantized)"),
-        WeightFormat("bf16", torch.bfloat16, None, False, False, "bf16 weights and activations"),
-        WeightFormat("int8", torch.float32, ("int8", None), False, False,
-                     "int8 per channel, quantized here (CPU int4 kernel, bf16 activations)"),
-        WeightFormat("int4", torch.float32, ("int4", None), False, False,
-                     "int4 in groups of 32, quantized here"),
-        WeightFormat("int4-head8", torch.float32, ("int4", "int8"), False, False,
-                     "int4 with an int8 output projection"),
-        WeightFormat("gguf", torch.float32, None, True, False,
-                     "the GGUF file's own Q4_0/Q4_1/Q8_0 blocks (torch's CPU int4 kernel)"),
-        WeightFormat("gguf-act8", torch.float32, None, True, False,
-                     "the GGUF file's own blocks times int8 activations, as llama.cpp "
-                     "computes them (archopt's AVX512-VNNI kernels)", int8_activations=True),
-    )
-}  # fmt: skip
-WEIGHT_CHOICES = ("auto", *WEIGHT_FORMATS)
 log = logging.getLogger("archopt")
-
-
-def check_weights(weights: str) -> None:
-    if weights not in WEIGHT_CHOICES:
-        raise ValueError(f"weights must be one of {', '.join(WEIGHT_CHOICES)}, got {weights!r}")
 
 
 def packaged_path(entry: PackagedFile) -> Path:
@@ -131,7 +96,7 @@ def convert_weights(model: Llama, weights: str) -> Llama:
     if fmt.quantize is not None:
         kind, head = fmt.quantize
         return quantize_weights(model.float(), kind, head=head)
-    return model.to(fmt.dtype)
+    return model.to(fmt.torch_dtype)
 
 
 def load_llm(
@@ -191,7 +156,7 @@ def _load_checkpoint(path: Path, fmt: WeightFormat, tokenizer: bool, kernel) -> 
 
         model = load_gguf_llama(
             path,
-            dtype=None if fmt.dtype == torch.float32 else fmt.dtype,
+            dtype=None if fmt.dtype == "float32" else fmt.torch_dtype,
             tokenizer=tokenizer,
             keep_quantized=fmt.keep_gguf_blocks,
             kernel=False if fmt.int8_activations else kernel,
@@ -213,7 +178,7 @@ def _load_checkpoint(path: Path, fmt: WeightFormat, tokenizer: bool, kernel) -> 
         kind, head = fmt.quantize
         model = quantize_weights(model, kind, head=head, kernel=kernel)
     elif not fmt.keep_gguf_blocks:
-        model = model.to(fmt.dtype)
+        model = model.to(fmt.torch_dtype)
     return model
 
 

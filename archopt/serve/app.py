@@ -309,7 +309,8 @@ def serve(
     server stops and the load's error is raised as a ValueError (nothing to serve)."""
     import uvicorn
 
-    from archopt.loading.llm import check_weights, load_llm, resolve_llm
+    from archopt.choices import check_weights
+    from archopt.loading.llm import load_llm, resolve_llm
 
     check_weights(weights)
     resolve_llm(model)  # a bad name fails here, before the server starts

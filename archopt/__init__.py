@@ -36,6 +36,7 @@ def __getattr__(name: str):
 def __dir__() -> list[str]:
     return sorted([*globals(), *__all__])
 
+
 __all__ = [
     "create_model",
     "export_onnx",

@@ -34,9 +34,9 @@ import torch
 
 from archopt import background_build, decode_step
 from archopt.ops.paged_kv import PagedKVCache
-from archopt.sampling import greedy, sample
+from archopt.sampling import greedy
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
-from archopt.serve.logits import adjusted, owed, record_prompt_logprob, token_logprobs
+from archopt.serve.logits import choose, owed, record_prompt_logprob, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 from archopt.step_graphs import MAX_BATCH
 
@@ -382,20 +382,7 @@ class Engine:
         for i, req in enumerate(reqs):
             p = req.params
             if p.changes_logits or p.temperature > 0:
-                row = logits[i : i + 1]
-                if p.changes_logits:  # logit bias, penalties
-                    row = adjusted(row, p, req.output)
-                tokens[i] = int(
-                    greedy(row)[0]
-                    if p.temperature == 0
-                    else sample(
-                        row,
-                        temperature=p.temperature,
-                        top_k=p.top_k,
-                        top_p=p.top_p,
-                        generator=req.generator,
-                    )[0]
-                )
+                tokens[i] = choose(logits[i : i + 1], p, req.output, req.generator)
             if p.logprobs is not None:
                 req.logprobs.append(token_logprobs(logits[i], tokens[i], p.logprobs))
             self._append(req, tokens[i])

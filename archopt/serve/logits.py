@@ -1,5 +1,6 @@
 """A request's own work on its row of logits: the OpenAI API's logit bias and presence and
-frequency penalties before the token is chosen, and the log-probabilities it asked to see.
+frequency penalties before the token is chosen, the choice (greedy or sampled by its own
+settings), and the log-probabilities it asked to see.
 
 The adjustments follow OpenAI's definition: for each token j, with c[j] the times it is in the
 output so far, ``logit[j] + bias[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty``
@@ -15,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from archopt.sampling import greedy, sample
+
 MAX_LOGPROBS = 20  # alternatives a token may list (vLLM's default limit; OpenAI's is 20 for chat)
 
 
@@ -28,6 +31,18 @@ def adjusted(row: torch.Tensor, params, output: Sequence[int]) -> torch.Tensor:
         penalty = counts * params.frequency_penalty + (counts > 0) * params.presence_penalty
         row[0] -= penalty.float()
     return row
+
+
+def choose(row: torch.Tensor, params, output: Sequence[int], generator) -> int:
+    """The token a request takes from its ``row`` (1, vocab) of logits by its own settings:
+    bias and penalties applied, then greedy or sampled (temperature, top-k, top-p, its
+    ``generator``)."""
+    if params.changes_logits:
+        row = adjusted(row, params, output)
+    if params.temperature == 0:
+        return int(greedy(row)[0])
+    kw = {"top_k": params.top_k, "top_p": params.top_p, "generator": generator}
+    return int(sample(row, temperature=params.temperature, **kw)[0])
 
 
 def token_logprobs(row: torch.Tensor, token: int, top: int) -> tuple[int, float, list]:
@@ -58,4 +73,4 @@ def record_prompt_logprob(req, position: int, row: torch.Tensor) -> None:
     req.prompt_logprobs.append(token_logprobs(row, token, req.params.prompt_logprobs))
 
 
-__all__ = ["MAX_LOGPROBS", "adjusted", "owed", "record_prompt_logprob", "token_logprobs"]
+__all__ = ["MAX_LOGPROBS", "adjusted", "choose", "owed", "record_prompt_logprob", "token_logprobs"]

@@ -864,6 +864,28 @@ def test_smollm2_gguf_eight_streams_of_128_tokens_equal_each_alone(compile):
     assert_no_leaks(engine)
 
 
+@pytest.mark.slow
+def test_smollm2_gguf_speculating_gives_the_tokens_of_one_step_at_a_time():
+    """The benchmark's prompts alone through the compiled step, with and without drafts: the
+    int8-activation kernels give a verified row the bits of a one-row step."""
+    from archopt.bench.serve_load import PROMPTS
+    from archopt.loading.llm import load_llm, smollm2_path
+
+    try:
+        smollm2_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model = load_llm("smollm2-135m")
+    params = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True, logprobs=1)
+    plain, spec = Engine(model, compile="aot", speculate=0), Engine(model, compile="aot")
+    for text in PROMPTS[:8]:
+        prompt = model.tokenizer.encode(text)
+        a, b = plain.generate([prompt], params)[0], spec.generate([prompt], params)[0]
+        assert (b.output, b.logprobs) == (a.output, a.logprobs)
+    assert spec.accepted > 0 and plain.drafted == 0
+    assert_no_leaks(spec)
+
+
 # -- decode batches through the compiled paged step -------------------------------------------
 
 
@@ -945,6 +967,120 @@ def test_a_step_of_more_rows_than_one_call_takes_is_cut_and_gives_the_eager_toke
     assert [first.output, second.output] == want
     assert calls[1:3] == [MAX_BATCH, 45]  # one decoding row and 300 prompt rows, in two calls
     assert_no_leaks(engine)
+
+
+class Oracle:
+    """Drafts from the request's known greedy continuation ``want``, each output position in
+    ``wrong`` replaced by another token (the model overrules it there)."""
+
+    def __init__(self, prompt, want, wrong=()):
+        self.prompt, self.want, self.wrong = prompt, want, set(wrong)
+
+    def propose(self, tokens, k):
+        done = len(tokens) - len(self.prompt)
+        run = self.want[done : done + k]
+        return [(t + 1) % 256 if done + j in self.wrong else t for j, t in enumerate(run)]
+
+
+@pytest.mark.parametrize("wrong", [(), (3, 9, 10), tuple(range(0, 20, 2)), tuple(range(20))])
+def test_drafts_verified_in_the_compiled_step_give_the_tokens_one_step_at_a_time(
+    tiny, tiny_step, wrong
+):
+    """Drafts right, wrong here and there, every other one and all wrong: the request's
+    tokens are its greedy tokens alone, each right draft saves a step, and after every step
+    the pool's counts match the block tables (rejected drafts' blocks given back)."""
+    step, _ = tiny_step
+    prompt = [(5 * i) % 256 for i in range(13)]
+    want = alone(tiny, prompt, 20)
+    engine = Engine(tiny, block_size=4, compile=step, speculate=4)
+    req = Request(prompt, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    req.drafter = Oracle(prompt, want, wrong)
+    engine.submit(req)
+    steps = 0
+    while req.finish_reason is None:
+        engine.step()
+        check_pool(engine.cache)
+        steps += 1
+    assert req.output == want
+    # By hand: from the first output token on (the prompt's step), each step runs up to 4
+    # drafts (within max_tokens) and keeps them up to the first wrong one.
+    done, drafted, kept, decode_steps = 1, 0, 0, 0
+    while done < 20:
+        run = req.drafter.propose(prompt + want[:done], min(4, 20 - done - 1))
+        a = next((j for j, t in enumerate(run) if t != want[done + j]), len(run))
+        drafted, kept, done, decode_steps = (
+            drafted + len(run),
+            kept + a,
+            done + 1 + a,
+            decode_steps + 1,
+        )
+    assert (engine.drafted, engine.accepted, steps) == (drafted, kept, 1 + decode_steps)
+    if not wrong:  # 20 tokens in 5 steps: the prompt's, then 5 + 5 + 5 + 4
+        assert steps == 5
+    if len(wrong) == 20:  # no draft kept: a step a token
+        assert steps == 20 and kept == 0
+    assert engine.metrics()["spec_accepted_tokens_total"] == kept
+    assert_no_leaks(engine)
+
+
+def test_a_speculating_request_stops_logs_and_ends_as_it_does_without_drafts(tiny, tiny_step):
+    """A stop token inside a step's kept drafts ends the request there; max_tokens is met
+    exactly; log-probabilities come from each verified row: all as with no drafts (the
+    values to rounding)."""
+    step, _ = tiny_step
+    prompt = [(11 * i) % 256 for i in range(9)]
+    want = alone(tiny, prompt, 24)
+    cases = [
+        SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[want[6]]),
+        SamplingParams(max_tokens=7, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=3),
+    ]
+    for params in cases:
+        plain = Engine(tiny, block_size=4, compile=step, speculate=0).generate([prompt], params)
+        engine = Engine(tiny, block_size=4, compile=step, speculate=4)
+        req = Request(prompt, params)
+        req.drafter = Oracle(prompt, want)
+        engine.submit(req)
+        while req.finish_reason is None:
+            engine.step()
+        assert engine.accepted > 0
+        assert (req.output, req.finish_reason) == (plain[0].output, plain[0].finish_reason)
+        # torch's fp32 matmul may sum a row of a 5-row call in another order than alone
+        # (the last bit; archopt's int8-activation kernels do not): the same tokens, values
+        # equal to rounding.
+        got, ref = req.logprobs, plain[0].logprobs
+        assert [(t, [x for x, _ in top]) for t, _, top in got] == [
+            (t, [x for x, _ in top]) for t, _, top in ref
+        ]
+        flat = [[v, *(y for _, y in top)] for _, v, top in got]
+        want_ = [[v, *(y for _, y in top)] for _, v, top in ref]
+        torch.testing.assert_close(torch.tensor(flat), torch.tensor(want_), rtol=1e-6, atol=1e-5)
+        assert_no_leaks(engine)
+
+
+def test_drafts_from_the_requests_own_tokens_only_while_the_batch_is_small(tiny, tiny_step):
+    """The n-gram drafter on prompts that repeat themselves: the greedy tokens alone, drafts
+    run while one request decodes (``speculate_batch=1``), none while two do, and none in an
+    eager engine (drafts are verified by the compiled step)."""
+    step, _ = tiny_step
+    prompts = [[1, 2, 3, 4, 5, 6] * 6, [7, 8, 9] * 9]
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    want = [alone(tiny, p, 24) for p in prompts]
+    one = Engine(tiny, block_size=4, compile=step)  # the defaults: speculate, batch of 1
+    assert [one.generate([p], params)[0].output for p in prompts] == want
+    assert one.drafted > 0
+    both = Engine(tiny, block_size=4, compile=step, speculate_batch=1)
+    assert [r.output for r in both.generate(prompts, params)] == want
+    assert both.drafted == 0 or both.steps > 24  # drafts only once one of them has finished
+    wide = Engine(tiny, block_size=4, compile=step, speculate_batch=2)
+    assert [r.output for r in wide.generate(prompts, params)] == want
+    assert wide.drafted > 0
+    eager = Engine(tiny, block_size=4, compile="off", speculate=4)
+    assert [eager.generate([p], params)[0].output for p in prompts] == want
+    assert eager.drafted == 0
+    for bad in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="speculate must be an int >= 0"):
+            Engine(tiny, compile="off", speculate=bad)
 
 
 def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_step, monkeypatch):

@@ -177,5 +177,7 @@ def cmd_serve(args) -> None:
         max_queue=args.max_queue,
         attention=args.attention,
         compile=args.compile,
+        speculate=args.speculate,
+        speculate_batch=args.speculate_batch,
         progress=True,
     )

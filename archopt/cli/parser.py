@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from archopt.choices import COMPILE_MODES, WEIGHT_CHOICES
+from archopt.choices import COMPILE_MODES, SPECULATE, SPECULATE_BATCH, WEIGHT_CHOICES
 from archopt.cli.language import cmd_cache, cmd_generate, cmd_serve
 from archopt.cli.vision import (
     BENCH_SUITES,
@@ -163,6 +163,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "aot", "off"],
         help="the decode batch's compiled step. auto (default): from the cache folder, else "
         "eager while it is built in the background; aot: build it before serving; off: eager",
+    )
+    sp.add_argument(
+        "--speculate",
+        type=int_in(0, 64),
+        default=SPECULATE,
+        help="drafts a greedy request verifies a step, by n-gram lookup in its own tokens "
+        f"(exact: the same tokens, fewer steps; default {SPECULATE}; 0: off)",
+    )
+    sp.add_argument(
+        "--speculate-batch",
+        type=int_in(0, 4096),
+        default=SPECULATE_BATCH,
+        help=f"speculate while at most this many requests decode (default {SPECULATE_BATCH})",
     )
     sp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")

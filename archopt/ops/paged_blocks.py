@@ -50,6 +50,11 @@ class BlockAllocator:
         return len(self._free) + len(self._cached)
 
     @property
+    def num_unused(self) -> int:
+        """Blocks neither referenced nor cached: taking one evicts nothing."""
+        return len(self._free)
+
+    @property
     def num_cached(self) -> int:
         return len(self._cached)
 

@@ -239,9 +239,10 @@ class PagedKVCache:
         for b in reversed(seq.blocks):
             self.allocator.release(b)
 
-    def ensure(self, seq_id: int, n: int) -> bool:
+    def ensure(self, seq_id: int, n: int, *, unused_only: bool = False) -> bool:
         """Blocks for the next ``n`` tokens of ``seq_id``, the one they start in made private
-        (copy-on-write). False, with nothing taken, when the pool cannot provide them."""
+        (copy-on-write). False, with nothing taken, when the pool cannot provide them; with
+        ``unused_only``, also when that would evict a cached block or grow the pool."""
         seq, bs = self.seqs[seq_id], self.block_size
         if seq.length + n > self.capacity:
             raise ValueError(
@@ -251,6 +252,8 @@ class PagedKVCache:
         first, last = seq.length // bs, (seq.length + n - 1) // bs
         needed = max(last + 1 - len(seq.blocks), 0)
         cow = n > 0 and first < len(seq.blocks) and self._shared(seq.blocks[first])
+        if unused_only and needed + cow > self.allocator.num_unused:
+            return False
         taken = []
         for _ in range(needed + cow):
             block = self._new_block()
@@ -271,6 +274,23 @@ class PagedKVCache:
             del seq.digests[first:]
         seq.blocks.extend(taken)
         return True
+
+    def rewind(self, seq_id: int, length: int) -> None:
+        """Forget the tokens of ``seq_id`` written past ``length`` and not committed (a
+        speculative step's rejected drafts): their slots hold no position any more, and the
+        blocks only they used go back to the free list."""
+        seq, bs = self.seqs[seq_id], self.block_size
+        if not len(seq.tokens) <= length <= seq.length:
+            raise ValueError(
+                f"sequence {seq_id} can rewind to {len(seq.tokens)}..{seq.length} tokens (its "
+                f"uncommitted ones), got {length}"
+            )
+        gone = [seq.blocks[p // bs] * bs + p % bs for p in range(length, seq.length)]
+        if gone:
+            self.slot_pos[gone] = -1
+        seq.length = length
+        while len(seq.blocks) > -(-length // bs):
+            self.allocator.release(seq.blocks.pop())
 
     def _shared(self, block: int) -> bool:
         return self.allocator.refs[block] > 1 or block in self.allocator.digest_of

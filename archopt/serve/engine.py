@@ -33,11 +33,13 @@ from collections.abc import Sequence
 import torch
 
 from archopt import background_build, decode_step
+from archopt.choices import SPECULATE, SPECULATE_BATCH
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
 from archopt.serve.logits import choose, owed, record_prompt_logprob, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
+from archopt.serve.speculate import draft, verify
 from archopt.step_graphs import MAX_BATCH
 
 __all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
@@ -59,6 +61,9 @@ class Engine:
     ``compile``: how steps run (``COMPILE_MODES``, or a ``CompiledPagedStep`` made
     by ``archopt.decode_step.compile_step(model, kind="paged")``); ``compile_how`` says what
     was chosen. ``attention``: the eager plan (prompt chunks, and decoding when not compiled).
+    ``speculate``: drafts a plain greedy request verifies in a compiled step, found by n-gram
+    lookup in its own tokens (``archopt.serve.speculate``: the same tokens, fewer steps),
+    while at most ``speculate_batch`` requests decode; 0 turns it off.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class Engine:
         prefix_cache: bool = True,
         attention: str = "auto",
         compile: str | decode_step.CompiledPagedStep = "auto",
+        speculate: int = SPECULATE,
+        speculate_batch: int = SPECULATE_BATCH,
         progress: bool = False,
     ) -> None:
         if not isinstance(compile, decode_step.CompiledPagedStep) and compile not in COMPILE_MODES:
@@ -82,6 +89,11 @@ class Engine:
                 f"compile must be one of {', '.join(COMPILE_MODES)} or a compiled paged step, "
                 f"got {compile!r}"
             )
+        for name, value in (("speculate", speculate), ("speculate_batch", speculate_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        self.speculate, self.speculate_batch = speculate, speculate_batch
+        self.drafted = self.accepted = 0  # speculative drafts run and confirmed
         cfg = model.config
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
@@ -285,11 +297,13 @@ class Engine:
         step, nor on where a call's rows are cut. The prompt rows whose log-probabilities a
         request asked for (``owed``) give logits too, recorded here."""
         seqs, tokens, positions, wanted, scored = [], [], [], [], []
+        drafts = self._drafts(decode)
         for req in decode:
-            wanted.append((len(tokens), req))
-            seqs.append(req.seq_id)
-            tokens.append(req.last_token)
-            positions.append(req.computed)
+            run = [req.last_token, *drafts.get(req, ())]  # a draft's row verifies it
+            wanted += [(len(tokens) + j, req) for j in range(len(run))]
+            seqs += [req.seq_id] * len(run)
+            tokens += run
+            positions += range(req.computed, req.computed + len(run))
         chunks = []
         for req, n in prefill:
             chunk = req.tokens[req.computed : req.computed + n]
@@ -318,8 +332,9 @@ class Engine:
             if rows:
                 pieces.append(logits)
         for req in decode:
-            req.computed += 1
-            self.cache.commit(req.seq_id, [req.last_token])
+            if req not in drafts:
+                req.computed += 1
+                self.cache.commit(req.seq_id, [req.last_token])
         for req, chunk in chunks:
             req.computed += len(chunk)
             self.cache.commit(req.seq_id, chunk)
@@ -331,7 +346,22 @@ class Engine:
             for row, req, p in scored:
                 record_prompt_logprob(req, p, logits[at[row]])
             logits = logits[[at[row] for row, _ in wanted]]
-        return [req for _, req in wanted], logits
+        reqs = [req for _, req in wanted]
+        if drafts:
+            keep = self._verify(drafts, reqs, logits)
+            reqs, logits = [reqs[i] for i in keep], logits[keep]
+        return reqs, logits
+
+    def _drafts(self, decode: list[Request]) -> dict[Request, list[int]]:
+        if not self.speculate or len(decode) > self.speculate_batch:
+            return {}
+        return draft(decode, self.cache, self.speculate, self.capacity)
+
+    def _verify(self, drafts, reqs: list[Request], logits: torch.Tensor) -> list[int]:
+        keep, drafted, taken = verify(drafts, reqs, greedy(logits).tolist(), self.cache)
+        self.drafted += drafted
+        self.accepted += taken
+        return keep
 
     def _eager_rows(
         self, decode: list[Request], prefill: list[tuple[Request, int]]
@@ -379,14 +409,18 @@ class Engine:
 
     def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor) -> int:
         tokens = greedy(logits).tolist()  # the plain greedy rows' tokens; the others choose below
+        emitted = 0
         for i, req in enumerate(reqs):
+            if req.status == FINISHED:  # a speculating request's stop came at an earlier row
+                continue
+            emitted += 1
             p = req.params
             if p.changes_logits or p.temperature > 0:
                 tokens[i] = choose(logits[i : i + 1], p, req.output, req.generator)
             if p.logprobs is not None:
                 req.logprobs.append(token_logprobs(logits[i], tokens[i], p.logprobs))
             self._append(req, tokens[i])
-        return len(reqs)
+        return emitted
 
     def _append(self, req: Request, token: int) -> None:
         now = time.perf_counter()
@@ -487,4 +521,6 @@ class Engine:
             "requests_finished_total": self.finished,
             "steps_total": self.steps,
             "compiled_decode": int(self.compiled is not None),
+            "spec_draft_tokens_total": self.drafted,
+            "spec_accepted_tokens_total": self.accepted,
         }

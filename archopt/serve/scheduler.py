@@ -146,6 +146,7 @@ class Request:
     logprobs: list = field(default_factory=list)  # per token, with params.logprobs (logits.py)
     prompt_logprobs: list = field(default_factory=list)  # prompt tokens 1.., if asked for
     after: Request | None = None  # admitted once this one has read its prompt (``Scheduler``)
+    drafter: Any = None  # its speculative drafts' source (``archopt.serve.speculate``)
 
     def __post_init__(self) -> None:
         if not self.prompt:

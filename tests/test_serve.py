@@ -1090,7 +1090,7 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
 
     from archopt import background_build as bb
     from archopt import decode_step as ds
-    from archopt.serve import engine as engine_module
+    from archopt.serve import compiled_step
 
     _, root = tiny_step
     monkeypatch.setenv("ARCHOPT_CACHE", str(root))
@@ -1109,7 +1109,7 @@ def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_s
 
     monkeypatch.setattr(bb, "can_build_in_background", lambda model: True)
     monkeypatch.setattr(bb, "build_in_background", start_build)
-    monkeypatch.setattr(engine_module, "POLL_BUILD_S", 0.0)
+    monkeypatch.setattr(compiled_step, "POLL_BUILD_S", 0.0)
     threads = torch.get_num_threads()
     try:
         engine = Engine(tiny, block_size=4)

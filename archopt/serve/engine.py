@@ -29,25 +29,24 @@ import collections
 import threading
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from archopt import background_build, decode_step
 from archopt.choices import SPECULATE, SPECULATE_BATCH
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy
+from archopt.serve.compiled_step import COMPILE_MODES, StepSource
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
 from archopt.serve.logits import choose, owed, record_prompt_logprob, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
 from archopt.serve.speculate import draft, verify
 from archopt.step_graphs import MAX_BATCH
 
-__all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
+if TYPE_CHECKING:
+    from archopt.decode_step import CompiledPagedStep
 
-# "auto": the compiled step from the cache folder, else eager while it is built in the
-# background; "aot": build it now if it is not there; "off": eager.
-COMPILE_MODES = ("auto", "aot", "off")
-POLL_BUILD_S = 2.0
+__all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
 
 
 class Engine:
@@ -79,16 +78,11 @@ class Engine:
         max_queue: int = 256,
         prefix_cache: bool = True,
         attention: str = "auto",
-        compile: str | decode_step.CompiledPagedStep = "auto",
+        compile: str | CompiledPagedStep = "auto",
         speculate: int = SPECULATE,
         speculate_batch: int = SPECULATE_BATCH,
         progress: bool = False,
     ) -> None:
-        if not isinstance(compile, decode_step.CompiledPagedStep) and compile not in COMPILE_MODES:
-            raise ValueError(
-                f"compile must be one of {', '.join(COMPILE_MODES)} or a compiled paged step, "
-                f"got {compile!r}"
-            )
         for name, value in (("speculate", speculate), ("speculate_batch", speculate_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -133,55 +127,10 @@ class Engine:
         self._recent: collections.deque[tuple[float, int]] = collections.deque()
         self.steps = self.generated_tokens = self.prompt_tokens = self.finished = 0
         self.error: str | None = None
-        self.compiled = None  # the compiled paged step, when there is one
-        self._building: object = None  # the folder a background build writes, polled
-        self._builder: int | None = None  # that build's process, until it exits
-        self._next_poll = 0.0
         self.threads = torch.get_num_threads()  # what steps run with (but see step())
-        self.compile_how = self._plan_compile(compile, progress)
-
-    def _plan_compile(self, mode, progress: bool) -> str:
-        """Find or build the compiled decode step per ``mode``; says what was chosen."""
-        if isinstance(mode, decode_step.CompiledPagedStep):
-            self.compiled = mode
-            return "aot (given)"
-        if mode == "off":
-            return "eager"
-        if self.model.embed.weight.device.type != "cpu":
-            if mode == "aot":
-                raise ValueError("compile='aot' runs on the CPU, got a model on another device")
-            return "eager (the compiled step is for the CPU)"
-        if mode == "aot":
-            self.compiled = decode_step.compile_step(self.model, kind="paged", progress=progress)
-            return "aot"
-        self.compiled = decode_step.cached_step(self.model, "paged")
-        if self.compiled is not None:
-            return "aot (compiled step from cache)"
-        folder = decode_step.step_folder(self.model, "paged")
-        if folder is not None and background_build.building(folder):
-            self._building = folder
-        elif background_build.can_build_in_background(self.model):
-            self._building = background_build.build_in_background(self.model, "paged")
-        if self._building is None:
-            return "eager"
-        self._builder = background_build.builder(self._building)
-        return "eager until the compiled step is built (in the background)"
-
-    def _poll_build(self) -> None:
-        """Take the compiled step once the background build has built it, and note when the
-        build's process ends (it may go on to build what a later start loads)."""
-        now = time.perf_counter()
-        if now < self._next_poll:
-            return
-        self._next_poll = now + POLL_BUILD_S
-        if self._builder is not None and not background_build.alive(self._builder):
-            self._builder = None
-        if self._building is None or background_build.building(self._building):
-            return
-        self._building = None
-        torch.set_num_threads(self.threads)  # the step's key names the thread count
-        self.compiled = decode_step.cached_step(self.model, "paged")
-        self.compile_how = "aot (built in the background)" if self.compiled else "eager"
+        self._steps = StepSource(model, compile, progress)
+        self.compiled = self._steps.step  # the compiled paged step, when there is one
+        self.compile_how = self._steps.how  # what was chosen, in words
 
     # -- submitting ------------------------------------------------------------------------
     def check_prompt(self, prompt: Sequence[int]) -> None:
@@ -261,12 +210,11 @@ class Engine:
         for req in plan.failed:
             self._finish(req, "error")
         sampled = 0
-        if self._building is not None or self._builder is not None:
-            self._poll_build()
+        if self._steps.busy and self._steps.poll():  # a background build's step landed
+            self.compiled, self.compile_how = self._steps.step, self._steps.how
         # While a build runs beside us, one thread: with every core busy, OpenMP threads wait
         # on each other at every barrier (measured: 32 tokens took 31 s at 2 threads, not 0.3).
-        busy = self._building is not None or self._builder is not None
-        threads = 1 if busy else self.threads
+        threads = 1 if self._steps.busy else self.threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if plan.decode or plan.prefill:

@@ -109,6 +109,7 @@ BENCH_SUITES = {
     "search": "search",
     "predictor": "predictor",
     "decode-kernels": "decode_kernels",
+    "speculate": "speculate",
 }
 
 

@@ -67,7 +67,12 @@ COMPILE_MODES = ("auto", "aot", "off", "inductor", "inductor-cpp", "cuda-graph")
 # rows, and more rows cost more than the drafts give back; benchmarks/RESULTS.md, serving).
 SPECULATE, SPECULATE_BATCH = 3, 1
 
+# The serving engine's KV cache: "auto" keeps keys and values in the model's dtype (the tokens
+# of one request alone, of ``generate``); float16 or bfloat16 halve the pool's memory and what
+# attention reads (a float32 model's values rounded as written; llama.cpp's default is f16).
+KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
 __all__ = [
-    "COMPILE_MODES", "SPECULATE", "SPECULATE_BATCH", "WEIGHT_CHOICES", "WEIGHT_FORMATS",
-    "WeightFormat", "check_weights",
+    "COMPILE_MODES", "KV_CACHE_DTYPES", "SPECULATE", "SPECULATE_BATCH", "WEIGHT_CHOICES",
+    "WEIGHT_FORMATS", "WeightFormat", "check_weights",
 ]  # fmt: skip

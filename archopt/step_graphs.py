@@ -95,12 +95,14 @@ class PagedGraph(nn.Module):
         out = self.model(tokens, positions=positions, cache=view, last_only=True, rows=logit_rows)
         return out[:, -1]
 
-    @staticmethod
-    def example(model: nn.Module) -> tuple[tuple, tuple]:
+    kv_dtype: torch.dtype | None = None  # the pools' dtype; None: the model's
+
+    @classmethod
+    def example(cls, model: nn.Module) -> tuple[tuple, tuple]:
         cfg = model.config
         # Three rows, two logit rows: sizes that differ, so export keeps them apart.
         b, span, pool = EXAMPLE_BATCH + 1, EXAMPLE_SLOTS, 4 * EXAMPLE_SLOTS + 1
-        dtype, device = model.embed.weight.dtype, model.embed.weight.device
+        dtype, device = cls.kv_dtype or model.embed.weight.dtype, model.embed.weight.device
         shape = (cfg.num_kv_heads, pool, cfg.head_dim)
         keys = tuple(torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers))
         values = tuple(
@@ -126,8 +128,8 @@ class CompiledPagedStep:
     ``cache`` (a ``PagedKVCache``) is bound to, one token each (consecutive rows of one
     sequence: a prompt chunk), written into the pool in place."""
 
-    def __init__(self, runner: Any, folder) -> None:
-        self.runner, self.folder = runner, folder
+    def __init__(self, runner: Any, folder, kind: str = "paged") -> None:
+        self.runner, self.folder, self.kind = runner, folder, kind
 
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, cache, logit_rows=None
@@ -152,6 +154,18 @@ class CompiledPagedStep:
         return self.runner.run([*inputs, *keys, *values])[0]
 
 
+class PagedGraphFloat16(PagedGraph):
+    """``PagedGraph`` over pools kept in float16 (``Engine(kv_cache_dtype="float16")``)."""
+
+    kv_dtype = torch.float16
+
+
+class PagedGraphBFloat16(PagedGraph):
+    """``PagedGraph`` over pools kept in bfloat16."""
+
+    kv_dtype = torch.bfloat16
+
+
 @dataclass(frozen=True)
 class StepKind:
     """What ``archopt.decode_step`` needs of a kind: its format (part of the key), the module
@@ -167,4 +181,11 @@ class StepKind:
 KINDS = {
     "static": StepKind("archopt.step/1", StaticGraph, CompiledStep, kernels=True),
     "paged": StepKind("archopt.paged-step/2", PagedGraph, CompiledPagedStep, kernels=True),
+    # the paged step over a half-precision KV cache (pools of another dtype than the model's)
+    "paged-float16": StepKind(
+        "archopt.paged-step-float16/2", PagedGraphFloat16, CompiledPagedStep, kernels=True
+    ),
+    "paged-bfloat16": StepKind(
+        "archopt.paged-step-bfloat16/2", PagedGraphBFloat16, CompiledPagedStep, kernels=True
+    ),
 }

@@ -85,6 +85,40 @@ def test_paged_kernel_equals_the_dense_reference_and_the_torch_expression(
     torch.testing.assert_close(got[rows], torch_expr, rtol=0, atol=2e-6 * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
+def test_half_precision_caches_are_read_as_the_values_they_hold(b, hq, hkv, d, span, pool, dtype):
+    """Keys and values kept in float16 or bfloat16 (``kv_cache_dtype``): each kernel's result
+    is the dense reference over the values the cache holds (widened exactly, every sum in
+    float32), as tightly as for a float32 cache; the torch expression likewise; a row the
+    same alone as in its batch."""
+    gen = torch.Generator().manual_seed(b * 100 + d + 7)
+    q, keys, values, read, slot_pos, positions = paged_case(b, hq, hkv, d, span, pool, gen)
+    keys, values = keys.to(dtype), values.to(dtype)
+    seen = (slot_pos[read] >= 0) & (slot_pos[read] <= positions)
+    paged = torch.ops.archopt.paged_decode_attention
+    got = paged(q, keys, values, read, slot_pos, positions, d**-0.5)
+    per_row = (keys[:, read].transpose(0, 1), values[:, read].transpose(0, 1))
+    want = dense(q, *per_row, seen)
+    tol = 2e-6 * want.abs().max().item()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+    for r in range(b):
+        alone = paged(q[r : r + 1], keys, values, read[r : r + 1], slot_pos, positions[r : r + 1],
+                      d**-0.5)  # fmt: skip
+        assert torch.equal(alone, got[r : r + 1])
+    static = torch.ops.archopt.static_decode_attention
+    static_got = static(q, per_row[0].contiguous(), per_row[1].contiguous(), slot_pos[read],
+                        positions, d**-0.5)  # fmt: skip
+    torch.testing.assert_close(static_got.double(), want, rtol=0, atol=tol)
+    rows = seen.any(-1)  # the torch expression the compiled step runs without the kernel
+    view = DecodeView(read[rows, 0], read[rows], slot_pos, [keys], [values])
+    k_new = keys[:, read[rows, 0]].transpose(0, 1)[:, :, None].float()
+    v_new = values[:, read[rows, 0]].transpose(0, 1)[:, :, None].float()
+    torch_expr = view.attend(0, q[rows], k_new, v_new, positions[rows])
+    assert torch_expr.dtype == torch.float32
+    torch.testing.assert_close(got[rows], torch_expr, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("b,hq,hkv,d,span,pool", SHAPES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_a_non_finite_key_a_row_sees_makes_that_row_nan_as_dense_attention_does(
@@ -222,8 +256,10 @@ def test_bad_inputs_are_clear_errors():
     bad[1, 2] = 20
     with pytest.raises(RuntimeError, match="read slot 20 is outside the pool of 20 slots"):
         op(q, keys, values, bad, slot_pos, positions, 0.125)
-    with pytest.raises(RuntimeError, match="keys must be Float, got Half"):
+    with pytest.raises(RuntimeError, match="values must be Half, got Float"):
         op(q, keys.half(), values, read, slot_pos, positions, 0.125)
+    with pytest.raises(RuntimeError, match="keys must be float32, float16 or bfloat16, got Double"):
+        op(q, keys.double(), values.double(), read, slot_pos, positions, 0.125)
     with pytest.raises(RuntimeError, match="5 query heads must be a multiple of 3 kv heads"):
         op(q[:, :5], keys, values, read, slot_pos, positions, 0.125)
     with pytest.raises(RuntimeError, match="slot_pos has 19 entries, the pool 20 slots"):

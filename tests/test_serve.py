@@ -1083,6 +1083,53 @@ def test_drafts_from_the_requests_own_tokens_only_while_the_batch_is_small(tiny,
             Engine(tiny, compile="off", speculate=bad)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_kv_cache_halves_the_pool_and_decodes_through_its_own_step(
+    tiny, tiny_step, dtype, tmp_path, monkeypatch
+):
+    """``kv_cache_dtype``: the pool holds half the bytes; eager, batched requests give their
+    tokens alone; the compiled step of that kind (built here) gives the eager engine's tokens
+    over the same rounded cache; a step of another kind is refused; after every step the
+    pool is whole."""
+    from archopt import decode_step as ds
+
+    step32, _ = tiny_step
+    monkeypatch.setenv("ARCHOPT_CACHE", str(tmp_path))
+    prompts = [[*range(60, 100), 1, 2], list(range(3, 30)), [7], [(9 * i) % 256 for i in range(50)]]
+    eager = Engine(tiny, block_size=4, compile="off", kv_cache_dtype=dtype)
+    full = Engine(tiny, block_size=4, compile="off")
+    assert eager.cache.keys.dtype == getattr(torch, dtype)
+    assert 2 * eager.cache.nbytes == full.cache.nbytes
+    want = [eager.generate([p], GREEDY)[0].output for p in prompts]
+    batched = Engine(tiny, max_batch=4, block_size=4, compile="off", kv_cache_dtype=dtype)
+    assert [r.output for r in batched.generate(prompts, GREEDY)] == want
+    step = ds.compile_step(tiny, kind=f"paged-{dtype}")  # ~20 s on 2 cores
+    assert step.kind == f"paged-{dtype}"
+    engine = Engine(tiny, max_batch=4, block_size=4, compile=step, kv_cache_dtype=dtype)
+    reqs = [engine.submit(Request(p, GREEDY)) for p in prompts]
+    while any(r.finish_reason is None for r in reqs):
+        engine.step()
+        check_pool(engine.cache)
+    assert [r.output for r in reqs] == want
+    assert engine.compile_how == "aot (given)"
+    assert_no_leaks(engine)
+    again = Engine(tiny, compile="auto", kv_cache_dtype=dtype)  # found in the cache folder
+    assert again.compile_how == "aot (compiled step from cache)"
+    with pytest.raises(ValueError, match=f"needs a 'paged-{dtype}' one"):
+        Engine(tiny, compile=step32, kv_cache_dtype=dtype)
+    with pytest.raises(ValueError, match="needs a 'paged' one"):
+        Engine(tiny, compile=step)
+
+
+def test_bad_kv_cache_dtypes_are_sentences(tiny):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32"):
+        Engine(tiny, compile="off", kv_cache_dtype="fp8")
+    half_model = create_model("llama-tiny").to(torch.bfloat16)
+    with pytest.raises(ValueError, match="needs a model computing in float32, got one in bf"):
+        Engine(half_model, compile="off", kv_cache_dtype="float16")
+    assert Engine(half_model, compile="off").cache.keys.dtype == torch.bfloat16
+
+
 def test_auto_takes_the_cached_step_or_switches_when_its_build_ends(tiny, tiny_step, monkeypatch):
     import shutil
     import subprocess

@@ -179,5 +179,6 @@ def cmd_serve(args) -> None:
         compile=args.compile,
         speculate=args.speculate,
         speculate_batch=args.speculate_batch,
+        kv_cache_dtype=args.kv_cache_dtype,
         progress=True,
     )

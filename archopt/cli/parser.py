@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from archopt.choices import COMPILE_MODES, SPECULATE, SPECULATE_BATCH, WEIGHT_CHOICES
+from archopt.choices import (
+    COMPILE_MODES,
+    KV_CACHE_DTYPES,
+    SPECULATE,
+    SPECULATE_BATCH,
+    WEIGHT_CHOICES,
+)
 from archopt.cli.language import cmd_cache, cmd_generate, cmd_serve
 from archopt.cli.vision import (
     BENCH_SUITES,
@@ -176,6 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int_in(0, 4096),
         default=SPECULATE_BATCH,
         help=f"speculate while at most this many requests decode (default {SPECULATE_BATCH})",
+    )
+    sp.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        choices=KV_CACHE_DTYPES,
+        help="keys and values as kept: auto (default), the model's dtype; float16 or bfloat16 "
+        "halve the cache and what attention reads (rounded as written)",
     )
     sp.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     sp.add_argument("--threads", type=THREADS, help="torch intra-op threads (default: torch's)")

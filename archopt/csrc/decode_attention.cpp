@@ -6,7 +6,9 @@
 // (archopt.ops.paged_attention.DecodeView, archopt.ops.kv_cache.StaticCache); the tests in
 // tests/test_cpu_kernels.py compare them. Built on first use by archopt.ops.cpu_kernels.
 //
-// q (B, Hq, 1, d); positions (B, 1): each row's position. Row b attends over the slots holding
+// q (B, Hq, 1, d) float32; keys and values float32, float16 or bfloat16 (a cache kept in half
+// precision: read and widened to float32 here, every sum in float32); positions (B, 1): each
+// row's position. Row b attends over the slots holding
 // positions 0..positions[b]; a row with none gets zeros. Each (row, kv head, chunk of 256 of
 // the row's slot list) is one task with a fixed order of sums, and a long row's chunks are
 // combined in their order, so a row's result does not depend on the other rows of its batch.
@@ -14,7 +16,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 #include <torch/csrc/inductor/aoti_torch/utils.h>
 #include <torch/library.h>
 
@@ -32,16 +36,19 @@
 
 namespace {
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t d) {
+// T: the cache's element type (float, c10::Half, c10::BFloat16), widened to float as read.
+template <class T>
+inline float dot(const float* __restrict a, const T* __restrict b, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  for (int64_t i = 0; i < d; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
 }
 
-inline void axpy(float w, const float* __restrict x, float* __restrict y, int64_t d) {
+template <class T>
+inline void axpy(float w, const T* __restrict x, float* __restrict y, int64_t d) {
 #pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+  for (int64_t i = 0; i < d; ++i) y[i] += w * static_cast<float>(x[i]);
 }
 
 // exp(x) for x <= 0 (scores minus their maximum), to about 1 ulp, in a form the compiler
@@ -85,7 +92,8 @@ void softmax_rows(float* w, int64_t g, int64_t n, float* stats) {
 }
 
 // Any head size and group: the n visible slots' keys ks and values vs, g query heads qh.
-void attend_generic(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
+template <class T>
+void attend_generic(const float* qh, const T* const* ks, const T* const* vs, int64_t n,
                     int64_t g, int64_t d, float scale, float* w, float* oh, float* stats) {
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < g; ++j) w[j * n + i] = dot(qh + j * d, ks[i], d) * scale;
@@ -95,6 +103,16 @@ void attend_generic(const float* qh, const float* const* ks, const float* const*
 }
 
 #if defined(__AVX512F__)
+// 16 of the cache's values, widened to float32 (exactly: half and bfloat16 are subsets).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {  // a bfloat16 is a float32's top 16 bits
+  const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+}
+
 // The 16 sums of a[0..15]'s lanes, as one vector (r[i] = a[i][0] + ... + a[i][15]): a tree of
 // shuffles and adds, ~3 instructions a vector where a horizontal sum each takes ~8.
 inline __m512 sum16(__m512* a) {
@@ -170,8 +188,8 @@ void softmax_rows_avx512(float* w, int64_t g, int64_t n, float* stats) {
 
 // Head size D and group G known: the query heads and the outputs stay in registers. Scores
 // go 16 slots at a time per query head (one sum16), the last < 16 one slot at a time.
-template <int D, int G>
-void attend_avx512(const float* qh, const float* const* ks, const float* const* vs, int64_t n,
+template <class T, int D, int G>
+void attend_avx512(const float* qh, const T* const* ks, const T* const* vs, int64_t n,
                    float scale, float* w, float* oh, float* stats) {
   constexpr int V = D / 16;
   __m512 q[G][V];
@@ -179,21 +197,27 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
     for (int c = 0; c < V; ++c) q[j][c] = _mm512_loadu_ps(qh + j * D + c * 16);
   const __m512 sc = _mm512_set1_ps(scale);
   int64_t i = 0;
+  constexpr int kLines = D * sizeof(T) / 64;  // cache lines a slot's row takes
   for (; i + 16 <= n; i += 16) {
+    for (int64_t s = i + 16; s < std::min<int64_t>(i + 32, n); ++s)  // the next 16 keys
+      for (int c = 0; c < kLines; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(ks[s]) + 64 * c, _MM_HINT_T0);
+    for (int64_t s = i; s < i + 16; ++s)  // these slots' values, for after the softmax
+      for (int c = 0; c < kLines; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(vs[s]) + 64 * c, _MM_HINT_T1);
     for (int j = 0; j < G; ++j) {
       __m512 acc[16];
       for (int s = 0; s < 16; ++s) {
-        const float* k = ks[i + s];
-        acc[s] = _mm512_mul_ps(q[j][0], _mm512_loadu_ps(k));
-        for (int c = 1; c < V; ++c)
-          acc[s] = _mm512_fmadd_ps(q[j][c], _mm512_loadu_ps(k + c * 16), acc[s]);
+        const T* k = ks[i + s];
+        acc[s] = _mm512_mul_ps(q[j][0], load16(k));
+        for (int c = 1; c < V; ++c) acc[s] = _mm512_fmadd_ps(q[j][c], load16(k + c * 16), acc[s]);
       }
       _mm512_storeu_ps(w + j * n + i, _mm512_mul_ps(sum16(acc), sc));
     }
   }
   for (; i < n; ++i) {
     __m512 k[V];
-    for (int c = 0; c < V; ++c) k[c] = _mm512_loadu_ps(ks[i] + c * 16);
+    for (int c = 0; c < V; ++c) k[c] = load16(ks[i] + c * 16);
     for (int j = 0; j < G; ++j) {
       __m512 acc = _mm512_mul_ps(q[j][0], k[0]);
       for (int c = 1; c < V; ++c) acc = _mm512_fmadd_ps(q[j][c], k[c], acc);
@@ -205,8 +229,11 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
   for (int j = 0; j < G; ++j)
     for (int c = 0; c < V; ++c) o[j][c] = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; ++i) {
+    if (i + 8 < n)  // a value row 8 slots ahead
+      for (int c = 0; c < kLines; ++c)
+        _mm_prefetch(reinterpret_cast<const char*>(vs[i + 8]) + 64 * c, _MM_HINT_T0);
     __m512 v[V];
-    for (int c = 0; c < V; ++c) v[c] = _mm512_loadu_ps(vs[i] + c * 16);
+    for (int c = 0; c < V; ++c) v[c] = load16(vs[i] + c * 16);
     for (int j = 0; j < G; ++j) {
       const __m512 wi = _mm512_set1_ps(w[j * n + i]);
       for (int c = 0; c < V; ++c) o[j][c] = _mm512_fmadd_ps(wi, v[c], o[j][c]);
@@ -216,32 +243,38 @@ void attend_avx512(const float* qh, const float* const* ks, const float* const* 
     for (int c = 0; c < V; ++c) _mm512_storeu_ps(oh + j * D + c * 16, o[j][c]);
 }
 
-using Attend = void (*)(const float*, const float* const*, const float* const*, int64_t, float,
-                        float*, float*, float*);
+template <class T>
+using Attend = void (*)(const float*, const T* const*, const T* const*, int64_t, float, float*,
+                        float*, float*);
 
-template <int D>
-Attend pick_group(int64_t g) {
+template <class T, int D>
+Attend<T> pick_group(int64_t g) {
   switch (g) {
-    case 1: return attend_avx512<D, 1>;
-    case 2: return attend_avx512<D, 2>;
-    case 3: return attend_avx512<D, 3>;
-    case 4: return attend_avx512<D, 4>;
-    case 5: return attend_avx512<D, 5>;
-    case 6: return attend_avx512<D, 6>;
-    case 8: return attend_avx512<D, 8>;
+    case 1: return attend_avx512<T, D, 1>;
+    case 2: return attend_avx512<T, D, 2>;
+    case 3: return attend_avx512<T, D, 3>;
+    case 4: return attend_avx512<T, D, 4>;
+    case 5: return attend_avx512<T, D, 5>;
+    case 6: return attend_avx512<T, D, 6>;
+    case 8: return attend_avx512<T, D, 8>;
     default: return nullptr;
   }
 }
 
-Attend pick(int64_t d, int64_t g) {
-  if (d == 64) return pick_group<64>(g);
-  if (d == 128) return pick_group<128>(g);
+template <class T>
+Attend<T> pick(int64_t d, int64_t g) {
+  if (d == 64) return pick_group<T, 64>(g);
+  if (d == 128) return pick_group<T, 128>(g);
   return nullptr;
 }
 #else
-using Attend = void (*)(const float*, const float* const*, const float* const*, int64_t, float,
-                        float*, float*, float*);
-Attend pick(int64_t, int64_t) { return nullptr; }
+template <class T>
+using Attend = void (*)(const float*, const T* const*, const T* const*, int64_t, float, float*,
+                        float*, float*);
+template <class T>
+Attend<T> pick(int64_t, int64_t) {
+  return nullptr;
+}
 #endif
 
 void check(const at::Tensor& t, const char* op, const char* name, at::ScalarType dtype,
@@ -256,8 +289,11 @@ void check(const at::Tensor& t, const char* op, const char* name, at::ScalarType
 
 void check_q(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
              const at::Tensor& positions, int64_t kv_dim, const char* op) {
-  check(keys, op, "keys", at::kFloat, kv_dim);
-  check(values, op, "values", at::kFloat, kv_dim);
+  const auto kv = keys.scalar_type();
+  TORCH_CHECK(kv == at::kFloat || kv == at::kHalf || kv == at::kBFloat16, op,
+              ": keys must be float32, float16 or bfloat16, got ", kv);
+  check(keys, op, "keys", kv, kv_dim);
+  check(values, op, "values", kv, kv_dim);
   check(positions, op, "positions", at::kLong, 2);
   TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 4 && q.size(2) == 1, op,
               ": q must be float32 (B, Hq, 1, d), got ", q.scalar_type(), " ", q.sizes());
@@ -307,8 +343,8 @@ void combine_chunks(const float* const* o, const float* const* stats, int64_t nc
 // [lo, hi) start in head 0 of keys and values (in elements) and returns how many there are;
 // head h's are ``head_stride`` further. A thread's tasks run in order, so it lists a row's
 // chunk once for all its kv heads.
-template <class Visible>
-at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* vp, int64_t hkv,
+template <class T, class Visible>
+at::Tensor decode_attention(const at::Tensor& q, const T* kp, const T* vp, int64_t hkv,
                             int64_t head_stride, int64_t max_slots, double scale,
                             const Visible& visible) {
   // q is read through its strides (a batch's q comes heads-major out of the compiled step: a
@@ -322,7 +358,7 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
   const float* qp = qc.const_data_ptr<float>();
   float* op = out.mutable_data_ptr<float>();
   const float sc = static_cast<float>(scale);
-  const Attend fast = pick(d, g);
+  const Attend<T> fast = pick<T>(d, g);
   const int64_t chunks = std::max<int64_t>(1, (max_slots + kChunk - 1) / kChunk);
   const int64_t span = std::min(max_slots, kChunk);  // the most slots one task attends
   // With one chunk a task writes the output; with more, its partial result and, per query
@@ -331,7 +367,7 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
   std::unique_ptr<float[]> partial(chunks > 1 ? new float[tasks * g * d] : nullptr);
   std::unique_ptr<float[]> stats(chunks > 1 ? new float[tasks * (2 * g + 1)] : nullptr);
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const float*> ks(span), vs(span);
+    std::vector<const T*> ks(span), vs(span);
     std::vector<int64_t> offsets(span);
     std::vector<float> w(g * span), qbuf(packed_heads ? 0 : g * d);
     int64_t listed = -1, n = 0;
@@ -389,6 +425,24 @@ at::Tensor decode_attention(const at::Tensor& q, const float* kp, const float* v
   return out;
 }
 
+// decode_attention over keys and values of the cache's element type (checked by check_q).
+template <class Visible>
+at::Tensor decode_attention_of(const at::Tensor& q, const at::Tensor& keys,
+                               const at::Tensor& values, int64_t hkv, int64_t head_stride,
+                               int64_t max_slots, double scale, const Visible& visible) {
+  auto run = [&](auto* kp, auto* vp) {
+    return decode_attention(q, kp, vp, hkv, head_stride, max_slots, scale, visible);
+  };
+  switch (keys.scalar_type()) {
+    case at::kHalf:
+      return run(keys.const_data_ptr<c10::Half>(), values.const_data_ptr<c10::Half>());
+    case at::kBFloat16:
+      return run(keys.const_data_ptr<c10::BFloat16>(), values.const_data_ptr<c10::BFloat16>());
+    default:
+      return run(keys.const_data_ptr<float>(), values.const_data_ptr<float>());
+  }
+}
+
 // keys, values (Hkv, P, d): one layer's pool; read_slots (B, S): each row's slots (any order,
 // padded with slots that hold no position); slot_pos (P,): each slot's position (-1 empty).
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys,
@@ -404,14 +458,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& keys,
               " must have one row per query row (", q.size(0), ")");
   TORCH_CHECK(slot_pos.size(0) == P, op, ": slot_pos has ", slot_pos.size(0),
               " entries, the pool ", P, " slots");
-  const float* kp = keys.const_data_ptr<float>();
-  const float* vp = values.const_data_ptr<float>();
   const int64_t* rs = read_slots.const_data_ptr<int64_t>();
   const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   std::atomic<int64_t> bad{-1};
-  at::Tensor out = decode_attention(q, kp, vp, hkv, P * d, S, scale,
-                                    [&](int64_t b, int64_t lo, int64_t hi, int64_t* at) {
+  at::Tensor out = decode_attention_of(q, keys, values, hkv, P * d, S, scale,
+                                       [&](int64_t b, int64_t lo, int64_t hi, int64_t* at) {
     int64_t n = 0;
     for (int64_t s = lo; s < hi; ++s) {
       const int64_t slot = rs[b * S + s];
@@ -441,12 +493,10 @@ at::Tensor static_decode_attention(const at::Tensor& q, const at::Tensor& keys,
   TORCH_CHECK(B == q.size(0) && slot_pos.size(0) == B && slot_pos.size(1) == S, op,
               ": keys ", keys.sizes(), " and slot_pos ", slot_pos.sizes(),
               " must have one row per query row (", q.size(0), ") and the same slots");
-  const float* kp = keys.const_data_ptr<float>();
-  const float* vp = values.const_data_ptr<float>();
   const int64_t* sp = slot_pos.const_data_ptr<int64_t>();
   const int64_t* pos = positions.const_data_ptr<int64_t>();
-  return decode_attention(q, kp, vp, hkv, S * d, S, scale,
-                          [&](int64_t b, int64_t lo, int64_t hi, int64_t* at) {
+  return decode_attention_of(q, keys, values, hkv, S * d, S, scale,
+                             [&](int64_t b, int64_t lo, int64_t hi, int64_t* at) {
     int64_t n = 0;
     for (int64_t s = lo; s < hi; ++s) {
       const int64_t p = sp[b * S + s];

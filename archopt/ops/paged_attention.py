@@ -142,6 +142,7 @@ def attend_row(q, keys, values, lo, hi, mask):
         k, v = keys[None, :, lo:hi], values[None, :, lo:hi]  # (1, Hkv, S, d), in place
     else:
         k, v = keys.index_select(1, lo)[None], values.index_select(1, lo)[None]
+    k, v = k.to(q.dtype), v.to(q.dtype)  # a half-precision cache: widened (a copy) to q's
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
@@ -151,7 +152,7 @@ def attend_span(q, keys, values, lo, hi, mask):
     b, hq, t, d = q.shape
     h = keys.shape[0]
     g = hq // h
-    keys, values = keys[:, lo:hi], values[:, lo:hi]  # (Hkv, S, d)
+    keys, values = keys[:, lo:hi].to(q.dtype), values[:, lo:hi].to(q.dtype)  # (Hkv, S, d)
     # (B, Hkv, g*T, d) -> (Hkv, B*g*T, d): all rows of a kv head against its span at once
     qs = q.reshape(b, h, g * t, d).transpose(0, 1).reshape(h, b * g * t, d)
     if mask is not None:  # (B, 1, g*T, S) -> (B*g*T, S), rows as qs's
@@ -178,7 +179,7 @@ def gathered(keys, values, slots):
 def attend_gathered(qg, keys, values, slots, mask):
     """The reference: rows (qg: (B, Hkv, g*T, d)) against their slots copied out."""
     k, v = gathered(keys, values, slots)
-    return F.scaled_dot_product_attention(qg, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(qg, k.to(qg.dtype), v.to(qg.dtype), attn_mask=mask)
 
 
 class DecodeView:
@@ -201,13 +202,15 @@ class DecodeView:
         b, hq, _, d = q.shape
         h = k.shape[1]
         keys, values = self.keys[layer], self.values[layer]
-        keys.index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1))  # (Hkv, B, d)
-        values.index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1))
+        # (Hkv, B, d), in the pool's dtype (a half-precision cache rounds them here)
+        keys.index_copy_(1, self.write_slots, k[:, :, 0].transpose(0, 1).to(keys.dtype))
+        values.index_copy_(1, self.write_slots, v[:, :, 0].transpose(0, 1).to(values.dtype))
         if self.kernel:
             return torch.ops.archopt.paged_decode_attention(
                 q, keys, values, self.read_slots, self.slot_pos, positions, d**-0.5
             )
-        rk, rv = keys[:, self.read_slots], values[:, self.read_slots]  # (Hkv, B, S, d)
+        rk = keys[:, self.read_slots].to(q.dtype)  # (Hkv, B, S, d)
+        rv = values[:, self.read_slots].to(q.dtype)
         qg = q.view(b, h, hq // h, d).transpose(0, 1)  # (Hkv, B, g, d)
         scores = torch.matmul(qg, rk.transpose(-1, -2)) * d**-0.5  # (Hkv, B, g, S)
         seen = (self.read_pos >= 0) & (self.read_pos <= positions)  # (B, S): own token seen

@@ -443,6 +443,7 @@ class PagedKVCache:
         slots = self._step[0]
         h, d = self.kv_heads, self.head_dim
         # (B, Hkv, T, d) -> (Hkv, B*T, d): one row of each head per slot written.
+        k, v = k.to(self.dtype), v.to(self.dtype)  # a half-precision cache rounds them here
         self.keys[layer].index_copy_(1, slots, k.transpose(0, 1).reshape(h, -1, d))
         self.values[layer].index_copy_(1, slots, v.transpose(0, 1).reshape(h, -1, d))
 
@@ -456,7 +457,7 @@ class PagedKVCache:
         self._write(layer, k, v)
         slots = self._slots_of([self.seqs[s].blocks for s in self.rows])
         keys, values = gathered(self.keys[layer], self.values[layer], slots)
-        return keys, values, visible(positions, self.slot_pos[slots])
+        return keys.to(k.dtype), values.to(k.dtype), visible(positions, self.slot_pos[slots])
 
     def attend(
         self,

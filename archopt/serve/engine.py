@@ -36,7 +36,7 @@ import torch
 from archopt.choices import SPECULATE, SPECULATE_BATCH
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy
-from archopt.serve.compiled_step import COMPILE_MODES, StepSource
+from archopt.serve.compiled_step import COMPILE_MODES, StepSource, kv_cache_kind
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
 from archopt.serve.logits import choose, owed, record_prompt_logprob, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
@@ -62,7 +62,10 @@ class Engine:
     was chosen. ``attention``: the eager plan (prompt chunks, and decoding when not compiled).
     ``speculate``: drafts a plain greedy request verifies in a compiled step, found by n-gram
     lookup in its own tokens (``archopt.serve.speculate``: the same tokens, fewer steps),
-    while at most ``speculate_batch`` requests decode; 0 turns it off.
+    while at most ``speculate_batch`` requests decode; 0 turns it off. ``kv_cache_dtype``
+    (``KV_CACHE_DTYPES``): "auto" keeps keys and values in the model's dtype; "float16" or
+    "bfloat16" halve the pool and what attention reads (the values rounded as written; the
+    compiled step of that kind is built once, as the default one is).
     """
 
     def __init__(
@@ -81,12 +84,14 @@ class Engine:
         compile: str | CompiledPagedStep = "auto",
         speculate: int = SPECULATE,
         speculate_batch: int = SPECULATE_BATCH,
+        kv_cache_dtype: str = "auto",
         progress: bool = False,
     ) -> None:
         for name, value in (("speculate", speculate), ("speculate_batch", speculate_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         self.speculate, self.speculate_batch = speculate, speculate_batch
+        kv_dtype, kind = kv_cache_kind(model, kv_cache_dtype)
         self.drafted = self.accepted = 0  # speculative drafts run and confirmed
         cfg = model.config
         self.model = model
@@ -105,7 +110,7 @@ class Engine:
             block_size=block_size,
             num_blocks=num_blocks,
             max_blocks=max_blocks,
-            dtype=model.embed.weight.dtype,
+            dtype=kv_dtype,
             device=model.embed.weight.device,
             prefix_cache=prefix_cache,
             attention=attention,
@@ -128,7 +133,7 @@ class Engine:
         self.steps = self.generated_tokens = self.prompt_tokens = self.finished = 0
         self.error: str | None = None
         self.threads = torch.get_num_threads()  # what steps run with (but see step())
-        self._steps = StepSource(model, compile, progress)
+        self._steps = StepSource(model, compile, progress, kind)
         self.compiled = self._steps.step  # the compiled paged step, when there is one
         self.compile_how = self._steps.how  # what was chosen, in words
 

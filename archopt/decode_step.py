@@ -243,9 +243,7 @@ def load_step(model: nn.Module, folder: Path, kind: str = "static") -> CompiledS
         runner.load_constants({n: tensors[n] for n in wanted}, False, True, True)
     except (OSError, RuntimeError, json.JSONDecodeError, SafetensorError) as e:
         raise ValueError(f"compiled step in {folder} is unusable: {e}") from e
-    if KINDS[kind].wrapper is CompiledPagedStep:
-        return CompiledPagedStep(runner, folder, kind)
-    return KINDS[kind].wrapper(runner, folder)
+    return KINDS[kind].wrapper(runner, folder, kind)
 
 
 def cached_step(model: nn.Module, kind: str = "static") -> CompiledStep | None:

@@ -1,6 +1,6 @@
 """The graphs a compiled decode step runs: one token per row in, next-token logits out.
 
-Two kinds, each a module to export, an example input with its dynamic dimensions, and a wrapper
+The kinds, each a module to export, an example input with its dynamic dimensions, and a wrapper
 that calls the loaded library with a cache object (``archopt.decode_step`` builds, keeps and
 loads them):
 
@@ -12,7 +12,9 @@ loads them):
   number of logit rows are dynamic, so one library serves every batch, context and pool
   growth. A row attends to the slots whose position is at most its own, all rows' tokens
   written first, so consecutive rows of one sequence are a prompt chunk, causal: the engine
-  runs prompts through it too, a row a token, only their last rows through the head.
+  runs prompts through it too, a row a token, only their last rows through the head, and
+  a request's speculative drafts likewise. ``paged-float16`` and ``paged-bfloat16``: the same
+  over pools kept in that dtype (the engine's ``kv_cache_dtype``).
 
 Both attend with archopt's C++ decode-attention kernels where they build
 (``archopt.ops.cpu_kernels``: each row reads only the slots it sees, in place), else with the
@@ -68,8 +70,8 @@ class CompiledStep:
     """``step(tokens, positions, kv)``: next-token logits (B, vocab), advancing the static
     cache ``kv`` in place, through the loaded library."""
 
-    def __init__(self, runner: Any, folder) -> None:
-        self.runner, self.folder = runner, folder
+    def __init__(self, runner: Any, folder, kind: str = "static") -> None:
+        self.runner, self.folder, self.kind = runner, folder, kind
 
     def __call__(
         self, tokens: torch.Tensor, positions: torch.Tensor, kv: StaticCache

@@ -1058,6 +1058,28 @@ def test_a_speculating_request_stops_logs_and_ends_as_it_does_without_drafts(tin
         assert_no_leaks(engine)
 
 
+def test_drafts_stop_at_the_end_of_the_context(tiny, tiny_step):
+    """A request that runs into the end of the model's context while its drafts are all
+    right: drafts never reach past the context, and it ends at it ("length"), with the
+    tokens it gets without drafts."""
+    step, _ = tiny_step
+    capacity = tiny.config.max_position_embeddings
+    prompt = [(3 * i) % 256 for i in range(capacity - 12)]
+    params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+    plain = Engine(tiny, block_size=4, compile=step, speculate=0).generate([prompt], params)[0]
+    assert plain.finish_reason == "length" and len(prompt) + len(plain.output) == capacity
+    engine = Engine(tiny, block_size=4, compile=step, speculate=4)
+    req = Request(prompt, params)
+    req.drafter = Oracle(prompt, plain.output)
+    engine.submit(req)
+    while req.finish_reason is None:
+        engine.step()
+        check_pool(engine.cache)
+    assert (req.output, req.finish_reason) == (plain.output, "length")
+    assert engine.accepted > 0
+    assert_no_leaks(engine)
+
+
 def test_drafts_from_the_requests_own_tokens_only_while_the_batch_is_small(tiny, tiny_step):
     """The n-gram drafter on prompts that repeat themselves: the greedy tokens alone, drafts
     run while one request decodes (``speculate_batch=1``), none while two do, and none in an

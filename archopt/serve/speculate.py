@@ -30,8 +30,8 @@ if TYPE_CHECKING:
 
 
 class NgramDrafter:
-    """Drafts for one request from its own tokens, indexed as they come (each token is
-    indexed once: a step costs O(new tokens), not O(length))."""
+    """Drafts for one request from its own tokens, indexed as they come (the n-grams ending
+    at each token are indexed once, so a step's lookup costs O(new tokens), not a scan)."""
 
     def __init__(self, min_n: int = 2, max_n: int = 4) -> None:
         if not 1 <= min_n <= max_n:

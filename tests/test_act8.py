@@ -88,6 +88,9 @@ def test_a_row_is_the_same_alone_and_in_any_batch(kind):
     for lo, hi in ((2, 6), (1, 3), (0, 3), (0, 6), (1, 7)):  # by fours, twos and ones
         assert torch.equal(m(x[lo:hi]), batched[lo:hi])
     assert torch.equal(m(x.view(7, 1, 192)).view(7, 64), batched)  # any leading shape
+    three = m(x[4:7].view(1, 3, 192))  # 3 rows: a four-row pass with a padding row dropped
+    assert three.shape == (1, 3, 64) and three.is_contiguous()
+    assert torch.equal(three[0], batched[4:7])
 
 
 @pytest.mark.parametrize("kind", ["q4", "q8"])
@@ -101,6 +104,7 @@ def test_strided_inputs_and_long_prompts_give_each_rows_result(kind):
     assert torch.equal(whole, torch.cat([m(piece) for piece in x.split(100)]))
     strided = torch.randn(1536, 9).T  # (9, 1536), not contiguous
     assert torch.equal(m(strided), m(strided.contiguous()))
+    assert torch.equal(m(strided[:3]), m(strided[:3].contiguous()))  # converted, then padded
     assert torch.equal(m(x[:6].view(2, 3, 1536)), whole[:6].view(2, 3, 16))
 
 

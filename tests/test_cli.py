@@ -168,6 +168,7 @@ BAD_ARGUMENTS = [
     (["generate", "--temperature", "nan"], "--temperature: must be a finite number in [0, 100]"),
     (["generate", "--top-p", "0"], "--top-p: must be a finite number in (0, 1], got 0"),
     (["generate", "--prompt", ""], "--prompt must hold some text to continue, got an empty one"),
+    (["generate", "hi", "--prompt", "ho"], "give the prompt once, as PROMPT or --prompt, got both"),
     (["generate", "--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     (["generate", "--device", "cuda:x"], "--device must be cpu, cuda or cuda:N, got 'cuda:x'"),
     (["cache", "purge"], "argument action: invalid choice: 'purge'"),
@@ -333,6 +334,11 @@ def test_generate_json_on_the_real_model(capsys):
     out = json.loads(out)
     assert code == 0 and out["new_tokens"] > 1 and out["decode_tokens_per_s"] > 0
     assert out["text"].strip() and out["prompt_tokens"] == 7 and out["device"] == "cpu"
+    # The prompt as a positional argument, as llm or ollama take it; -p as llama.cpp's
+    for argv in (["The sky is"], ["-p", "The sky is"]):
+        code, out, _ = run(capsys, "generate", *argv, "--max-new-tokens", "2", "--json")
+        out = json.loads(out)
+        assert code == 0 and out["prompt_tokens"] == 3 and out["new_tokens"] == 2
 
 
 def test_generate_on_a_cuda_device_this_machine_lacks_is_one_clear_line(capsys):

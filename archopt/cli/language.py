@@ -12,6 +12,8 @@ from archopt.cli.common import emit
 if TYPE_CHECKING:
     import torch
 
+DEFAULT_PROMPT = "Lionel Messi is a"  # generate's text when none is given
+
 
 def process_age_s() -> float | None:
     """Seconds since this process started (Linux's /proc), or None where that is unknown."""
@@ -67,6 +69,12 @@ def cmd_generate(args) -> None:
         )
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.text is not None and args.prompt is not None:
+        raise ValueError(
+            f"give the prompt once, as PROMPT or --prompt, got both ({args.text!r} and "
+            f"{args.prompt!r})"
+        )
+    args.prompt = next((p for p in (args.text, args.prompt) if p is not None), DEFAULT_PROMPT)
     if not args.prompt and not args.chat:  # a chat template gives even "" tokens
         raise ValueError("--prompt must hold some text to continue, got an empty one")
     device = check_device(args.device)

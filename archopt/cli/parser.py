@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("generate", help="stream a continuation from a language model")
     sp.add_argument("--model", default="smollm2-135m", help="smollm2-135m, HF dir or .gguf")
-    sp.add_argument("--prompt", default="Lionel Messi is a")
+    sp.add_argument("text", nargs="?", metavar="PROMPT", help="the prompt, as --prompt")
+    sp.add_argument("-p", "--prompt", help='the text to continue (default "Lionel Messi is a")')
     sp.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     sp.add_argument(
         "--cache",

@@ -224,9 +224,9 @@ class Engine:
             torch.set_num_threads(threads)
         if plan.decode or plan.prefill:
             run = self._compiled_rows if self.compiled is not None else self._eager_rows
-            reqs, logits = run(plan.decode, plan.prefill)
+            reqs, logits, chosen = run(plan.decode, plan.prefill)
             if reqs:
-                sampled += self._sample_and_emit(reqs, logits)
+                sampled += self._sample_and_emit(reqs, logits, chosen)
             for req, _ in plan.prefill:  # a prompt scored, nothing to generate: done
                 if not req.params.max_tokens and req.pending == 0 and req.status != FINISHED:
                     self._finish(req, "length")
@@ -241,13 +241,14 @@ class Engine:
 
     def _compiled_rows(
         self, decode: list[Request], prefill: list[tuple[Request, int]]
-    ) -> tuple[list[Request], torch.Tensor]:
+    ) -> tuple[list[Request], torch.Tensor, list[int] | None]:
         """The step through the compiled library, a token a row: each decoding request's
         last token, then each prompt chunk as consecutive rows of its sequence (causal within
         it), in calls of at most ``MAX_BATCH`` rows. Returns the requests that sample now (the
-        decoding ones, then those whose prompt this step ends) and their logits (R, vocab).
-        Every row's sums are its own, so a request's tokens do not depend on who shares its
-        step, nor on where a call's rows are cut. The prompt rows whose log-probabilities a
+        decoding ones, then those whose prompt this step ends), their logits (R, vocab) and,
+        after drafts, their greedy tokens (else None). Every row's sums are its own, so a
+        request's tokens do not depend on who shares its step, nor on where a call's rows are
+        cut. The prompt rows whose log-probabilities a
         request asked for (``owed``) give logits too, recorded here."""
         seqs, tokens, positions, wanted, scored = [], [], [], [], []
         drafts = self._drafts(decode)
@@ -292,7 +293,7 @@ class Engine:
             req.computed += len(chunk)
             self.cache.commit(req.seq_id, chunk)
         if not rows_out:
-            return [], torch.empty(0)
+            return [], torch.empty(0), None
         logits = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).float()  # one: no copy
         if scored:  # prompt log-probabilities asked for: those rows out, the sampling ones kept
             at = {row: k for k, row in enumerate(rows_out)}
@@ -300,25 +301,26 @@ class Engine:
                 record_prompt_logprob(req, p, logits[at[row]])
             logits = logits[[at[row] for row, _ in wanted]]
         reqs = [req for _, req in wanted]
-        if drafts:
-            keep = self._verify(drafts, reqs, logits)
-            reqs, logits = [reqs[i] for i in keep], logits[keep]
-        return reqs, logits
+        if not drafts:
+            return reqs, logits, None
+        chosen = greedy(logits).tolist()  # every row's, the drafts' too: what verifies them
+        keep = self._verify(drafts, reqs, chosen)
+        return [reqs[i] for i in keep], logits[keep], [chosen[i] for i in keep]
 
     def _drafts(self, decode: list[Request]) -> dict[Request, list[int]]:
         if not self.speculate or len(decode) > self.speculate_batch:
             return {}
         return draft(decode, self.cache, self.speculate, self.capacity)
 
-    def _verify(self, drafts, reqs: list[Request], logits: torch.Tensor) -> list[int]:
-        keep, drafted, taken = verify(drafts, reqs, greedy(logits).tolist(), self.cache)
+    def _verify(self, drafts, reqs: list[Request], chosen: list[int]) -> list[int]:
+        keep, drafted, taken = verify(drafts, reqs, chosen, self.cache)
         self.drafted += drafted
         self.accepted += taken
         return keep
 
     def _eager_rows(
         self, decode: list[Request], prefill: list[tuple[Request, int]]
-    ) -> tuple[list[Request], torch.Tensor]:
+    ) -> tuple[list[Request], torch.Tensor, None]:
         """``_compiled_rows``' result from the eager model: a forward over the decoding
         requests, one over the prompt chunks."""
         reqs, logits = [], []
@@ -338,7 +340,7 @@ class Engine:
             done = [i for i, (r, _) in enumerate(prefill) if r.pending == 0 and r.params.max_tokens]
             reqs += [prefill[i][0] for i in done]
             logits.append(chunks[done])
-        return reqs, torch.cat(logits)
+        return reqs, torch.cat(logits), None
 
     def _forward(self, rows: list[tuple[Request, list[int]]], full: bool = False) -> torch.Tensor:
         """Logits (rows, vocab) at each row's last token (``full``: (rows, width, vocab), every
@@ -360,8 +362,11 @@ class Engine:
             self.cache.commit(req.seq_id, toks)
         return logits.float() if full else logits[:, -1].float()
 
-    def _sample_and_emit(self, reqs: list[Request], logits: torch.Tensor) -> int:
-        tokens = greedy(logits).tolist()  # the plain greedy rows' tokens; the others choose below
+    def _sample_and_emit(
+        self, reqs: list[Request], logits: torch.Tensor, chosen: list[int] | None = None
+    ) -> int:
+        # The plain greedy rows' tokens (a drafting step has them); the others choose below.
+        tokens = list(chosen) if chosen is not None else greedy(logits).tolist()
         emitted = 0
         for i, req in enumerate(reqs):
             if req.status == FINISHED:  # a speculating request's stop came at an earlier row

@@ -59,6 +59,10 @@ def check_weights(weights: str) -> None:
 # "cuda-graph": on a GPU, the eager step recorded once as a CUDA graph and replayed (what "auto"
 # picks there: recording costs about one step, so it pays from the second token).
 COMPILE_MODES = ("auto", "aot", "off", "inductor", "inductor-cpp", "cuda-graph")
+# What the serving engine's ``compile=`` (``archopt serve --compile``) takes, besides a compiled
+# paged step: "auto": the step from the cache folder, else eager while it is built in the
+# background; "aot": build it now if it is not there; "off": eager.
+SERVE_COMPILE_MODES = ("auto", "aot", "off")
 
 # The serving engine's speculative decoding (``archopt.serve.speculate``): up to SPECULATE
 # drafts a plain greedy request verifies a step, while at most SPECULATE_BATCH requests decode.
@@ -73,6 +77,6 @@ SPECULATE, SPECULATE_BATCH = 3, 1
 KV_CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 __all__ = [
-    "COMPILE_MODES", "KV_CACHE_DTYPES", "SPECULATE", "SPECULATE_BATCH", "WEIGHT_CHOICES",
-    "WEIGHT_FORMATS", "WeightFormat", "check_weights",
+    "COMPILE_MODES", "KV_CACHE_DTYPES", "SERVE_COMPILE_MODES", "SPECULATE", "SPECULATE_BATCH",
+    "WEIGHT_CHOICES", "WEIGHT_FORMATS", "WeightFormat", "check_weights",
 ]  # fmt: skip

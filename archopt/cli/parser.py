@@ -7,6 +7,7 @@ import argparse
 from archopt.choices import (
     COMPILE_MODES,
     KV_CACHE_DTYPES,
+    SERVE_COMPILE_MODES,
     SPECULATE,
     SPECULATE_BATCH,
     WEIGHT_CHOICES,
@@ -167,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--compile",
         default="auto",
-        choices=["auto", "aot", "off"],
+        choices=SERVE_COMPILE_MODES,
         help="the decode batch's compiled step. auto (default): from the cache folder, else "
         "eager while it is built in the background; aot: build it before serving; off: eager",
     )

@@ -14,18 +14,15 @@ import time
 import torch
 
 from archopt import background_build, decode_step
-from archopt.choices import KV_CACHE_DTYPES
+from archopt.choices import KV_CACHE_DTYPES, SERVE_COMPILE_MODES
 
-# "auto": the compiled step from the cache folder, else eager while it is built in the
-# background; "aot": build it now if it is not there; "off": eager.
-COMPILE_MODES = ("auto", "aot", "off")
 POLL_BUILD_S = 2.0
 
 
 def check_compile(mode) -> None:
-    if not isinstance(mode, decode_step.CompiledPagedStep) and mode not in COMPILE_MODES:
+    if not isinstance(mode, decode_step.CompiledPagedStep) and mode not in SERVE_COMPILE_MODES:
         raise ValueError(
-            f"compile must be one of {', '.join(COMPILE_MODES)} or a compiled paged step, "
+            f"compile must be one of {', '.join(SERVE_COMPILE_MODES)} or a compiled paged step, "
             f"got {mode!r}"
         )
 
@@ -51,8 +48,8 @@ def kv_cache_kind(model, kv_cache_dtype: str) -> tuple[torch.dtype, str]:
 
 class StepSource:
     """``model``'s compiled paged step of ``kind`` (``"paged"``, or ``"paged-float16"`` for
-    pools of that dtype: ``archopt.step_graphs.KINDS``) per ``mode`` (``COMPILE_MODES`` or a
-    step): ``step`` (None while there is none) and ``how`` (what was chosen, in words)."""
+    pools of that dtype: ``archopt.step_graphs.KINDS``) per ``mode`` (``SERVE_COMPILE_MODES`` or
+    a step): ``step`` (None while there is none) and ``how`` (what was chosen, in words)."""
 
     def __init__(self, model, mode, progress: bool = False, kind: str = "paged") -> None:
         check_compile(mode)

@@ -36,7 +36,7 @@ import torch
 from archopt.choices import SPECULATE, SPECULATE_BATCH
 from archopt.ops.paged_kv import PagedKVCache
 from archopt.sampling import greedy
-from archopt.serve.compiled_step import COMPILE_MODES, StepSource, kv_cache_kind
+from archopt.serve.compiled_step import StepSource, kv_cache_kind
 from archopt.serve.detokenize import IncrementalText, cut_at_stop, sendable
 from archopt.serve.logits import choose, owed, record_prompt_logprob, token_logprobs
 from archopt.serve.scheduler import FINISHED, QueueFull, Request, SamplingParams, Scheduler
@@ -46,7 +46,7 @@ from archopt.step_graphs import MAX_BATCH
 if TYPE_CHECKING:
     from archopt.decode_step import CompiledPagedStep
 
-__all__ = ["COMPILE_MODES", "Engine", "QueueFull", "Request", "SamplingParams"]
+__all__ = ["Engine", "QueueFull", "Request", "SamplingParams"]
 
 
 class Engine:
@@ -57,9 +57,10 @@ class Engine:
     slot) and grows by doubling when no block is free or cached, so the memory held follows
     the tokens in use (``metrics()``: ``kv_pool_bytes``).
 
-    ``compile``: how steps run (``COMPILE_MODES``, or a ``CompiledPagedStep`` made
-    by ``archopt.decode_step.compile_step(model, kind="paged")``); ``compile_how`` says what
-    was chosen. ``attention``: the eager plan (prompt chunks, and decoding when not compiled).
+    ``compile``: how steps run (``archopt.choices.SERVE_COMPILE_MODES``, or a
+    ``CompiledPagedStep`` made by ``archopt.decode_step.compile_step(model, kind="paged")``);
+    ``compile_how`` says what was chosen. ``attention``: the eager plan (prompt chunks, and
+    decoding when not compiled).
     ``speculate``: drafts a plain greedy request verifies in a compiled step, found by n-gram
     lookup in its own tokens (``archopt.serve.speculate``: the same tokens, fewer steps),
     while at most ``speculate_batch`` requests decode; 0 turns it off. ``kv_cache_dtype``

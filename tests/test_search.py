@@ -404,3 +404,36 @@ def test_bench_predictor_reports_held_out_candidates(tmp_path):
         min(row["measured_rounds_ms"]) / row["kernel_sum_rounds_ms"][1]
     )
     assert json.loads(out.read_text())["held_out"] == 3
+
+
+def test_the_default_latency_bound_is_the_slowest_hand_designed_model_as_predicted(tmp_path):
+    """The bound is compared with predictions, so it is one: the slowest hand-designed model's
+    predicted latency (the same table and calibration), not its measured time, which a host
+    that drifts between the calibration and the bound puts on another footing (a quick tour
+    once rejected every candidate that way). Every candidate trained is predicted within it,
+    every rejected one beyond."""
+    pytest.importorskip("pymoo")
+    from archopt.search.loop import search
+
+    kw = dict(budget=2, seed=1, pop_size=4, rounds=1, **FAST)
+    report = search(TINY, out_dir=tmp_path / "auto", **kw)
+    bound = report["latency_bound_ms"]
+    assert bound == max(h["predicted_latency_ms"] for h in report["hand_designed"])
+    assert report["evaluations"] == 2 and report["latency_bound_rule"].endswith(
+        "hand-designed models"
+    )
+    assert all(c["predicted_latency_ms"] <= bound for c in report["candidates"])
+    assert all(c["predicted_latency_ms"] > bound for c in report["rejected_candidates"])
+
+
+def test_a_search_that_trains_nothing_still_plots_the_hand_designed_models(tmp_path):
+    """Every proposal predicted slower than the bound: no candidate, and the report and its
+    plot still come out (the hand-designed models alone), with no front."""
+    pytest.importorskip("pymoo")
+    from archopt.search.loop import search
+
+    kw = dict(budget=1, seed=1, pop_size=4, rounds=1, max_latency_ms=1e-6, **FAST)
+    report = search(TINY, out_dir=tmp_path / "none", **kw)
+    assert report["evaluations"] == 0 and report["front"] == [] and report["rejected"] > 0
+    assert [h["label"] for h in report["hand_designed"]] == ["MobileNet v1 0.25-32"]
+    assert (tmp_path / "none" / report["plots"]["latency"]).stat().st_size > 100

@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--repeats", type=POSITIVE, default=20, help="timed latency repeats")
     sp.add_argument(
         "--max-latency", default="auto", metavar="MS|auto|none",
-        help="reject candidates predicted slower (auto: the slowest hand-designed model)",
+        help="reject candidates predicted slower (auto: the slowest hand-designed model, "
+        "as predicted)",
     )  # fmt: skip
     sp.add_argument("--rounds", type=POSITIVE, default=3,
                     help="after the search, time kernels and models this many times in all, "

@@ -6,9 +6,10 @@ each one in this order:
 
 1. predict its latency from the per-layer table (``archopt.search.predictor``); a candidate
    predicted slower than the latency bound (by default the slowest hand-designed model of the
-   space, which is also the hypervolume's reference) is rejected untrained: it could not
-   add to the front's hypervolume. NSGA-II sees it as infeasible (a constraint), random search
-   draws again; a rejection costs no evaluation of the budget.
+   space, predicted the same way; measured, that model is the hypervolume's reference) is
+   rejected untrained: it could not add to the front's hypervolume. NSGA-II sees it as
+   infeasible (a constraint), random search draws again; a rejection costs no evaluation of
+   the budget.
 2. train it from scratch with the space's short recipe (a few epochs on the embedded digits
    by default): an early-stopped proxy for accuracy, reported as such;
 3. count its parameters and MACs and measure its latency on this machine.
@@ -113,9 +114,10 @@ def search(
     or ``"random"`` (the baseline). ``epochs``/``batch_size``/``optimizer``/``lr`` override the
     space's recipe; ``train_size`` trains on the first N training images only (a proxy, for
     tests and tours). ``max_latency_ms``: reject candidates predicted slower ("auto": the
-    slowest hand-designed model of the space, None: no bound). ``hand_designed``: also train
-    the space's hand-designed models with the same recipe for the plots. ``stop_after``: stop
-    once that many candidates are trained, as if interrupted (rerun to continue).
+    slowest hand-designed model of the space, as predicted; None: no bound). ``hand_designed``:
+    also train the space's hand-designed models with the same recipe for the plots.
+    ``stop_after``: stop once that many candidates are trained, as if interrupted (rerun to
+    continue).
     ``min_time_s``: keep searching past ``budget`` until this much search time has passed
     (equal wall time for a benchmark). ``rounds``: after the search, time every trained
     candidate's kernels and whole model ``rounds - 1`` more times, ``round_gap_s`` apart, and

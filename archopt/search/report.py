@@ -146,7 +146,7 @@ def plot_search(report: dict, out: Path) -> dict[str, str]:
 
     names = report["objectives"]
     cands, hand = report["candidates"], report["hand_designed"]
-    if not cands:
+    if not cands and not hand:  # nothing to draw (with hand-designed models only: them)
         return {}
     if "accuracy" in names:
         pairs = [(o, "accuracy") for o in names if o != "accuracy"]

@@ -99,9 +99,9 @@ def search_section(
     md = [
         f"NSGA-II (pymoo) on the `{space.name}` space ({space.description}), "
         f"{report['evaluations']} candidates trained ({report['rejected']} more rejected "
-        f"untrained, predicted slower than the slowest hand-designed model). Accuracy: "
-        f"{report['accuracy_proxy']}. Latency: batch 1, measured here (the fastest of the "
-        "repeats), predicted first from a per-layer table (nn-Meter's idea) kept in archopt's "
+        "untrained, predicted slower than the slowest hand-designed model predicted alike). "
+        f"Accuracy: {report['accuracy_proxy']}. Latency: batch 1, measured here (the fastest of "
+        "the repeats), predicted first from a per-layer table (nn-Meter's idea) kept in archopt's "
         "cache folder. The hand-designed MobileNet v1 variants are trained with the same "
         "recipe.",
         "",
